@@ -1,0 +1,1 @@
+//! Tasks, prompt templates, batching and metrics.
