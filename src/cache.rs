@@ -6,6 +6,8 @@ pub fn home() -> PathBuf {
     if let Some(p) = std::env::var_os("ZOFT_HOME") {
         return PathBuf::from(p);
     }
-    let base = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let base = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     base.join(".cache").join("zoft")
 }

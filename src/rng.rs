@@ -44,13 +44,20 @@ pub struct Philox {
 
 impl Philox {
     pub fn new(seed: u64, step: u32, tensor: u32) -> Self {
-        Philox { key: [seed as u32, (seed >> 32) as u32], step, tensor }
+        Philox {
+            key: [seed as u32, (seed >> 32) as u32],
+            step,
+            tensor,
+        }
     }
 
     /// The four words of block `block` (elements 4*block .. 4*block+3).
     #[inline]
     pub fn block(&self, block: u64) -> [u32; 4] {
-        philox4x32_10([block as u32, (block >> 32) as u32, self.step, self.tensor], self.key)
+        philox4x32_10(
+            [block as u32, (block >> 32) as u32, self.step, self.tensor],
+            self.key,
+        )
     }
 
     /// Standard normal value of element `i`.
@@ -193,7 +200,10 @@ mod tests {
             [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
         );
         assert_eq!(
-            philox4x32_10([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
+            philox4x32_10(
+                [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+                [0xa4093822, 0x299f31d0]
+            ),
             [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
         );
     }
@@ -203,7 +213,10 @@ mod tests {
         for k in 1..=100_000u32 {
             let x = k as f32 / 100_000.0;
             let err = (ln_f32(x) as f64 - (x as f64).ln()).abs();
-            assert!(err <= 2e-7 * (x as f64).ln().abs().max(1.0), "ln({x}) err {err}");
+            assert!(
+                err <= 2e-7 * (x as f64).ln().abs().max(1.0),
+                "ln({x}) err {err}"
+            );
             let (s, c) = sincos_2pi(x - x.floor());
             let a = std::f64::consts::TAU * (x - x.floor()) as f64;
             assert!((s as f64 - a.sin()).abs() < 3e-7, "sin at {x}");

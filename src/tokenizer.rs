@@ -39,13 +39,21 @@ impl Tokenizer {
                 path.display()
             );
         }
-        let mut tok = Tokenizer { inner, chat_template: None, bos_token: None, eos_token: None };
+        let mut tok = Tokenizer {
+            inner,
+            chat_template: None,
+            bos_token: None,
+            eos_token: None,
+        };
         let cfg_path = dir.join("tokenizer_config.json");
         if cfg_path.exists() {
             let text = std::fs::read_to_string(&cfg_path)?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .with_context(|| format!("parsing {}", cfg_path.display()))?;
-            tok.chat_template = v.get("chat_template").and_then(|t| t.as_str()).map(String::from);
+            tok.chat_template = v
+                .get("chat_template")
+                .and_then(|t| t.as_str())
+                .map(String::from);
             tok.bos_token = token_string(v.get("bos_token"));
             tok.eos_token = token_string(v.get("eos_token"));
         }
@@ -53,7 +61,12 @@ impl Tokenizer {
     }
 
     pub fn from_inner(inner: tokenizers::Tokenizer) -> Self {
-        Tokenizer { inner, chat_template: None, bos_token: None, eos_token: None }
+        Tokenizer {
+            inner,
+            chat_template: None,
+            bos_token: None,
+            eos_token: None,
+        }
     }
 
     pub fn inner(&self) -> &tokenizers::Tokenizer {
@@ -113,7 +126,12 @@ fn minijinja_contrib_like_methods(
     args: &[minijinja::Value],
 ) -> std::result::Result<minijinja::Value, minijinja::Error> {
     let s = value.as_str().unwrap_or_default();
-    let arg = |i: usize| args.get(i).and_then(|a| a.as_str()).unwrap_or_default().to_string();
+    let arg = |i: usize| {
+        args.get(i)
+            .and_then(|a| a.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
     let v = match method {
         "strip" => s.trim().into(),
         "lstrip" => s.trim_start().into(),

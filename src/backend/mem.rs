@@ -13,8 +13,14 @@ pub enum Tag {
     Adapters,
 }
 
-pub const TAGS: [Tag; 6] =
-    [Tag::Weights, Tag::Activations, Tag::Scratch, Tag::Optimizer, Tag::Gradients, Tag::Adapters];
+pub const TAGS: [Tag; 6] = [
+    Tag::Weights,
+    Tag::Activations,
+    Tag::Scratch,
+    Tag::Optimizer,
+    Tag::Gradients,
+    Tag::Adapters,
+];
 
 impl Tag {
     pub fn name(self) -> &'static str {
@@ -76,13 +82,20 @@ impl MemCounters {
         for i in 0..6 {
             self.peak[i].store(self.current[i].load(Ordering::Relaxed), Ordering::Relaxed);
         }
-        self.total_peak.store(self.total.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.total_peak
+            .store(self.total.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
     pub fn report(&self) -> MemReport {
         MemReport {
-            current: TAGS.iter().map(|t| (t.name().to_string(), self.current(*t))).collect(),
-            peak: TAGS.iter().map(|t| (t.name().to_string(), self.peak(*t))).collect(),
+            current: TAGS
+                .iter()
+                .map(|t| (t.name().to_string(), self.current(*t)))
+                .collect(),
+            peak: TAGS
+                .iter()
+                .map(|t| (t.name().to_string(), self.peak(*t)))
+                .collect(),
             total: self.total.load(Ordering::Relaxed),
             total_peak: self.total_peak.load(Ordering::Relaxed),
         }

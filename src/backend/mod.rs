@@ -4,7 +4,7 @@
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
-pub mod cuda {}
+pub mod cuda;
 pub mod mem;
 
 use anyhow::Result;
@@ -27,7 +27,13 @@ impl SeqLayout {
     /// Full-sequence layout (training, evaluation, prefill).
     pub fn full(batch: usize, seq: usize, lens: &[usize]) -> Self {
         assert_eq!(lens.len(), batch);
-        SeqLayout { batch, q_len: seq, kv_len: seq, kv_valid: lens.to_vec(), q_offset: 0 }
+        SeqLayout {
+            batch,
+            q_len: seq,
+            kv_len: seq,
+            kv_valid: lens.to_vec(),
+            q_offset: 0,
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -60,12 +66,14 @@ pub trait Backend: Sized {
     fn act_rows(&self, a: &Self::Act) -> usize;
     /// Copies an activation to host f32 (for tests and logits).
     fn to_host(&self, a: &Self::Act) -> Result<Vec<f32>>;
-    fn from_host(&self, data: &[f32], rows: usize, cols: usize, tag: mem::Tag) -> Result<Self::Act>;
+    fn from_host(&self, data: &[f32], rows: usize, cols: usize, tag: mem::Tag)
+        -> Result<Self::Act>;
 
     /// out[r] = table[ids[r]].
     fn embed(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Act) -> Result<()>;
     /// out = rmsnorm(x) * w.
-    fn rmsnorm(&self, x: &Self::Act, w: &Self::Weight, eps: f32, out: &mut Self::Act) -> Result<()>;
+    fn rmsnorm(&self, x: &Self::Act, w: &Self::Weight, eps: f32, out: &mut Self::Act)
+        -> Result<()>;
     /// residual += delta; out = rmsnorm(residual) * w (the fused residual add).
     fn add_rmsnorm(
         &self,
@@ -78,7 +86,13 @@ pub trait Backend: Sized {
     /// out = x w^T with w [out, in]. The plain product; hooks wrap it (see `LinearHook`).
     fn matmul(&self, x: &Self::Act, w: &Self::Weight, out: &mut Self::Act) -> Result<()>;
     /// Rotates pairs (i, i + head_dim/2) of every head (HF rotate_half) by position * inv_freq.
-    fn rope(&self, x: &mut Self::Act, n_heads: usize, layout: &SeqLayout, inv_freq: &[f32]) -> Result<()>;
+    fn rope(
+        &self,
+        x: &mut Self::Act,
+        n_heads: usize,
+        layout: &SeqLayout,
+        inv_freq: &[f32],
+    ) -> Result<()>;
     /// Causal attention of q [batch*q_len, n_heads*hd] over k, v [batch*kv_len, n_kv*hd];
     /// query row t of sequence b sees key rows j <= t + q_offset with j < kv_valid[b].
     fn attention(
@@ -90,13 +104,23 @@ pub trait Backend: Sized {
         layout: &SeqLayout,
         out: &mut Self::Act,
     ) -> Result<()>;
-    /// out = silu(gate) * up.
-    fn swiglu(&self, gate: &Self::Act, up: &Self::Act, out: &mut Self::Act) -> Result<()>;
+    /// gate <- silu(gate) * up, in place (saves one [rows, ffn] buffer).
+    fn swiglu(&self, gate: &mut Self::Act, up: &Self::Act) -> Result<()>;
     /// For each row r with targets[r] >= 0: log softmax(hidden[r] head^T)[targets[r]]; 0 elsewhere.
     /// Logits are produced in chunks of rows and never held for all rows at once.
-    fn target_logprobs(&self, hidden: &Self::Act, head: &Self::Weight, targets: &[i32]) -> Result<Vec<f32>>;
+    fn target_logprobs(
+        &self,
+        hidden: &Self::Act,
+        head: &Self::Weight,
+        targets: &[i32],
+    ) -> Result<Vec<f32>>;
     /// Full logits of the listed rows, [rows.len(), vocab] on the host (generation).
-    fn logits_rows(&self, hidden: &Self::Act, head: &Self::Weight, rows: &[usize]) -> Result<Vec<f32>>;
+    fn logits_rows(
+        &self,
+        hidden: &Self::Act,
+        head: &Self::Weight,
+        rows: &[usize],
+    ) -> Result<Vec<f32>>;
     /// Copies rows [0, src.rows) of src into dst starting at row `dst_row` (KV cache append).
     fn copy_rows(&self, src: &Self::Act, dst: &mut Self::Act, dst_row: usize) -> Result<()>;
 }
@@ -104,7 +128,14 @@ pub trait Backend: Sized {
 /// The one place every linear layer goes through. A method that perturbs weights on the fly,
 /// or adds an adapter, implements this; the model does not know which one runs.
 pub trait LinearHook<B: Backend> {
-    fn linear(&mut self, backend: &B, x: &B::Act, w: &B::Weight, id: ParamId, out: &mut B::Act) -> Result<()> {
+    fn linear(
+        &mut self,
+        backend: &B,
+        x: &B::Act,
+        w: &B::Weight,
+        id: ParamId,
+        out: &mut B::Act,
+    ) -> Result<()> {
         let _ = id;
         backend.matmul(x, w, out)
     }

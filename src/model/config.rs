@@ -104,7 +104,10 @@ impl LlamaConfig {
             );
         }
         if self.hidden_act != "silu" {
-            bail!("hidden_act {:?} is not supported (expected \"silu\")", self.hidden_act);
+            bail!(
+                "hidden_act {:?} is not supported (expected \"silu\")",
+                self.hidden_act
+            );
         }
         if self.num_attention_heads == 0 || self.num_hidden_layers == 0 || self.vocab_size == 0 {
             bail!("num_attention_heads, num_hidden_layers and vocab_size must be positive");
@@ -157,10 +160,14 @@ impl LlamaConfig {
     /// End-of-sequence ids (HF allows a single id or a list).
     pub fn eos_ids(&self) -> Vec<u32> {
         match &self.eos_token_id {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            Some(serde_json::Value::Array(a)) => {
-                a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect()
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
             }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
             _ => vec![],
         }
     }
@@ -168,11 +175,13 @@ impl LlamaConfig {
     /// Parameter count, counting a tied LM head once.
     pub fn parameter_count(&self) -> usize {
         let d = self.hidden_size;
-        let per_layer = d * self.q_dim() * 2
-            + d * self.kv_dim() * 2
-            + 3 * d * self.intermediate_size
-            + 2 * d;
-        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * d };
+        let per_layer =
+            d * self.q_dim() * 2 + d * self.kv_dim() * 2 + 3 * d * self.intermediate_size + 2 * d;
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * d
+        };
         self.vocab_size * d + self.num_hidden_layers * per_layer + d + head
     }
 
@@ -182,7 +191,11 @@ impl LlamaConfig {
         let mut inv: Vec<f64> = (0..hd / 2)
             .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / hd as f64))
             .collect();
-        if let Some(s) = self.rope_scaling.as_ref().filter(|s| s.rope_type == "llama3") {
+        if let Some(s) = self
+            .rope_scaling
+            .as_ref()
+            .filter(|s| s.rope_type == "llama3")
+        {
             let old_ctx = s.original_max_position_embeddings as f64;
             let low_wavelen = old_ctx / s.low_freq_factor;
             let high_wavelen = old_ctx / s.high_freq_factor;

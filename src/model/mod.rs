@@ -1,10 +1,12 @@
 //! Model I/O and the LLaMA forward.
 
 pub mod config;
+pub mod llama;
 pub mod safetensors_io;
 pub mod tensor;
 pub mod weights;
 
 pub use config::LlamaConfig;
+pub use llama::{KvCache, Llama};
 pub use tensor::{DType, HostTensor};
 pub use weights::{LlamaWeights, ParamKind};

@@ -34,7 +34,10 @@ pub fn load_file(path: &Path) -> Result<HashMap<String, HostTensor>> {
         .with_context(|| format!("opening safetensors file {}", path.display()))?;
     let len = file.metadata()?.len() as usize;
     if len < 8 {
-        bail!("{}: truncated safetensors file ({len} bytes, no header)", path.display());
+        bail!(
+            "{}: truncated safetensors file ({len} bytes, no header)",
+            path.display()
+        );
     }
     // SAFETY: a private (copy-on-write) map; writes never reach the file. The file must not be
     // truncated by another process while mapped, the same contract as every mmap-based loader.
@@ -66,7 +69,13 @@ pub fn load_file(path: &Path) -> Result<HashMap<String, HostTensor>> {
                 dtype.name()
             );
         }
-        let t = HostTensor::mapped(name.clone(), info.shape.clone(), dtype, map.clone(), data_start + start);
+        let t = HostTensor::mapped(
+            name.clone(),
+            info.shape.clone(),
+            dtype,
+            map.clone(),
+            data_start + start,
+        );
         out.insert(name, t);
     }
     Ok(out)

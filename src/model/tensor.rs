@@ -41,10 +41,7 @@ impl DType {
 
 enum Storage {
     /// A range inside a copy-on-write map. Writes never reach the file.
-    Mapped {
-        map: Arc<MmapMut>,
-        offset: usize,
-    },
+    Mapped { map: Arc<MmapMut>, offset: usize },
     /// 8-byte aligned owned bytes.
     Owned(Vec<u64>),
 }
@@ -85,15 +82,31 @@ impl HostTensor {
             let bytes = &map[offset..offset + byte_len];
             return Self::from_bytes(name, shape, dtype, bytes);
         }
-        HostTensor { name, shape, dtype, storage: Storage::Mapped { map, offset }, byte_len }
+        HostTensor {
+            name,
+            shape,
+            dtype,
+            storage: Storage::Mapped { map, offset },
+            byte_len,
+        }
     }
 
     pub fn from_bytes(name: String, shape: Vec<usize>, dtype: DType, bytes: &[u8]) -> Self {
         let byte_len = shape.iter().product::<usize>() * dtype.size();
-        assert_eq!(bytes.len(), byte_len, "tensor {name}: byte length does not match shape");
+        assert_eq!(
+            bytes.len(),
+            byte_len,
+            "tensor {name}: byte length does not match shape"
+        );
         let mut buf = vec![0u64; byte_len.div_ceil(8)];
         bytemuck::cast_slice_mut::<u64, u8>(&mut buf)[..byte_len].copy_from_slice(bytes);
-        HostTensor { name, shape, dtype, storage: Storage::Owned(buf), byte_len }
+        HostTensor {
+            name,
+            shape,
+            dtype,
+            storage: Storage::Owned(buf),
+            byte_len,
+        }
     }
 
     pub fn from_f32(name: impl Into<String>, shape: Vec<usize>, data: &[f32]) -> Self {
@@ -101,7 +114,12 @@ impl HostTensor {
     }
 
     /// Converts f32 values into a tensor of `dtype` (round to nearest even).
-    pub fn from_f32_as(name: impl Into<String>, shape: Vec<usize>, data: &[f32], dtype: DType) -> Self {
+    pub fn from_f32_as(
+        name: impl Into<String>,
+        shape: Vec<usize>,
+        data: &[f32],
+        dtype: DType,
+    ) -> Self {
         match dtype {
             DType::F32 => Self::from_f32(name, shape, data),
             DType::F16 => {
@@ -204,6 +222,12 @@ impl HostTensor {
 
 impl std::fmt::Debug for HostTensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HostTensor({} {:?} {})", self.name, self.shape, self.dtype.name())
+        write!(
+            f,
+            "HostTensor({} {:?} {})",
+            self.name,
+            self.shape,
+            self.dtype.name()
+        )
     }
 }

@@ -17,24 +17,24 @@ pub enum ParamKind {
     LmHead,
 }
 
-pub struct LayerWeights {
-    pub attn_norm: HostTensor,
-    pub wq: HostTensor,
-    pub wk: HostTensor,
-    pub wv: HostTensor,
-    pub wo: HostTensor,
-    pub mlp_norm: HostTensor,
-    pub w_gate: HostTensor,
-    pub w_up: HostTensor,
-    pub w_down: HostTensor,
+pub struct LayerWeights<W = HostTensor> {
+    pub attn_norm: W,
+    pub wq: W,
+    pub wk: W,
+    pub wv: W,
+    pub wo: W,
+    pub mlp_norm: W,
+    pub w_gate: W,
+    pub w_up: W,
+    pub w_down: W,
 }
 
-pub struct LlamaWeights {
-    pub embed: HostTensor,
-    pub layers: Vec<LayerWeights>,
-    pub final_norm: HostTensor,
+pub struct LlamaWeights<W = HostTensor> {
+    pub embed: W,
+    pub layers: Vec<LayerWeights<W>>,
+    pub final_norm: W,
     /// `None` when the LM head is tied to the embedding.
-    pub lm_head: Option<HostTensor>,
+    pub lm_head: Option<W>,
 }
 
 /// HF names of one layer's tensors, in the order `LayerWeights` lists them.
@@ -55,7 +55,11 @@ pub const LAYER_TENSORS: [&str; 9] = [
 pub fn expected_tensors(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>, ParamKind)> {
     let d = cfg.hidden_size;
     let f = cfg.intermediate_size;
-    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, d], ParamKind::Embedding)];
+    let mut v = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size, d],
+        ParamKind::Embedding,
+    )];
     for l in 0..cfg.num_hidden_layers {
         let shapes = [
             (vec![d], ParamKind::Norm),
@@ -74,12 +78,98 @@ pub fn expected_tensors(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>, ParamKind
     }
     v.push(("model.norm.weight".to_string(), vec![d], ParamKind::Norm));
     if !cfg.tie_word_embeddings {
-        v.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, d], ParamKind::LmHead));
+        v.push((
+            "lm_head.weight".to_string(),
+            vec![cfg.vocab_size, d],
+            ParamKind::LmHead,
+        ));
     }
     v
 }
 
-impl LlamaWeights {
+impl<W> LlamaWeights<W> {
+    /// Every tensor in canonical order (the order of `expected_tensors`).
+    pub fn tensors(&self) -> Vec<&W> {
+        let mut v = vec![&self.embed];
+        for l in &self.layers {
+            v.extend([
+                &l.attn_norm,
+                &l.wq,
+                &l.wk,
+                &l.wv,
+                &l.wo,
+                &l.mlp_norm,
+                &l.w_gate,
+                &l.w_up,
+                &l.w_down,
+            ]);
+        }
+        v.push(&self.final_norm);
+        v.extend(self.lm_head.as_ref());
+        v
+    }
+
+    pub fn tensors_mut(&mut self) -> Vec<&mut W> {
+        let mut v = vec![&mut self.embed];
+        for l in &mut self.layers {
+            v.extend([
+                &mut l.attn_norm,
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.mlp_norm,
+                &mut l.w_gate,
+                &mut l.w_up,
+                &mut l.w_down,
+            ]);
+        }
+        v.push(&mut self.final_norm);
+        if let Some(h) = self.lm_head.as_mut() {
+            v.push(h);
+        }
+        v
+    }
+
+    pub fn lm_head(&self) -> &W {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// The same model with every tensor converted (e.g. uploaded to a device), in canonical order.
+    pub fn try_map<U>(&self, mut f: impl FnMut(usize, &W) -> Result<U>) -> Result<LlamaWeights<U>> {
+        let mut id = 0usize;
+        let mut g = |w: &W| {
+            let r = f(id, w);
+            id += 1;
+            r
+        };
+        let embed = g(&self.embed)?;
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            layers.push(LayerWeights {
+                attn_norm: g(&l.attn_norm)?,
+                wq: g(&l.wq)?,
+                wk: g(&l.wk)?,
+                wv: g(&l.wv)?,
+                wo: g(&l.wo)?,
+                mlp_norm: g(&l.mlp_norm)?,
+                w_gate: g(&l.w_gate)?,
+                w_up: g(&l.w_up)?,
+                w_down: g(&l.w_down)?,
+            });
+        }
+        let final_norm = g(&self.final_norm)?;
+        let lm_head = self.lm_head.as_ref().map(&mut g).transpose()?;
+        Ok(LlamaWeights {
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+        })
+    }
+}
+
+impl LlamaWeights<HostTensor> {
     /// Loads the safetensors of an HF-layout directory and checks every tensor against the
     /// config: present, right shape, supported dtype.
     pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<Self> {
@@ -87,11 +177,17 @@ impl LlamaWeights {
         Self::from_tensors(tensors, cfg, &dir.display().to_string())
     }
 
-    pub fn from_tensors(mut tensors: HashMap<String, HostTensor>, cfg: &LlamaConfig, origin: &str) -> Result<Self> {
+    pub fn from_tensors(
+        mut tensors: HashMap<String, HostTensor>,
+        cfg: &LlamaConfig,
+        origin: &str,
+    ) -> Result<Self> {
         let mut ordered = Vec::new();
         for (name, shape, _) in expected_tensors(cfg) {
             let Some(t) = tensors.remove(&name) else {
-                bail!("{origin}: missing tensor {name} (expected shape {shape:?} from config.json)");
+                bail!(
+                    "{origin}: missing tensor {name} (expected shape {shape:?} from config.json)"
+                );
             };
             if t.shape != shape {
                 bail!(
@@ -102,7 +198,10 @@ impl LlamaWeights {
             ordered.push(t);
         }
         let dtype = ordered[1].dtype;
-        if let Some(t) = ordered.iter().find(|t| t.dtype != dtype && t.shape.len() == 2) {
+        if let Some(t) = ordered
+            .iter()
+            .find(|t| t.dtype != dtype && t.shape.len() == 2)
+        {
             bail!(
                 "{origin}: tensor {} is {} but the other matrices are {}; mixed matrix dtypes are not supported",
                 t.name,
@@ -129,44 +228,12 @@ impl LlamaWeights {
         }
         let final_norm = it.next().unwrap();
         let lm_head = it.next();
-        Ok(LlamaWeights { embed, layers, final_norm, lm_head })
-    }
-
-    /// Every tensor in canonical order (the order of `expected_tensors`).
-    pub fn tensors(&self) -> Vec<&HostTensor> {
-        let mut v = vec![&self.embed];
-        for l in &self.layers {
-            v.extend([&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.mlp_norm, &l.w_gate, &l.w_up, &l.w_down]);
-        }
-        v.push(&self.final_norm);
-        v.extend(self.lm_head.as_ref());
-        v
-    }
-
-    pub fn tensors_mut(&mut self) -> Vec<&mut HostTensor> {
-        let mut v = vec![&mut self.embed];
-        for l in &mut self.layers {
-            v.extend([
-                &mut l.attn_norm,
-                &mut l.wq,
-                &mut l.wk,
-                &mut l.wv,
-                &mut l.wo,
-                &mut l.mlp_norm,
-                &mut l.w_gate,
-                &mut l.w_up,
-                &mut l.w_down,
-            ]);
-        }
-        v.push(&mut self.final_norm);
-        if let Some(h) = self.lm_head.as_mut() {
-            v.push(h);
-        }
-        v
-    }
-
-    pub fn lm_head(&self) -> &HostTensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed)
+        Ok(LlamaWeights {
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+        })
     }
 
     pub fn matrix_dtype(&self) -> DType {
@@ -188,7 +255,10 @@ impl LlamaWeights {
                 ParamKind::Norm => (0..n).map(|j| 1.0 + 0.1 * rng.normal(j as u64)).collect(),
                 _ => (0..n).map(|j| 0.05 * rng.normal(j as u64)).collect(),
             };
-            tensors.insert(name.clone(), HostTensor::from_f32_as(name, shape, &data, dtype));
+            tensors.insert(
+                name.clone(),
+                HostTensor::from_f32_as(name, shape, &data, dtype),
+            );
         }
         Self::from_tensors(tensors, cfg, "random").expect("random weights match their config")
     }
@@ -196,8 +266,10 @@ impl LlamaWeights {
     /// Writes all tensors as an HF-layout `model.safetensors` in `dir`.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let ts = self.tensors();
-        let list: Vec<(&str, &[usize], DType, &[u8])> =
-            ts.iter().map(|t| (t.name.as_str(), t.shape.as_slice(), t.dtype, t.bytes())).collect();
+        let list: Vec<(&str, &[usize], DType, &[u8])> = ts
+            .iter()
+            .map(|t| (t.name.as_str(), t.shape.as_slice(), t.dtype, t.bytes()))
+            .collect();
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
         safetensors_io::save_file(&dir.join("model.safetensors"), &list, Some(meta))
     }

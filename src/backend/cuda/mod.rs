@@ -1,0 +1,1 @@
+//! CUDA backend (kernels, allocator, cuBLAS).

@@ -1,0 +1,219 @@
+//! The LLaMA forward, written once against the `Backend` seam, top to bottom:
+//! embed -> N x [RMSNorm, attention (RoPE, GQA, causal), residual, RMSNorm, SwiGLU, residual]
+//! -> final RMSNorm -> LM head (tied or not). Training and evaluation keep one layer's working
+//! set and no KV cache; generation keeps a KV cache.
+
+use super::{LlamaConfig, LlamaWeights};
+use crate::backend::mem::Tag;
+use crate::backend::{AttnShape, Backend, LinearHook, ParamId, SeqLayout};
+use anyhow::{ensure, Result};
+
+/// Tensor ids of one layer's parameters (positions in the canonical list).
+pub fn layer_param_ids(layer: usize) -> [ParamId; 9] {
+    let base = 1 + 9 * layer;
+    std::array::from_fn(|i| base + i)
+}
+
+pub struct Llama<B: Backend> {
+    pub cfg: LlamaConfig,
+    pub weights: LlamaWeights<B::Weight>,
+    pub backend: B,
+    inv_freq: Vec<f32>,
+}
+
+/// One layer's activations, allocated once per forward and reused by every layer.
+struct Workspace<A> {
+    normed: A,
+    q: A,
+    k: A,
+    v: A,
+    attn: A,
+    proj: A,
+    gate: A,
+    up: A,
+}
+
+/// Keys and values of every layer for one sequence being generated.
+pub struct KvCache<B: Backend> {
+    k: Vec<B::Act>,
+    v: Vec<B::Act>,
+    pub len: usize,
+    pub capacity: usize,
+}
+
+impl<B: Backend> Llama<B> {
+    pub fn new(cfg: LlamaConfig, weights: LlamaWeights<B::Weight>, backend: B) -> Self {
+        let inv_freq = cfg.rope_inv_freq().into_iter().map(|f| f as f32).collect();
+        Llama {
+            cfg,
+            weights,
+            backend,
+            inv_freq,
+        }
+    }
+
+    fn attn_shape(&self) -> AttnShape {
+        AttnShape {
+            n_heads: self.cfg.num_attention_heads,
+            n_kv_heads: self.cfg.n_kv_heads(),
+            head_dim: self.cfg.head_dim(),
+        }
+    }
+
+    fn workspace(&self, rows: usize) -> Result<Workspace<B::Act>> {
+        let b = &self.backend;
+        let (d, f) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        let a = |cols| b.alloc(rows, cols, Tag::Activations);
+        Ok(Workspace {
+            normed: a(d)?,
+            q: a(self.cfg.q_dim())?,
+            k: a(self.cfg.kv_dim())?,
+            v: a(self.cfg.kv_dim())?,
+            attn: a(self.cfg.q_dim())?,
+            proj: a(d)?,
+            gate: a(f)?,
+            up: a(f)?,
+        })
+    }
+
+    fn check_tokens(&self, ids: &[u32], layout: &SeqLayout) -> Result<()> {
+        ensure!(
+            ids.len() == layout.rows(),
+            "{} token ids for a {}x{} batch",
+            ids.len(),
+            layout.batch,
+            layout.q_len
+        );
+        let needed = layout.q_offset + layout.q_len;
+        ensure!(
+            needed <= self.cfg.max_position_embeddings,
+            "sequence of {needed} tokens is longer than the model's context of {} (max_position_embeddings)",
+            self.cfg.max_position_embeddings
+        );
+        Ok(())
+    }
+
+    /// Final-normed hidden states [batch * seq, hidden] of right-padded sequences.
+    pub fn hidden(
+        &self,
+        ids: &[u32],
+        layout: &SeqLayout,
+        hook: &mut dyn LinearHook<B>,
+    ) -> Result<B::Act> {
+        self.run(ids, layout, hook, None)
+    }
+
+    /// The shared body of full-sequence and cached forwards.
+    fn run(
+        &self,
+        ids: &[u32],
+        layout: &SeqLayout,
+        hook: &mut dyn LinearHook<B>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Result<B::Act> {
+        self.check_tokens(ids, layout)?;
+        let b = &self.backend;
+        let cfg = &self.cfg;
+        let eps = cfg.rms_norm_eps as f32;
+        let rows = layout.rows();
+        let shape = self.attn_shape();
+        let mut x = b.alloc(rows, cfg.hidden_size, Tag::Activations)?;
+        b.embed(&self.weights.embed, ids, &mut x)?;
+        let mut ws = self.workspace(rows)?;
+        // The first norm has no residual to add; later ones fuse the add of the previous
+        // block's output into the norm.
+        b.rmsnorm(&x, &self.weights.layers[0].attn_norm, eps, &mut ws.normed)?;
+        for (l, lw) in self.weights.layers.iter().enumerate() {
+            let id = layer_param_ids(l);
+            hook.linear(b, &ws.normed, &lw.wq, id[1], &mut ws.q)?;
+            hook.linear(b, &ws.normed, &lw.wk, id[2], &mut ws.k)?;
+            hook.linear(b, &ws.normed, &lw.wv, id[3], &mut ws.v)?;
+            b.rope(&mut ws.q, shape.n_heads, layout, &self.inv_freq)?;
+            b.rope(&mut ws.k, shape.n_kv_heads, layout, &self.inv_freq)?;
+            match cache.as_deref_mut() {
+                None => b.attention(&ws.q, &ws.k, &ws.v, shape, layout, &mut ws.attn)?,
+                Some(c) => {
+                    b.copy_rows(&ws.k, &mut c.k[l], layout.q_offset)?;
+                    b.copy_rows(&ws.v, &mut c.v[l], layout.q_offset)?;
+                    b.attention(&ws.q, &c.k[l], &c.v[l], shape, layout, &mut ws.attn)?;
+                }
+            }
+            hook.linear(b, &ws.attn, &lw.wo, id[4], &mut ws.proj)?;
+            b.add_rmsnorm(&mut x, &ws.proj, &lw.mlp_norm, eps, &mut ws.normed)?;
+            hook.linear(b, &ws.normed, &lw.w_gate, id[6], &mut ws.gate)?;
+            hook.linear(b, &ws.normed, &lw.w_up, id[7], &mut ws.up)?;
+            b.swiglu(&mut ws.gate, &ws.up)?;
+            hook.linear(b, &ws.gate, &lw.w_down, id[8], &mut ws.proj)?;
+            let next_norm = match self.weights.layers.get(l + 1) {
+                Some(next) => &next.attn_norm,
+                None => &self.weights.final_norm,
+            };
+            b.add_rmsnorm(&mut x, &ws.proj, next_norm, eps, &mut ws.normed)?;
+        }
+        Ok(ws.normed)
+    }
+
+    /// log p(targets[r] | row r) for every row with a target (>= 0), 0 elsewhere.
+    pub fn target_logprobs(
+        &self,
+        ids: &[u32],
+        layout: &SeqLayout,
+        targets: &[i32],
+        hook: &mut dyn LinearHook<B>,
+    ) -> Result<Vec<f32>> {
+        let h = self.hidden(ids, layout, hook)?;
+        self.backend
+            .target_logprobs(&h, self.weights.lm_head(), targets)
+    }
+
+    /// Full logits at the listed rows (host, [rows.len() x vocab]).
+    pub fn logits_at(
+        &self,
+        ids: &[u32],
+        layout: &SeqLayout,
+        rows: &[usize],
+        hook: &mut dyn LinearHook<B>,
+    ) -> Result<Vec<f32>> {
+        let h = self.hidden(ids, layout, hook)?;
+        self.backend.logits_rows(&h, self.weights.lm_head(), rows)
+    }
+
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache<B>> {
+        ensure!(
+            capacity <= self.cfg.max_position_embeddings,
+            "a cache of {capacity} tokens is longer than the model's context of {}",
+            self.cfg.max_position_embeddings
+        );
+        let kv = self.cfg.kv_dim();
+        let n = self.cfg.num_hidden_layers;
+        let mk = || self.backend.alloc(capacity, kv, Tag::Activations);
+        Ok(KvCache {
+            k: (0..n).map(|_| mk()).collect::<Result<_>>()?,
+            v: (0..n).map(|_| mk()).collect::<Result<_>>()?,
+            len: 0,
+            capacity,
+        })
+    }
+
+    /// Runs `ids` after the cached tokens of one sequence and returns the logits of the last one.
+    pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache<B>) -> Result<Vec<f32>> {
+        let past = cache.len;
+        ensure!(
+            past + ids.len() <= cache.capacity,
+            "sequence of {} tokens does not fit the cache of {}",
+            past + ids.len(),
+            cache.capacity
+        );
+        let layout = SeqLayout {
+            batch: 1,
+            q_len: ids.len(),
+            kv_len: cache.capacity,
+            kv_valid: vec![past + ids.len()],
+            q_offset: past,
+        };
+        let h = self.run(ids, &layout, &mut crate::backend::NoHook, Some(cache))?;
+        cache.len = past + ids.len();
+        self.backend
+            .logits_rows(&h, self.weights.lm_head(), &[ids.len() - 1])
+    }
+}
