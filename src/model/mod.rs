@@ -1,6 +1,8 @@
 //! Model I/O and the LLaMA forward.
 
 pub mod config;
+pub mod generate;
+pub mod load;
 pub mod llama;
 pub mod safetensors_io;
 pub mod tensor;

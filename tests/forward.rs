@@ -1,0 +1,143 @@
+//! Invariants of the CPU forward on tiny random-config models.
+
+mod common;
+use common::*;
+use zoft::backend::{NoHook, SeqLayout};
+use zoft::model::{HostTensor, Llama, LlamaWeights};
+
+fn all_logits(m: &Llama<zoft::backend::cpu::CpuBackend>, ids: &[u32], layout: &SeqLayout, rows: &[usize]) -> Vec<f32> {
+    m.logits_at(ids, layout, rows, &mut NoHook).unwrap()
+}
+
+#[test]
+fn batched_with_padding_equals_unbatched() {
+    let cfg = tiny_config();
+    let m = tiny_model(&cfg, 1);
+    let lens = [5usize, 9, 3];
+    let seq = 9;
+    let seqs: Vec<Vec<u32>> = lens.iter().enumerate().map(|(i, &n)| tokens(n, cfg.vocab_size, i as u64)).collect();
+    let mut ids = vec![7u32; 3 * seq]; // pad with an ordinary token: its value must not matter
+    for (b, s) in seqs.iter().enumerate() {
+        ids[b * seq..b * seq + s.len()].copy_from_slice(s);
+    }
+    let layout = SeqLayout::full(3, seq, &lens);
+    for (b, s) in seqs.iter().enumerate() {
+        let rows: Vec<usize> = (0..s.len()).map(|t| b * seq + t).collect();
+        let batched = all_logits(&m, &ids, &layout, &rows);
+        let alone = all_logits(&m, s, &SeqLayout::full(1, s.len(), &[s.len()]), &(0..s.len()).collect::<Vec<_>>());
+        let e = rel_err(&batched, &alone);
+        assert!(e < 1e-5, "sequence {b}: batched vs alone rel err {e}");
+    }
+}
+
+#[test]
+fn padding_tokens_do_not_change_results() {
+    let cfg = tiny_config();
+    let m = tiny_model(&cfg, 2);
+    let s = tokens(6, cfg.vocab_size, 9);
+    let rows: Vec<usize> = (0..6).collect();
+    let mut a = s.clone();
+    a.extend([1, 2, 3, 4]);
+    let mut b = s.clone();
+    b.extend([40, 50, 60, 0, 11, 12]);
+    let la = all_logits(&m, &a, &SeqLayout::full(1, 10, &[6]), &rows);
+    let lb = all_logits(&m, &b, &SeqLayout::full(1, 12, &[6]), &rows);
+    let e = rel_err(&la, &lb);
+    assert!(e < 1e-6, "different padding changed logits: {e}");
+}
+
+#[test]
+fn kv_cache_generation_equals_full_recompute() {
+    let cfg = tiny_config();
+    let m = tiny_model(&cfg, 3);
+    let s = tokens(12, cfg.vocab_size, 4);
+    let mut cache = m.new_cache(20).unwrap();
+    // Prefill 5 tokens, then one at a time.
+    let mut cached = vec![m.forward_cached(&s[..5], &mut cache).unwrap()];
+    for t in 5..12 {
+        cached.push(m.forward_cached(&s[t..t + 1], &mut cache).unwrap());
+    }
+    let full = all_logits(&m, &s, &SeqLayout::full(1, 12, &[12]), &(4..12).collect::<Vec<_>>());
+    let cached: Vec<f32> = cached.concat();
+    let e = rel_err(&cached, &full);
+    assert!(e < 1e-5, "cached vs full rel err {e}");
+}
+
+#[test]
+fn gqa_equals_mha_with_repeated_kv_heads() {
+    let cfg = tiny_config();
+    let gqa = tiny_model(&cfg, 5);
+    let mut mha_cfg = cfg.clone();
+    mha_cfg.num_key_value_heads = Some(cfg.num_attention_heads);
+    let group = cfg.num_attention_heads / cfg.n_kv_heads();
+    let hd = cfg.head_dim();
+    let repeat = |t: &HostTensor| {
+        let d = t.shape[1];
+        let src = t.to_f32_vec();
+        let mut out = Vec::new();
+        for h in 0..cfg.n_kv_heads() {
+            for _ in 0..group {
+                out.extend_from_slice(&src[h * hd * d..(h + 1) * hd * d]);
+            }
+        }
+        HostTensor::from_f32(t.name.clone(), vec![cfg.num_attention_heads * hd, d], &out)
+    };
+    let w = &gqa.weights;
+    let mut tensors = std::collections::HashMap::new();
+    for t in w.tensors() {
+        let is_kv = t.name.contains("k_proj") || t.name.contains("v_proj");
+        let t2 = if is_kv { repeat(t) } else { HostTensor::from_f32(t.name.clone(), t.shape.clone(), &t.to_f32_vec()) };
+        tensors.insert(t.name.clone(), t2);
+    }
+    let mha_w = LlamaWeights::from_tensors(tensors, &mha_cfg, "test").unwrap();
+    let mha = Llama::new(mha_cfg, mha_w, zoft::backend::cpu::CpuBackend::new());
+    let s = tokens(10, cfg.vocab_size, 6);
+    let layout = SeqLayout::full(1, 10, &[10]);
+    let rows: Vec<usize> = (0..10).collect();
+    let e = rel_err(&all_logits(&gqa, &s, &layout, &rows), &all_logits(&mha, &s, &layout, &rows));
+    assert!(e < 1e-5, "GQA vs MHA rel err {e}");
+}
+
+#[test]
+fn target_logprobs_equal_log_softmax_of_logits() {
+    let cfg = tiny_config();
+    let m = tiny_model(&cfg, 7);
+    let s = tokens(8, cfg.vocab_size, 8);
+    let layout = SeqLayout::full(1, 8, &[8]);
+    let mut targets = vec![-1i32; 8];
+    targets[2] = 5;
+    targets[7] = 60;
+    let lp = m.target_logprobs(&s, &layout, &targets, &mut NoHook).unwrap();
+    let logits = all_logits(&m, &s, &layout, &[2, 7]);
+    let v = cfg.vocab_size;
+    for (i, (&r, &tok)) in [(2usize, 5usize), (7, 60)].iter().enumerate().map(|(i, p)| (i, (&p.0, &p.1))) {
+        let row = &logits[i * v..(i + 1) * v];
+        let lse = row.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
+        let want = row[tok] as f64 - lse;
+        assert!((lp[r] as f64 - want).abs() < 1e-5, "row {r}: {} vs {want}", lp[r]);
+    }
+    assert_eq!(lp[0], 0.0);
+}
+
+#[test]
+fn sequence_longer_than_context_is_an_error() {
+    let cfg = tiny_config();
+    let m = tiny_model(&cfg, 1);
+    let n = cfg.max_position_embeddings + 1;
+    let s = tokens(n, cfg.vocab_size, 1);
+    let err = m.logits_at(&s, &SeqLayout::full(1, n, &[n]), &[0], &mut NoHook).unwrap_err();
+    assert!(err.to_string().contains("longer than the model's context"), "{err}");
+}
+
+#[test]
+fn bf16_weights_track_f32_weights() {
+    let cfg = tiny_config();
+    let m32 = tiny_model(&cfg, 11);
+    let w16 = LlamaWeights::random(&cfg, 11, zoft::model::DType::BF16);
+    let m16 = Llama::new(cfg.clone(), w16, zoft::backend::cpu::CpuBackend::new());
+    let s = tokens(8, cfg.vocab_size, 3);
+    let layout = SeqLayout::full(1, 8, &[8]);
+    let rows: Vec<usize> = (0..8).collect();
+    let e = rel_err(&all_logits(&m16, &s, &layout, &rows), &all_logits(&m32, &s, &layout, &rows));
+    assert!(e < 2e-2 && e > 0.0, "bf16 vs f32 rel err {e}");
+}
