@@ -10,5 +10,6 @@ pub mod data;
 pub mod model;
 pub mod rng;
 pub mod tokenizer;
+pub mod zo;
 
 pub use anyhow::{Error, Result};

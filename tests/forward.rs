@@ -5,7 +5,12 @@ use common::*;
 use zoft::backend::{NoHook, SeqLayout};
 use zoft::model::{HostTensor, Llama, LlamaWeights};
 
-fn all_logits(m: &Llama<zoft::backend::cpu::CpuBackend>, ids: &[u32], layout: &SeqLayout, rows: &[usize]) -> Vec<f32> {
+fn all_logits(
+    m: &Llama<zoft::backend::cpu::CpuBackend>,
+    ids: &[u32],
+    layout: &SeqLayout,
+    rows: &[usize],
+) -> Vec<f32> {
     m.logits_at(ids, layout, rows, &mut NoHook).unwrap()
 }
 
@@ -15,7 +20,11 @@ fn batched_with_padding_equals_unbatched() {
     let m = tiny_model(&cfg, 1);
     let lens = [5usize, 9, 3];
     let seq = 9;
-    let seqs: Vec<Vec<u32>> = lens.iter().enumerate().map(|(i, &n)| tokens(n, cfg.vocab_size, i as u64)).collect();
+    let seqs: Vec<Vec<u32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| tokens(n, cfg.vocab_size, i as u64))
+        .collect();
     let mut ids = vec![7u32; 3 * seq]; // pad with an ordinary token: its value must not matter
     for (b, s) in seqs.iter().enumerate() {
         ids[b * seq..b * seq + s.len()].copy_from_slice(s);
@@ -24,7 +33,12 @@ fn batched_with_padding_equals_unbatched() {
     for (b, s) in seqs.iter().enumerate() {
         let rows: Vec<usize> = (0..s.len()).map(|t| b * seq + t).collect();
         let batched = all_logits(&m, &ids, &layout, &rows);
-        let alone = all_logits(&m, s, &SeqLayout::full(1, s.len(), &[s.len()]), &(0..s.len()).collect::<Vec<_>>());
+        let alone = all_logits(
+            &m,
+            s,
+            &SeqLayout::full(1, s.len(), &[s.len()]),
+            &(0..s.len()).collect::<Vec<_>>(),
+        );
         let e = rel_err(&batched, &alone);
         assert!(e < 1e-5, "sequence {b}: batched vs alone rel err {e}");
     }
@@ -57,7 +71,12 @@ fn kv_cache_generation_equals_full_recompute() {
     for t in 5..12 {
         cached.push(m.forward_cached(&s[t..t + 1], &mut cache).unwrap());
     }
-    let full = all_logits(&m, &s, &SeqLayout::full(1, 12, &[12]), &(4..12).collect::<Vec<_>>());
+    let full = all_logits(
+        &m,
+        &s,
+        &SeqLayout::full(1, 12, &[12]),
+        &(4..12).collect::<Vec<_>>(),
+    );
     let cached: Vec<f32> = cached.concat();
     let e = rel_err(&cached, &full);
     assert!(e < 1e-5, "cached vs full rel err {e}");
@@ -86,7 +105,11 @@ fn gqa_equals_mha_with_repeated_kv_heads() {
     let mut tensors = std::collections::HashMap::new();
     for t in w.tensors() {
         let is_kv = t.name.contains("k_proj") || t.name.contains("v_proj");
-        let t2 = if is_kv { repeat(t) } else { HostTensor::from_f32(t.name.clone(), t.shape.clone(), &t.to_f32_vec()) };
+        let t2 = if is_kv {
+            repeat(t)
+        } else {
+            HostTensor::from_f32(t.name.clone(), t.shape.clone(), &t.to_f32_vec())
+        };
         tensors.insert(t.name.clone(), t2);
     }
     let mha_w = LlamaWeights::from_tensors(tensors, &mha_cfg, "test").unwrap();
@@ -94,7 +117,10 @@ fn gqa_equals_mha_with_repeated_kv_heads() {
     let s = tokens(10, cfg.vocab_size, 6);
     let layout = SeqLayout::full(1, 10, &[10]);
     let rows: Vec<usize> = (0..10).collect();
-    let e = rel_err(&all_logits(&gqa, &s, &layout, &rows), &all_logits(&mha, &s, &layout, &rows));
+    let e = rel_err(
+        &all_logits(&gqa, &s, &layout, &rows),
+        &all_logits(&mha, &s, &layout, &rows),
+    );
     assert!(e < 1e-5, "GQA vs MHA rel err {e}");
 }
 
@@ -107,14 +133,24 @@ fn target_logprobs_equal_log_softmax_of_logits() {
     let mut targets = vec![-1i32; 8];
     targets[2] = 5;
     targets[7] = 60;
-    let lp = m.target_logprobs(&s, &layout, &targets, &mut NoHook).unwrap();
+    let lp = m
+        .target_logprobs(&s, &layout, &targets, &mut NoHook)
+        .unwrap();
     let logits = all_logits(&m, &s, &layout, &[2, 7]);
     let v = cfg.vocab_size;
-    for (i, (&r, &tok)) in [(2usize, 5usize), (7, 60)].iter().enumerate().map(|(i, p)| (i, (&p.0, &p.1))) {
+    for (i, (&r, &tok)) in [(2usize, 5usize), (7, 60)]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i, (&p.0, &p.1)))
+    {
         let row = &logits[i * v..(i + 1) * v];
         let lse = row.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
         let want = row[tok] as f64 - lse;
-        assert!((lp[r] as f64 - want).abs() < 1e-5, "row {r}: {} vs {want}", lp[r]);
+        assert!(
+            (lp[r] as f64 - want).abs() < 1e-5,
+            "row {r}: {} vs {want}",
+            lp[r]
+        );
     }
     assert_eq!(lp[0], 0.0);
 }
@@ -125,8 +161,13 @@ fn sequence_longer_than_context_is_an_error() {
     let m = tiny_model(&cfg, 1);
     let n = cfg.max_position_embeddings + 1;
     let s = tokens(n, cfg.vocab_size, 1);
-    let err = m.logits_at(&s, &SeqLayout::full(1, n, &[n]), &[0], &mut NoHook).unwrap_err();
-    assert!(err.to_string().contains("longer than the model's context"), "{err}");
+    let err = m
+        .logits_at(&s, &SeqLayout::full(1, n, &[n]), &[0], &mut NoHook)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("longer than the model's context"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -138,6 +179,9 @@ fn bf16_weights_track_f32_weights() {
     let s = tokens(8, cfg.vocab_size, 3);
     let layout = SeqLayout::full(1, 8, &[8]);
     let rows: Vec<usize> = (0..8).collect();
-    let e = rel_err(&all_logits(&m16, &s, &layout, &rows), &all_logits(&m32, &s, &layout, &rows));
+    let e = rel_err(
+        &all_logits(&m16, &s, &layout, &rows),
+        &all_logits(&m32, &s, &layout, &rows),
+    );
     assert!(e < 2e-2 && e > 0.0, "bf16 vs f32 rel err {e}");
 }

@@ -125,9 +125,24 @@ pub trait Backend: Sized {
     fn copy_rows(&self, src: &Self::Act, dst: &mut Self::Act, dst_row: usize) -> Result<()>;
 }
 
-/// The one place every linear layer goes through. A method that perturbs weights on the fly,
-/// or adds an adapter, implements this; the model does not know which one runs.
+/// The one place every linear layer (and every other parameter use) goes through. A method
+/// that perturbs weights on the fly, or adds an adapter, implements this; the model does not
+/// know which one runs.
 pub trait LinearHook<B: Backend> {
+    /// The tensor to use in place of parameter `id` (e.g. a perturbed scratch copy). The model
+    /// calls it for every parameter that is not a linear layer's weight (embedding, norms, LM
+    /// head), and the default `linear` calls it too.
+    fn param<'a>(
+        &'a mut self,
+        backend: &B,
+        w: &'a B::Weight,
+        id: ParamId,
+    ) -> Result<&'a B::Weight> {
+        let _ = (backend, id);
+        Ok(w)
+    }
+
+    /// out = x w^T for the linear layer whose weight is parameter `id`.
     fn linear(
         &mut self,
         backend: &B,
@@ -136,7 +151,7 @@ pub trait LinearHook<B: Backend> {
         id: ParamId,
         out: &mut B::Act,
     ) -> Result<()> {
-        let _ = id;
+        let w = self.param(backend, w, id)?;
         backend.matmul(x, w, out)
     }
 }

@@ -17,7 +17,12 @@ pub struct Sampling {
 
 impl Default for Sampling {
     fn default() -> Self {
-        Sampling { temperature: 0.0, top_p: 1.0, seed: 0, max_new_tokens: 64 }
+        Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            max_new_tokens: 64,
+        }
     }
 }
 

@@ -8,6 +8,8 @@ use crate::backend::mem::Tag;
 use crate::backend::{AttnShape, Backend, LinearHook, ParamId, SeqLayout};
 use anyhow::{ensure, Result};
 
+pub const EMBED_ID: ParamId = 0;
+
 /// Tensor ids of one layer's parameters (positions in the canonical list).
 pub fn layer_param_ids(layer: usize) -> [ParamId; 9] {
     let base = 1 + 9 * layer;
@@ -49,6 +51,19 @@ impl<B: Backend> Llama<B> {
             weights,
             backend,
             inv_freq,
+        }
+    }
+
+    pub fn final_norm_id(&self) -> ParamId {
+        1 + 9 * self.cfg.num_hidden_layers
+    }
+
+    /// The LM head's id: its own tensor, or the embedding's when tied.
+    pub fn lm_head_id(&self) -> ParamId {
+        if self.weights.lm_head.is_some() {
+            self.final_norm_id() + 1
+        } else {
+            EMBED_ID
         }
     }
 
@@ -118,11 +133,12 @@ impl<B: Backend> Llama<B> {
         let rows = layout.rows();
         let shape = self.attn_shape();
         let mut x = b.alloc(rows, cfg.hidden_size, Tag::Activations)?;
-        b.embed(&self.weights.embed, ids, &mut x)?;
+        b.embed(hook.param(b, &self.weights.embed, EMBED_ID)?, ids, &mut x)?;
         let mut ws = self.workspace(rows)?;
         // The first norm has no residual to add; later ones fuse the add of the previous
         // block's output into the norm.
-        b.rmsnorm(&x, &self.weights.layers[0].attn_norm, eps, &mut ws.normed)?;
+        let norm0 = hook.param(b, &self.weights.layers[0].attn_norm, layer_param_ids(0)[0])?;
+        b.rmsnorm(&x, norm0, eps, &mut ws.normed)?;
         for (l, lw) in self.weights.layers.iter().enumerate() {
             let id = layer_param_ids(l);
             hook.linear(b, &ws.normed, &lw.wq, id[1], &mut ws.q)?;
@@ -139,16 +155,28 @@ impl<B: Backend> Llama<B> {
                 }
             }
             hook.linear(b, &ws.attn, &lw.wo, id[4], &mut ws.proj)?;
-            b.add_rmsnorm(&mut x, &ws.proj, &lw.mlp_norm, eps, &mut ws.normed)?;
+            b.add_rmsnorm(
+                &mut x,
+                &ws.proj,
+                hook.param(b, &lw.mlp_norm, id[5])?,
+                eps,
+                &mut ws.normed,
+            )?;
             hook.linear(b, &ws.normed, &lw.w_gate, id[6], &mut ws.gate)?;
             hook.linear(b, &ws.normed, &lw.w_up, id[7], &mut ws.up)?;
             b.swiglu(&mut ws.gate, &ws.up)?;
             hook.linear(b, &ws.gate, &lw.w_down, id[8], &mut ws.proj)?;
-            let next_norm = match self.weights.layers.get(l + 1) {
-                Some(next) => &next.attn_norm,
-                None => &self.weights.final_norm,
+            let (next_norm, next_id) = match self.weights.layers.get(l + 1) {
+                Some(next) => (&next.attn_norm, layer_param_ids(l + 1)[0]),
+                None => (&self.weights.final_norm, self.final_norm_id()),
             };
-            b.add_rmsnorm(&mut x, &ws.proj, next_norm, eps, &mut ws.normed)?;
+            b.add_rmsnorm(
+                &mut x,
+                &ws.proj,
+                hook.param(b, next_norm, next_id)?,
+                eps,
+                &mut ws.normed,
+            )?;
         }
         Ok(ws.normed)
     }
@@ -162,8 +190,8 @@ impl<B: Backend> Llama<B> {
         hook: &mut dyn LinearHook<B>,
     ) -> Result<Vec<f32>> {
         let h = self.hidden(ids, layout, hook)?;
-        self.backend
-            .target_logprobs(&h, self.weights.lm_head(), targets)
+        let head = hook.param(&self.backend, self.weights.lm_head(), self.lm_head_id())?;
+        self.backend.target_logprobs(&h, head, targets)
     }
 
     /// Full logits at the listed rows (host, [rows.len() x vocab]).
@@ -175,7 +203,8 @@ impl<B: Backend> Llama<B> {
         hook: &mut dyn LinearHook<B>,
     ) -> Result<Vec<f32>> {
         let h = self.hidden(ids, layout, hook)?;
-        self.backend.logits_rows(&h, self.weights.lm_head(), rows)
+        let head = hook.param(&self.backend, self.weights.lm_head(), self.lm_head_id())?;
+        self.backend.logits_rows(&h, head, rows)
     }
 
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache<B>> {

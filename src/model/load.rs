@@ -17,5 +17,9 @@ pub fn load_dir(dir: &Path) -> Result<ModelFiles> {
     let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
     let weights = LlamaWeights::load(dir, &cfg)?;
     let tokenizer = Tokenizer::load(dir, cfg.vocab_size)?;
-    Ok(ModelFiles { cfg, weights, tokenizer })
+    Ok(ModelFiles {
+        cfg,
+        weights,
+        tokenizer,
+    })
 }

@@ -2,8 +2,8 @@
 
 pub mod config;
 pub mod generate;
-pub mod load;
 pub mod llama;
+pub mod load;
 pub mod safetensors_io;
 pub mod tensor;
 pub mod weights;

@@ -231,3 +231,37 @@ impl std::fmt::Debug for HostTensor {
         )
     }
 }
+
+/// Decodes raw little-endian bytes of `dtype` into f32.
+pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        DType::F32 => out.copy_from_slice(bytemuck::cast_slice(bytes)),
+        DType::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        DType::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+    }
+}
+
+/// Encodes f32 values into raw little-endian bytes of `dtype` (round to nearest even).
+pub fn encode_from(dtype: DType, src: &[f32], bytes: &mut [u8]) {
+    match dtype {
+        DType::F32 => bytes.copy_from_slice(bytemuck::cast_slice(src)),
+        DType::F16 => {
+            for (c, v) in bytes.chunks_exact_mut(2).zip(src) {
+                c.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
+            }
+        }
+        DType::BF16 => {
+            for (c, v) in bytes.chunks_exact_mut(2).zip(src) {
+                c.copy_from_slice(&bf16::from_f32(*v).to_le_bytes());
+            }
+        }
+    }
+}

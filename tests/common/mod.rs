@@ -35,5 +35,7 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 /// Deterministic token ids in [0, vocab).
 pub fn tokens(n: usize, vocab: usize, salt: u64) -> Vec<u32> {
     let p = zoft::rng::Philox::new(salt, 1, 2);
-    (0..n).map(|i| (p.block(i as u64)[0] as usize % vocab) as u32).collect()
+    (0..n)
+        .map(|i| (p.block(i as u64)[0] as usize % vocab) as u32)
+        .collect()
 }

@@ -1,0 +1,231 @@
+//! The shared perturbation machinery: how the direction z of a step is drawn for each tensor,
+//! regenerated from Philox keys (never stored), and the element passes that add it.
+//!
+//! z for tensor `id` at step `t` of a run with seed `s`:
+//! - dense: z[j] = normal(s, t, id)[j];
+//! - sparse: the same, but zero where |w0[j]| > h[id] (w0 = the unperturbed weight);
+//! - low rank (matrices [m x n]): Z = U diag(tau) V^T / sqrt(r), U [m x r] and V [n x r] fixed for
+//!   the run (keys (s, FACTOR_U/V, id)), tau = normal(s, t, id)[0..r]; vectors stay dense.
+//!   The 1/sqrt(r) makes Z's entries unit-variance, so eps and lr mean what they mean for MeZO.
+
+use crate::model::HostTensor;
+use crate::rng::Philox;
+use rayon::prelude::*;
+
+/// Elements per parallel work item (a multiple of 4, the Philox block width).
+const CHUNK: usize = 1 << 14;
+pub const FACTOR_U: u32 = 0xFFFF_FF00;
+pub const FACTOR_V: u32 = 0xFFFF_FF01;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Direction {
+    Dense,
+    /// Per-tensor thresholds h: only elements with |w0| <= h move.
+    Sparse {
+        thresholds: Vec<f32>,
+    },
+    LowRank {
+        rank: usize,
+    },
+}
+
+/// The random keys of one step.
+#[derive(Clone, Copy, Debug)]
+pub struct StepKey {
+    pub seed: u64,
+    pub step: u32,
+}
+
+impl StepKey {
+    pub fn stream(&self, id: usize) -> Philox {
+        Philox::new(self.seed, self.step, id as u32)
+    }
+}
+
+/// Fixed factors of a low-rank direction for one matrix: U [m x r], V [n x r] row-major.
+pub struct Factors {
+    pub u: Vec<f32>,
+    pub v: Vec<f32>,
+    pub rank: usize,
+}
+
+impl Factors {
+    pub fn generate(seed: u64, id: usize, m: usize, n: usize, rank: usize) -> Self {
+        let mut u = vec![0.0; m * rank];
+        let mut v = vec![0.0; n * rank];
+        Philox::new(seed, FACTOR_U, id as u32).fill_normal(0, &mut u);
+        Philox::new(seed, FACTOR_V, id as u32).fill_normal(0, &mut v);
+        Factors { u, v, rank }
+    }
+
+    /// The step's coefficients tau (length r).
+    pub fn tau(key: StepKey, id: usize, rank: usize) -> Vec<f32> {
+        let mut t = vec![0.0; rank];
+        key.stream(id).fill_normal(0, &mut t);
+        t
+    }
+
+    /// Row `a` of U diag(c) V^T / sqrt(r) into `out` (length n).
+    pub fn row(&self, a: usize, c: &[f32], out: &mut [f32]) {
+        let r = self.rank;
+        let norm = 1.0 / (r as f32).sqrt();
+        let uc: Vec<f32> = (0..r).map(|k| self.u[a * r + k] * c[k] * norm).collect();
+        for (b, o) in out.iter_mut().enumerate() {
+            let vb = &self.v[b * r..(b + 1) * r];
+            *o = vb.iter().zip(&uc).map(|(x, y)| x * y).sum();
+        }
+    }
+}
+
+/// Whether a tensor gets a low-rank direction under `Direction::LowRank`.
+pub fn is_matrix(t: &HostTensor) -> bool {
+    t.shape.len() == 2
+}
+
+/// Runs `f(j, w, z)` over every element of `t` with its dense normal z, in parallel chunks,
+/// converting through f32 for f16/bf16 tensors. `f` returns the new weight.
+pub fn dense_pass(t: &mut HostTensor, stream: Philox, f: impl Fn(usize, f32, f32) -> f32 + Sync) {
+    let run = |start: usize, w: &mut [f32]| {
+        let mut z = [0.0f32; CHUNK];
+        let z = &mut z[..w.len()];
+        stream.fill_normal(start as u64, z);
+        for (k, (w, &z)) in w.iter_mut().zip(z.iter()).enumerate() {
+            *w = f(start + k, *w, z);
+        }
+    };
+    for_each_chunk(t, run);
+}
+
+/// Runs `f(j, w, z)` with z from the low-rank factors and coefficients `c` (length r).
+pub fn low_rank_pass(
+    t: &mut HostTensor,
+    fac: &Factors,
+    c: &[f32],
+    f: impl Fn(usize, f32, f32) -> f32 + Sync,
+) {
+    let n = t.shape[1];
+    let run = |start: usize, w: &mut [f32]| {
+        // Chunks are whole rows when n divides CHUNK; otherwise rows are cut, so build the
+        // z values row by row over the covered range.
+        let mut zrow = vec![0.0f32; n];
+        let mut k = 0;
+        while k < w.len() {
+            let j = start + k;
+            let (a, b0) = (j / n, j % n);
+            fac.row(a, c, &mut zrow);
+            let take = (n - b0).min(w.len() - k);
+            for q in 0..take {
+                w[k + q] = f(j + q, w[k + q], zrow[b0 + q]);
+            }
+            k += take;
+        }
+    };
+    for_each_chunk(t, run);
+}
+
+/// Splits a tensor into chunks of CHUNK elements and runs `run(start, values)` on each in
+/// parallel, through an f32 copy of the chunk when the tensor is not f32.
+pub fn for_each_chunk(t: &mut HostTensor, run: impl Fn(usize, &mut [f32]) + Sync) {
+    if let Some(w) = t.f32s_mut() {
+        w.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(c, w)| run(c * CHUNK, w));
+        return;
+    }
+    let dtype = t.dtype;
+    let bytes = t.bytes_mut();
+    let es = dtype.size();
+    bytes
+        .par_chunks_mut(CHUNK * es)
+        .enumerate()
+        .for_each(|(c, b)| {
+            let n = b.len() / es;
+            let mut buf = vec![0.0f32; n];
+            crate::model::tensor::decode_into(dtype, b, &mut buf);
+            run(c * CHUNK, &mut buf);
+            crate::model::tensor::encode_from(dtype, &buf, b);
+        });
+}
+
+/// A raw pointer to per-element optimizer state, shared by the parallel chunks of one pass.
+/// Each element index is touched by exactly one chunk, which is what makes `get` sound.
+#[derive(Clone, Copy)]
+pub struct ElemState(*mut f32);
+unsafe impl Send for ElemState {}
+unsafe impl Sync for ElemState {}
+
+impl ElemState {
+    pub fn new(v: &mut [f32]) -> Self {
+        ElemState(v.as_mut_ptr())
+    }
+    /// SAFETY: `j` is in bounds and no other thread touches element `j` during the pass.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn get(&self, j: usize) -> &mut f32 {
+        &mut *self.0.add(j)
+    }
+}
+
+/// The z of one tensor at one step.
+pub enum TensorZ<'a> {
+    Dense(Philox),
+    Sparse(Philox, f32),
+    LowRank(Factors, &'a [f32]),
+}
+
+impl<'a> TensorZ<'a> {
+    /// How tensor `id` is perturbed under `dir`; `coef` are the low-rank coefficients to use
+    /// (tau, or a combination of tau and update terms).
+    pub fn of(t: &HostTensor, id: usize, key: StepKey, dir: &Direction, coef: &'a [f32]) -> Self {
+        match dir {
+            Direction::Dense => TensorZ::Dense(key.stream(id)),
+            Direction::Sparse { thresholds } => TensorZ::Sparse(key.stream(id), thresholds[id]),
+            Direction::LowRank { rank } if is_matrix(t) => TensorZ::LowRank(
+                Factors::generate(key.seed, id, t.shape[0], t.shape[1], *rank),
+                coef,
+            ),
+            Direction::LowRank { .. } => TensorZ::Dense(key.stream(id)),
+        }
+    }
+
+    /// Runs `f(j, w0, z)` -> new weight over tensor `t`, where the tensor currently holds
+    /// w0 + offset * z. For sparse directions z is already zeroed where |w0| > h.
+    pub fn pass(&self, t: &mut HostTensor, offset: f32, f: impl Fn(usize, f32, f32) -> f32 + Sync) {
+        match self {
+            TensorZ::Dense(s) => dense_pass(t, *s, |j, w, z| f(j, w - offset * z, z)),
+            TensorZ::Sparse(s, h) => dense_pass(t, *s, |j, w, z| {
+                let w0 = w - offset * z;
+                // Undo the perturbation only where it was applied: the mask is a function of
+                // w0, recomputed here rather than stored.
+                if (w - offset * z).abs() <= *h {
+                    f(j, w0, z)
+                } else {
+                    f(j, w, 0.0)
+                }
+            }),
+            TensorZ::LowRank(fac, c) => low_rank_pass(t, fac, c, |j, w, z| f(j, w - offset * z, z)),
+        }
+    }
+}
+
+/// In-place perturbation: a tensor at w0 + from*z moves to w0 + to*z.
+pub fn perturb_tensor(
+    t: &mut HostTensor,
+    id: usize,
+    key: StepKey,
+    dir: &Direction,
+    from: f32,
+    to: f32,
+) {
+    let tau = match dir {
+        Direction::LowRank { rank } if is_matrix(t) => Factors::tau(key, id, *rank),
+        _ => vec![],
+    };
+    // Low-rank z is linear in its coefficients, so the move is one pass with coefficients
+    // (to - from) * tau; dense and sparse z use the element rule.
+    if !tau.is_empty() {
+        let c: Vec<f32> = tau.iter().map(|x| (to - from) * x).collect();
+        TensorZ::of(t, id, key, dir, &c).pass(t, 0.0, |_, w, z| w + z);
+    } else {
+        TensorZ::of(t, id, key, dir, &tau).pass(t, from, |_, w0, z| w0 + to * z);
+    }
+}

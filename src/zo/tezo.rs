@@ -1,0 +1,181 @@
+//! TeZO: per weight matrix fixed factors U [m x r], V [n x r] drawn once per run; per step only
+//! tau in R^r, Z = U diag(tau) V^T / sqrt(r). Vectors (norms) get a full Gaussian. Because U and
+//! V are fixed, W_t = W_0 + U diag(a_t) V^T / sqrt(r) exactly, where a_t sums the step
+//! coefficients: with `--perturb fused` the update stays in a_t (virtual) until it is
+//! materialized at save; with `--perturb inplace` each step writes its rank-r update.
+
+use super::direction::{is_matrix, Direction, Factors, StepKey, TensorZ};
+use super::mezo::{decay_for, sgd_update};
+use super::{Perturb, TensorCtx, ZoConfig, ZoMethod};
+use crate::model::{HostTensor, LlamaWeights};
+use anyhow::{bail, Result};
+use std::collections::HashMap;
+
+/// The low-rank bookkeeping shared by TeZO and TeZO-Adam.
+pub struct LowRank {
+    pub dir: Direction,
+    /// Virtual update coefficients per matrix (empty when writing updates in place).
+    pub acc: Vec<Vec<f32>>,
+    pub is_virtual: bool,
+}
+
+impl LowRank {
+    pub fn new(cfg: &ZoConfig, weights: &LlamaWeights) -> Self {
+        let is_virtual = cfg.perturb == Perturb::Fused;
+        let acc = weights
+            .tensors()
+            .iter()
+            .map(|t| {
+                if is_virtual && is_matrix(t) {
+                    vec![0.0; cfg.rank]
+                } else {
+                    vec![]
+                }
+            })
+            .collect();
+        LowRank {
+            dir: Direction::LowRank { rank: cfg.rank },
+            acc,
+            is_virtual,
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        match self.dir {
+            Direction::LowRank { rank } => rank,
+            _ => unreachable!(),
+        }
+    }
+
+    /// Applies a step's update coefficients `delta` (length r) to matrix `id`, restoring from
+    /// w0 + offset Z(tau) in the same pass when the update is written in place.
+    pub fn apply(
+        &mut self,
+        t: &mut HostTensor,
+        id: usize,
+        key: StepKey,
+        offset: f32,
+        delta: &[f32],
+        lr_wd: f32,
+    ) {
+        if self.is_virtual {
+            for (a, d) in self.acc[id].iter_mut().zip(delta) {
+                *a += d;
+            }
+            return;
+        }
+        let tau = Factors::tau(key, id, self.rank());
+        // Z is linear in its coefficients: restore and update are one combined rank-r pass.
+        let c: Vec<f32> = tau
+            .iter()
+            .zip(delta)
+            .map(|(t, d)| -offset * t + d)
+            .collect();
+        if c.iter().any(|&v| v != 0.0) {
+            TensorZ::of(t, id, key, &self.dir, &c).pass(t, 0.0, |_, w, z| w + z);
+        }
+        if lr_wd > 0.0 {
+            crate::zo::direction::for_each_chunk(t, |_, w| {
+                w.iter_mut().for_each(|x| *x -= lr_wd * *x)
+            });
+        }
+    }
+
+    pub fn virtual_coefficients(&self, id: usize) -> Option<&[f32]> {
+        let a = &self.acc[id];
+        (!a.is_empty()).then_some(a.as_slice())
+    }
+
+    pub fn state(&self) -> Vec<(String, Vec<f32>)> {
+        self.acc
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| !a.is_empty())
+            .map(|(i, a)| (format!("acc.{i}"), a.clone()))
+            .collect()
+    }
+
+    pub fn load_state(&mut self, state: &mut HashMap<String, Vec<f32>>) -> Result<()> {
+        for (i, slot) in self.acc.iter_mut().enumerate() {
+            if slot.is_empty() {
+                continue;
+            }
+            let name = format!("acc.{i}");
+            match state.remove(&name) {
+                Some(v) if v.len() == slot.len() => *slot = v,
+                Some(v) => bail!(
+                    "optimizer state {name} has {} values, expected {}",
+                    v.len(),
+                    slot.len()
+                ),
+                None => bail!("optimizer state has no {name}"),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn clear(&mut self) {
+        self.acc
+            .iter_mut()
+            .for_each(|a| a.iter_mut().for_each(|x| *x = 0.0));
+    }
+}
+
+pub struct Tezo {
+    lr: LowRank,
+}
+
+impl Tezo {
+    pub fn new(cfg: &ZoConfig, weights: &LlamaWeights) -> Self {
+        Tezo {
+            lr: LowRank::new(cfg, weights),
+        }
+    }
+}
+
+impl ZoMethod for Tezo {
+    fn direction(&self) -> &Direction {
+        &self.lr.dir
+    }
+
+    fn update_tensor(
+        &mut self,
+        t: &mut HostTensor,
+        ctx: &TensorCtx,
+        key: StepKey,
+        offset: f32,
+        g: f32,
+        cfg: &ZoConfig,
+    ) -> Result<()> {
+        let wd = decay_for(ctx.kind, cfg);
+        if is_matrix(t) {
+            let tau = Factors::tau(key, ctx.id, cfg.rank);
+            let delta: Vec<f32> = tau.iter().map(|x| -cfg.lr * g * x).collect();
+            self.lr.apply(t, ctx.id, key, offset, &delta, cfg.lr * wd);
+        } else {
+            let tz = TensorZ::of(t, ctx.id, key, &self.lr.dir, &[]);
+            sgd_update(t, &tz, offset, g, cfg.lr, wd);
+        }
+        Ok(())
+    }
+
+    fn virtual_coefficients(&self, id: usize) -> Option<&[f32]> {
+        self.lr.virtual_coefficients(id)
+    }
+
+    fn clear_virtual(&mut self) {
+        self.lr.clear();
+    }
+
+    fn state(&self) -> Vec<(String, Vec<f32>)> {
+        self.lr.state()
+    }
+
+    fn load_state(&mut self, mut state: HashMap<String, Vec<f32>>) -> Result<()> {
+        self.lr.load_state(&mut state)?;
+        if let Some(k) = state.keys().next() {
+            bail!("tezo state has unexpected entry {k}");
+        }
+        Ok(())
+    }
+}
