@@ -301,9 +301,9 @@ fn inplace_round_trip_drift_is_bounded() {
     let f32_drift = inplace_drift(DType::F32, 10);
     let bf16_drift = inplace_drift(DType::BF16, 10);
     eprintln!("in-place drift after 10 steps at eps 1e-3 (relative norm): f32 {f32_drift:.2e}, bf16 {bf16_drift:.2e}");
-    assert!(f32_drift < 1e-5, "f32 drift {f32_drift}");
+    assert!(f32_drift < 1e-6, "f32 drift {f32_drift}");
     assert!(bf16_drift > f32_drift, "bf16 should drift more than f32");
-    assert!(bf16_drift < 0.2, "bf16 drift {bf16_drift}");
+    assert!(bf16_drift < 2e-2, "bf16 drift {bf16_drift}");
 }
 
 #[test]
