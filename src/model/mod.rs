@@ -2,6 +2,9 @@
 
 pub mod config;
 pub mod generate;
+pub mod gguf;
+pub mod gguf_tokenizer;
+pub mod import;
 pub mod llama;
 pub mod load;
 pub mod safetensors_io;
@@ -9,6 +12,7 @@ pub mod tensor;
 pub mod weights;
 
 pub use config::LlamaConfig;
+pub use import::{import_gguf, ImportReport};
 pub use llama::{KvCache, Llama};
 pub use tensor::{DType, HostTensor};
 pub use weights::{LlamaWeights, ParamKind};

@@ -1,0 +1,122 @@
+//! ZO step time against forward time on the CPU, for each method and perturb mode, with the
+//! peak memory of a step against that of an inference forward on the same batch.
+//! Prints one JSON line per (method, perturb); `tools/bench-speed` runs it beside PyTorch MeZO.
+//!
+//! cargo run --release --example bench_speed -- [--model DIR | --random smollm2-135m] [--batch 16] [--seq 64] [--iters 2] [--methods mezo,tezo]
+
+use std::time::Instant;
+use zoft::backend::cpu::CpuBackend;
+use zoft::backend::{LinearHook, NoHook, SeqLayout};
+use zoft::model::{DType, Llama, LlamaConfig, LlamaWeights};
+use zoft::zo::{Method, Perturb, ZoConfig, ZoOptimizer};
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let batch: usize = arg("--batch", "16").parse()?;
+    let seq: usize = arg("--seq", "64").parse()?;
+    let iters: usize = arg("--iters", "2").parse()?;
+    let methods: Vec<Method> = arg("--methods", "mezo,mezo-adam,sparse-mezo,tezo,tezo-adam")
+        .split(',')
+        .map(Method::parse)
+        .collect::<anyhow::Result<_>>()?;
+    let perturbs: Vec<Perturb> = arg("--perturb", "inplace,fused")
+        .split(',')
+        .map(Perturb::parse)
+        .collect::<anyhow::Result<_>>()?;
+    let model_dir = arg("--model", "");
+    let load = || -> anyhow::Result<(LlamaConfig, LlamaWeights)> {
+        Ok(if model_dir.is_empty() {
+            let cfg = LlamaConfig::preset(&arg("--random", "smollm2-135m")).expect("known preset");
+            let w = LlamaWeights::random(&cfg, 0, DType::F32);
+            (cfg, w)
+        } else {
+            let f = zoft::model::load::load_dir(std::path::Path::new(&model_dir))?;
+            (f.cfg, f.weights)
+        })
+    };
+    let (cfg, weights) = load()?;
+    let mut model = Llama::new(cfg.clone(), weights, CpuBackend::new());
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|i| ((i * 7919) % cfg.vocab_size) as u32)
+        .collect();
+    let layout = SeqLayout::full(batch, seq, &vec![seq; batch]);
+    // Causal LM loss over every next token, as the PyTorch peer computes it.
+    let targets: Vec<i32> = (0..batch * seq)
+        .map(|i| {
+            if (i + 1) % seq == 0 {
+                -1
+            } else {
+                ids[i + 1] as i32
+            }
+        })
+        .collect();
+    let n = targets.iter().filter(|&&t| t >= 0).count() as f32;
+    let mut loss =
+        |m: &Llama<CpuBackend>, h: &mut dyn LinearHook<CpuBackend>| -> anyhow::Result<f32> {
+            Ok(-m
+                .target_logprobs(&ids, &layout, &targets, h)?
+                .iter()
+                .sum::<f32>()
+                / n)
+        };
+    let mem = model.backend.mem.clone();
+    let weight_bytes = model.weights.byte_size();
+    let mut fwd = vec![];
+    mem.reset_peaks();
+    for i in 0..iters + 1 {
+        let t0 = Instant::now();
+        std::hint::black_box(loss(&model, &mut NoHook)?);
+        if i > 0 {
+            fwd.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let fwd_peak = weight_bytes + mem.report().total_peak;
+    let fwd_s = median(fwd);
+    for &method in &methods {
+        for &perturb in &perturbs {
+            let zc = ZoConfig {
+                method,
+                perturb,
+                lr: 1e-7,
+                eps: 1e-3,
+                seed: 1,
+                ..Default::default()
+            };
+            let mut opt = ZoOptimizer::new(zc, &model)?;
+            mem.reset_peaks();
+            let mut steps = vec![];
+            for s in 0..iters + 1 {
+                let t0 = Instant::now();
+                opt.step(&mut model, s as u64, &mut loss)?;
+                if s > 0 {
+                    steps.push(t0.elapsed().as_secs_f64());
+                }
+            }
+            let step_peak = weight_bytes + mem.report().total_peak + opt.method.state_bytes();
+            let step_s = median(steps);
+            println!(
+                "{}",
+                serde_json::json!({"bench": "zoft_zo_step", "device": "cpu", "threads": rayon::current_num_threads(),
+                    "method": method.name(), "perturb": perturb, "batch": batch, "seq": seq,
+                    "forward_s": fwd_s, "step_s": step_s, "step_over_forward": step_s / fwd_s,
+                    "peak_forward_bytes": fwd_peak, "peak_step_bytes": step_peak,
+                    "peak_step_over_forward": step_peak as f64 / fwd_peak as f64,
+                    "optimizer_state_bytes": opt.method.state_bytes()})
+            );
+        }
+    }
+    Ok(())
+}
