@@ -10,6 +10,8 @@ pub mod data;
 pub mod model;
 pub mod rng;
 pub mod tokenizer;
+pub mod device;
+pub mod train;
 pub mod zo;
 
 pub use anyhow::{Error, Result};

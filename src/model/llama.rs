@@ -194,6 +194,54 @@ impl<B: Backend> Llama<B> {
         self.backend.target_logprobs(&h, head, targets)
     }
 
+    /// log p(token | row) for each (row, token) request, in order. Rows may repeat (several
+    /// candidates scored at one position). One request per row runs the chunked fused path;
+    /// otherwise the logits of the distinct rows come to the host in chunks.
+    pub fn request_logprobs(
+        &self,
+        ids: &[u32],
+        layout: &SeqLayout,
+        requests: &[(u32, u32)],
+        hook: &mut dyn LinearHook<B>,
+    ) -> Result<Vec<f32>> {
+        let h = self.hidden(ids, layout, hook)?;
+        let head = hook.param(&self.backend, self.weights.lm_head(), self.lm_head_id())?;
+        let rows = layout.rows();
+        let mut targets = vec![-1i32; rows];
+        let mut one_per_row = true;
+        for &(r, t) in requests {
+            ensure!((r as usize) < rows, "request row {r} outside a batch of {rows} rows");
+            one_per_row &= targets[r as usize] < 0;
+            targets[r as usize] = t as i32;
+        }
+        if one_per_row {
+            let lp = self.backend.target_logprobs(&h, head, &targets)?;
+            return Ok(requests.iter().map(|&(r, _)| lp[r as usize]).collect());
+        }
+        let mut distinct: Vec<usize> = requests.iter().map(|&(r, _)| r as usize).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let vocab = self.cfg.vocab_size;
+        let mut row_lse = std::collections::HashMap::new();
+        let mut row_logits = std::collections::HashMap::new();
+        for chunk in distinct.chunks(crate::backend::cpu::LOGIT_CHUNK_ROWS) {
+            let logits = self.backend.logits_rows(&h, head, chunk)?;
+            for (i, &r) in chunk.iter().enumerate() {
+                let row = &logits[i * vocab..(i + 1) * vocab];
+                row_lse.insert(r, crate::backend::cpu::logsumexp(row));
+                // Keep only the requested tokens of this row.
+                for &(rr, t) in requests.iter().filter(|q| q.0 as usize == r) {
+                    ensure!((t as usize) < vocab, "token id {t} is outside the vocabulary of {vocab} tokens");
+                    row_logits.insert((rr as usize, t), row[t as usize]);
+                }
+            }
+        }
+        Ok(requests
+            .iter()
+            .map(|&(r, t)| row_logits[&(r as usize, t)] - row_lse[&(r as usize)])
+            .collect())
+    }
+
     /// Full logits at the listed rows (host, [rows.len() x vocab]).
     pub fn logits_at(
         &self,

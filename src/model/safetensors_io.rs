@@ -139,3 +139,49 @@ pub fn tmp_path(path: &Path) -> PathBuf {
     name.push(".tmp");
     path.with_file_name(name)
 }
+
+/// Writes a safetensors file one tensor at a time: `write(i, out)` must write exactly the
+/// bytes of `entries[i]`. Lets a caller produce each tensor on the fly (e.g. materialize a
+/// low-rank update) without holding a second copy of the model. Temporary name + rename.
+pub fn save_streaming(
+    path: &Path,
+    entries: &[(String, Vec<usize>, DType)],
+    metadata: &HashMap<String, String>,
+    mut write: impl FnMut(usize, &mut dyn std::io::Write) -> Result<()>,
+) -> Result<()> {
+    use std::io::Write;
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::to_value(metadata)?);
+    let mut offset = 0usize;
+    for (name, shape, dtype) in entries {
+        let n = shape.iter().product::<usize>() * dtype.size();
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [offset, offset + n]}),
+        );
+        offset += n;
+    }
+    let mut text = serde_json::to_string(&header)?.into_bytes();
+    // Pad the header with spaces so tensor data starts 8-byte aligned.
+    while (text.len() + 8) % 8 != 0 {
+        text.push(b' ');
+    }
+    let tmp = tmp_path(path);
+    let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    out.write_all(&(text.len() as u64).to_le_bytes())?;
+    out.write_all(&text)?;
+    for i in 0..entries.len() {
+        write(i, &mut out).with_context(|| format!("writing tensor {} to {}", entries[i].0, tmp.display()))?;
+    }
+    let file = out.into_inner().map_err(|e| anyhow::anyhow!("writing {}: {e}", tmp.display()))?;
+    file.sync_all()?;
+    let written = file.metadata()?.len() as usize;
+    let want = 8 + text.len() + offset;
+    if written != want {
+        let _ = std::fs::remove_file(&tmp);
+        bail!("{}: wrote {written} bytes, expected {want}", tmp.display());
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
