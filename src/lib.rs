@@ -5,10 +5,11 @@
 //! Errors are `anyhow::Error`s whose messages name the file, tensor or line at fault.
 
 pub mod backend;
+pub mod cache;
 pub mod data;
+pub mod fetch;
 pub mod model;
 pub mod rng;
 pub mod tokenizer;
-pub mod cache;
 
 pub use anyhow::{Error, Result};

@@ -1,6 +1,7 @@
 //! Model I/O and the LLaMA forward.
 
 pub mod config;
+pub mod import;
 pub mod safetensors_io;
 pub mod tensor;
 pub mod weights;
