@@ -9,6 +9,9 @@
 //! [`Request`]s, each `(row, token)`, and returns one value per request, in order:
 //! `logprobs[i] = log_softmax(logits[requests[i].row])[requests[i].token]`.
 //! Only the rows listed in requests need logits at all ([`Batch::gather_plan`] lists them once).
+//! Two ways to serve the requests: full logits of those rows through
+//! [`Batch::logprobs_from_logits`], or, when no two requests share a row,
+//! one `log p(target)` per row for [`Batch::request_targets`] through [`Batch::gather_rows`].
 //!
 //! [`ExampleSpans`] says which requests belong to which example and candidate: candidate `c` of
 //! example `e` is `requests[span.start..span.end]`, its tokens in order, and its log-likelihood
@@ -297,6 +300,74 @@ impl Batch {
         (rows, which)
     }
 
+    /// The requests as a per-row target vector (`[batch * seq]`, -1 where nothing is asked),
+    /// for a model that returns `log p(target)` per row: possible when no two requests share a
+    /// row, which holds for every example laid out one sequence per candidate and for
+    /// [`Candidates::GoldOnly`]; `None` when one-token candidates share their prompt's row
+    /// (then use [`Batch::logprobs_from_logits`] on the rows of [`Batch::gather_plan`]).
+    pub fn request_targets(&self) -> Option<Vec<i32>> {
+        let mut t = vec![-1i32; self.batch * self.seq];
+        for r in &self.requests {
+            let slot = &mut t[r.row as usize];
+            if *slot >= 0 {
+                return None;
+            }
+            *slot = r.token as i32;
+        }
+        Some(t)
+    }
+
+    /// The requests' log-probabilities picked out of a per-row vector computed for
+    /// [`Batch::request_targets`] (`per_row[row] = log p(target[row])`).
+    pub fn gather_rows(&self, per_row: &[f32]) -> Result<Vec<f32>> {
+        if per_row.len() != self.batch * self.seq {
+            bail!(
+                "got {} per-row log-probabilities for a batch of {} x {} positions",
+                per_row.len(),
+                self.batch,
+                self.seq
+            );
+        }
+        if self.request_targets().is_none() {
+            bail!("requests share rows, so one value per row cannot serve them; use logprobs_from_logits");
+        }
+        Ok(self
+            .requests
+            .iter()
+            .map(|r| per_row[r.row as usize])
+            .collect())
+    }
+
+    /// The requests' log-probabilities from full logits of the rows of [`Batch::gather_plan`]
+    /// (`logits` is `[rows.len() x vocab]`, row-major, in that order): log-softmax per row, then
+    /// gather.
+    pub fn logprobs_from_logits(&self, logits: &[f32], vocab: usize) -> Result<Vec<f32>> {
+        let (rows, which) = self.gather_plan();
+        if logits.len() != rows.len() * vocab {
+            bail!(
+                "got {} logits for {} rows of a {vocab}-token vocabulary",
+                logits.len(),
+                rows.len()
+            );
+        }
+        let lse: Vec<f64> = logits
+            .chunks(vocab.max(1))
+            .map(|row| {
+                let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+                m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
+            })
+            .collect();
+        let mut out = Vec::with_capacity(self.requests.len());
+        for (r, &k) in self.requests.iter().zip(&which) {
+            if r.token as usize >= vocab {
+                bail!("token id {} is outside the vocabulary of {vocab}", r.token);
+            }
+            let k = k as usize;
+            out.push((logits[k * vocab + r.token as usize] as f64 - lse[k]) as f32);
+        }
+        Ok(out)
+    }
+
     fn check(&self, logprobs: &[f32]) -> Result<()> {
         if logprobs.len() != self.requests.len() {
             bail!(
@@ -428,6 +499,42 @@ mod tests {
         assert_eq!(log_sum_exp(&[f64::NEG_INFINITY; 2]), f64::NEG_INFINITY);
         assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
         assert_eq!(argmax(&[f64::NAN, -1.0]), 1);
+    }
+
+    #[test]
+    fn logits_and_per_row_paths_agree() {
+        let a = ex(&[1, 2], &[&[3], &[0]], 0);
+        let b = ex(&[1], &[&[2, 3], &[1]], 1);
+        let all = Batch::new(&[&a, &b], &BatchOptions::new(0, Candidates::All)).unwrap();
+        // a's two candidates share a row.
+        assert!(all.request_targets().is_none());
+        assert!(all.gather_rows(&vec![0.0; all.batch * all.seq]).is_err());
+        let vocab = 4;
+        let (rows, _) = all.gather_plan();
+        let logits: Vec<f32> = (0..rows.len() * vocab)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
+        let lp = all.logprobs_from_logits(&logits, vocab).unwrap();
+        let by_hand = |k: usize, tok: usize| {
+            let row = &logits[k * vocab..(k + 1) * vocab];
+            let z: f64 = row.iter().map(|&x| (x as f64).exp()).sum();
+            (row[tok] as f64 - z.ln()) as f32
+        };
+        for (i, r) in all.requests.iter().enumerate() {
+            let k = rows.iter().position(|&x| x == r.row).unwrap();
+            assert!((lp[i] - by_hand(k, r.token as usize)).abs() < 1e-6);
+        }
+        assert!(all.logprobs_from_logits(&logits[1..], vocab).is_err());
+
+        let multi = Batch::new(&[&b], &BatchOptions::new(0, Candidates::All)).unwrap();
+        let t = multi.request_targets().unwrap();
+        let per_row: Vec<f32> = (0..t.len()).map(|i| -(i as f32)).collect();
+        let got = multi.gather_rows(&per_row).unwrap();
+        let want: Vec<f32> = multi.requests.iter().map(|r| -(r.row as f32)).collect();
+        assert_eq!(got, want);
+        for r in &multi.requests {
+            assert_eq!(t[r.row as usize], r.token as i32);
+        }
     }
 
     #[test]
