@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod cache;
 pub mod data;
+pub mod fetch;
 pub mod model;
 pub mod rng;
 pub mod tokenizer;
