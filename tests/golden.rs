@@ -117,7 +117,7 @@ fn text_loss_matches_hf() {
     let mean = nll.iter().map(|&x| x as f64).sum::<f64>() / (n - 1) as f64;
     let want = g.fx["loss"]["loss"].as_f64().unwrap();
     assert!((mean - want).abs() < 1e-3, "loss {mean} vs {want}");
-    let want_tok = f32s_of(&g.fx["loss"]["per_token_nll"]);
+    let want_tok = f32s_of(&g.fx["loss"]["nll"]);
     let max_diff = nll.iter().zip(&want_tok).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(max_diff < 2e-3, "per-token nll max diff {max_diff}");
 }
