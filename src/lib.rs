@@ -7,11 +7,11 @@
 pub mod backend;
 pub mod cache;
 pub mod data;
+pub mod device;
 pub mod fetch;
 pub mod model;
 pub mod rng;
 pub mod tokenizer;
-pub mod device;
 pub mod train;
 pub mod zo;
 

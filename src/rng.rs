@@ -138,7 +138,7 @@ pub fn ln_f32(x: f32) -> f32 {
     let bits = x.to_bits();
     let mut e = ((bits >> 23) & 0xff) as i32 - 127;
     let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000); // [1, 2)
-    // Branch-free so that the bulk path vectorizes.
+                                                                // Branch-free so that the bulk path vectorizes.
     let big = m > std::f32::consts::SQRT_2;
     let m = if big { m * 0.5 } else { m };
     e += big as i32;
@@ -177,7 +177,11 @@ pub fn sincos_2pi(u: f32) -> (f32, f32) {
     let cos_r = x2.mul_add(cp, 1.0);
     // Quadrant k: (sin, cos) of x + k pi/2 = (s, c), (c, -s), (-s, -c), (-c, s), branch-free.
     let k = (q as i32) & 3;
-    let (a, b) = if k & 1 == 1 { (cos_r, sin_r) } else { (sin_r, cos_r) };
+    let (a, b) = if k & 1 == 1 {
+        (cos_r, sin_r)
+    } else {
+        (sin_r, cos_r)
+    };
     let sign_sin = if k & 2 == 2 { -1.0 } else { 1.0 };
     let sign_cos = if (k + 1) & 2 == 2 { -1.0 } else { 1.0 };
     (a * sign_sin, b * sign_cos)
@@ -254,7 +258,8 @@ fn normals_bulk(p: &Philox, block: u64, out: &mut [f32; BULK]) {
             // SAFETY: the features were detected at run time.
             return unsafe { normals_bulk_avx512(p, block, out) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             // SAFETY: as above.
             return unsafe { normals_bulk_avx2(p, block, out) };
         }

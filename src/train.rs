@@ -69,7 +69,11 @@ pub fn model_inputs(b: &Batch) -> (SeqLayout, Vec<(u32, u32)>) {
 }
 
 /// Log-probabilities of a batch's requests.
-pub fn batch_logprobs<B: Backend>(model: &Llama<B>, b: &Batch, hook: &mut dyn LinearHook<B>) -> Result<Vec<f32>> {
+pub fn batch_logprobs<B: Backend>(
+    model: &Llama<B>,
+    b: &Batch,
+    hook: &mut dyn LinearHook<B>,
+) -> Result<Vec<f32>> {
     let (layout, requests) = model_inputs(b);
     model.request_logprobs(&b.ids, &layout, &requests, hook)
 }
@@ -125,21 +129,40 @@ pub fn save_checkpoint(
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
-    for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"] {
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+    ] {
         let src = model_src.join(name);
         if src.exists() && src != tmp.join(name) {
-            std::fs::copy(&src, tmp.join(name)).with_context(|| format!("copying {}", src.display()))?;
+            std::fs::copy(&src, tmp.join(name))
+                .with_context(|| format!("copying {}", src.display()))?;
         }
     }
-    std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&model.cfg)?)?;
+    std::fs::write(
+        tmp.join("config.json"),
+        serde_json::to_string_pretty(&model.cfg)?,
+    )?;
     model.weights.save(&tmp)?;
-    std::fs::write(tmp.join("training_state.json"), serde_json::to_string_pretty(state)?)?;
+    std::fs::write(
+        tmp.join("training_state.json"),
+        serde_json::to_string_pretty(state)?,
+    )?;
     let opt_state = opt.method.state();
     let shapes: Vec<Vec<usize>> = opt_state.iter().map(|(_, v)| vec![v.len()]).collect();
     let list: Vec<(&str, &[usize], crate::model::DType, &[u8])> = opt_state
         .iter()
         .zip(&shapes)
-        .map(|((n, v), s)| (n.as_str(), s.as_slice(), crate::model::DType::F32, bytemuck::cast_slice(v)))
+        .map(|((n, v), s)| {
+            (
+                n.as_str(),
+                s.as_slice(),
+                crate::model::DType::F32,
+                bytemuck::cast_slice(v),
+            )
+        })
         .collect();
     safetensors_io::save_file(&tmp.join("optimizer.safetensors"), &list, None)?;
     let old = dir.with_extension("old");
@@ -149,7 +172,8 @@ pub fn save_checkpoint(
         }
         std::fs::rename(dir, &old)?;
     }
-    std::fs::rename(&tmp, dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+    std::fs::rename(&tmp, dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
     if old.exists() {
         std::fs::remove_dir_all(&old)?;
     }
@@ -159,10 +183,20 @@ pub fn save_checkpoint(
 /// Reads a checkpoint's training state and optimizer state.
 pub fn load_train_state(dir: &Path) -> Result<(TrainState, HashMap<String, Vec<f32>>)> {
     let p = dir.join("training_state.json");
-    let text = std::fs::read_to_string(&p).with_context(|| format!("{} is not a zoft checkpoint: reading {}", dir.display(), p.display()))?;
-    let state: TrainState = serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+    let text = std::fs::read_to_string(&p).with_context(|| {
+        format!(
+            "{} is not a zoft checkpoint: reading {}",
+            dir.display(),
+            p.display()
+        )
+    })?;
+    let state: TrainState =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
     let tensors = safetensors_io::load_file(&dir.join("optimizer.safetensors"))?;
-    let opt = tensors.into_iter().map(|(k, t)| (k, t.to_f32_vec())).collect();
+    let opt = tensors
+        .into_iter()
+        .map(|(k, t)| (k, t.to_f32_vec()))
+        .collect();
     Ok((state, opt))
 }
 
@@ -202,26 +236,52 @@ pub fn train(
     if opts.batch_size == 0 {
         bail!("batch size must be at least 1");
     }
-    let dev = if task.dev.is_empty() { capped(&task.train, opts.max_eval) } else { capped(&task.dev, opts.max_eval) };
+    let dev = if task.dev.is_empty() {
+        capped(&task.train, opts.max_eval)
+    } else {
+        capped(&task.dev, opts.max_eval)
+    };
     let mut opt = ZoOptimizer::new(opts.zo.clone(), model)?;
     let (start, mut sampler) = match resume {
         Some((state, opt_state)) => {
             opt.method.load_state(opt_state)?;
-            (state.step, Sampler::resume(task.train.len(), opts.zo.seed, state.sampler)?)
+            (
+                state.step,
+                Sampler::resume(task.train.len(), opts.zo.seed, state.sampler)?,
+            )
         }
         None => (0, Sampler::new(task.train.len(), opts.zo.seed)?),
     };
     let ckpt = opts.out_dir.join("checkpoint");
-    std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
+    std::fs::create_dir_all(&opts.out_dir)
+        .with_context(|| format!("creating {}", opts.out_dir.display()))?;
     let log_path = opts.out_dir.join("train_log.jsonl");
-    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
 
-    let zero_shot = evaluate(model, &mut *opt.eval_hook(model), task, dev, "dev", opts.eval_batch_size, pad_id)?;
-    report(&format!("dev accuracy at step {start}: {}", fmt_acc(&zero_shot)));
+    let zero_shot = evaluate(
+        model,
+        &mut *opt.eval_hook(model),
+        task,
+        dev,
+        "dev",
+        opts.eval_batch_size,
+        pad_id,
+    )?;
+    report(&format!(
+        "dev accuracy at step {start}: {}",
+        fmt_acc(&zero_shot)
+    ));
     let bopts = BatchOptions::new(
         pad_id,
-        if opts.loss == LossKind::Classify { Candidates::All } else { Candidates::GoldOnly },
+        if opts.loss == LossKind::Classify {
+            Candidates::All
+        } else {
+            Candidates::GoldOnly
+        },
     );
     let bar = progress_bar(opts, start);
     let t0 = Instant::now();
@@ -238,7 +298,9 @@ pub fn train(
         let idx = sampler.next_batch(opts.batch_size);
         let b = Batch::from_indices(&task.train, &idx, &bopts)?;
         let kind = opts.loss;
-        let r = opt.step(model, step, &mut |m, h| Ok(b.loss(kind, &batch_logprobs(m, &b, h)?)? as f32));
+        let r = opt.step(model, step, &mut |m, h| {
+            Ok(b.loss(kind, &batch_logprobs(m, &b, h)?)? as f32)
+        });
         let r = match r {
             Ok(r) => r,
             Err(e) => {
@@ -252,9 +314,20 @@ pub fn train(
         step += 1;
         let mut dev_acc = None;
         if opts.eval_every > 0 && step % opts.eval_every == 0 && step < opts.steps {
-            last_dev = evaluate(model, &mut *opt.eval_hook(model), task, dev, "dev", opts.eval_batch_size, pad_id)?;
+            last_dev = evaluate(
+                model,
+                &mut *opt.eval_hook(model),
+                task,
+                dev,
+                "dev",
+                opts.eval_batch_size,
+                pad_id,
+            )?;
             dev_acc = last_dev.accuracy;
-            bar.println(format!("dev accuracy at step {step}: {}", fmt_acc(&last_dev)));
+            bar.println(format!(
+                "dev accuracy at step {step}: {}",
+                fmt_acc(&last_dev)
+            ));
         }
         let mem = model.backend.mem.report();
         let line = LogLine {
@@ -273,21 +346,52 @@ pub fn train(
         bar.set_message(format!("loss {:.4}", (r.loss_plus + r.loss_minus) / 2.0));
         bar.inc(1);
         if opts.save_every > 0 && step % opts.save_every == 0 && step < opts.steps {
-            save_checkpoint(&ckpt, model_src, model, &mut opt, &state_of(step, opts, &sampler, task))?;
+            save_checkpoint(
+                &ckpt,
+                model_src,
+                model,
+                &mut opt,
+                &state_of(step, opts, &sampler, task),
+            )?;
         }
     }
     bar.finish_and_clear();
     let seconds = t0.elapsed().as_secs_f64();
-    save_checkpoint(&ckpt, model_src, model, &mut opt, &state_of(step, opts, &sampler, task))?;
+    save_checkpoint(
+        &ckpt,
+        model_src,
+        model,
+        &mut opt,
+        &state_of(step, opts, &sampler, task),
+    )?;
     report(&format!("checkpoint saved to {}", ckpt.display()));
-    let final_dev = evaluate(model, &mut *opt.eval_hook(model), task, dev, "dev", opts.eval_batch_size, pad_id)?;
-    report(&format!("dev accuracy at step {step}: {}", fmt_acc(&final_dev)));
+    let final_dev = evaluate(
+        model,
+        &mut *opt.eval_hook(model),
+        task,
+        dev,
+        "dev",
+        opts.eval_batch_size,
+        pad_id,
+    )?;
+    report(&format!(
+        "dev accuracy at step {step}: {}",
+        fmt_acc(&final_dev)
+    ));
     let _ = last_dev;
     let test = if task.test.is_empty() || stopped_early.is_some() {
         None
     } else {
         let t = capped(&task.test, opts.max_eval);
-        Some(evaluate(model, &mut *opt.eval_hook(model), task, t, "test", opts.eval_batch_size, pad_id)?)
+        Some(evaluate(
+            model,
+            &mut *opt.eval_hook(model),
+            task,
+            t,
+            "test",
+            opts.eval_batch_size,
+            pad_id,
+        )?)
     };
     Ok(TrainSummary {
         method: opts.zo.method.name().into(),
@@ -325,8 +429,10 @@ fn progress_bar(opts: &TrainOptions, start: u64) -> indicatif::ProgressBar {
     }
     let bar = indicatif::ProgressBar::new(opts.steps);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} step {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}")
-            .unwrap(),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} step {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+        )
+        .unwrap(),
     );
     bar.set_position(start);
     bar

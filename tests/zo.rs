@@ -116,7 +116,6 @@ fn estimator_vs_expected(method: Method, samples: u32) -> (f64, usize) {
         ..Default::default()
     };
     let mut opt = ZoOptimizer::new(zc, &m).unwrap();
-    let n_t = grad.len();
     let mut mean: Vec<Vec<f64>> = grad.iter().map(|g| vec![0.0; g.len()]).collect();
     for s in 0..samples {
         let r = opt
@@ -133,9 +132,8 @@ fn estimator_vs_expected(method: Method, samples: u32) -> (f64, usize) {
     // matrix's gradient on its factors, (1/r) sum_k (u_k^T G v_k) u_k v_k^T.
     let mut expected = Vec::new();
     let mut dims = 0usize;
-    for id in 0..n_t {
+    for (id, g) in grad.iter().enumerate() {
         let t = &m.weights.tensors()[id];
-        let g = &grad[id];
         match (method, is_matrix(t)) {
             (Method::SparseMezo, _) => {
                 let h = zoft::zo::sparse_mezo::threshold(t, 0.5);

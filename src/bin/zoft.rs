@@ -16,7 +16,11 @@ use zoft::tokenizer::Message;
 use zoft::zo::{Method, Perturb, ZoConfig};
 
 #[derive(Parser)]
-#[command(name = "zoft", version, about = "Fine-tune LLaMA-family models in inference-level memory (zeroth-order methods)")]
+#[command(
+    name = "zoft",
+    version,
+    about = "Fine-tune LLaMA-family models in inference-level memory (zeroth-order methods)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -216,12 +220,19 @@ fn resolve_device(device: &str) -> Result<()> {
 }
 
 fn load_cpu(dir: &Path) -> Result<(Llama<CpuBackend>, zoft::tokenizer::Tokenizer)> {
-    let ModelFiles { cfg, weights, tokenizer } = load_dir(dir)?;
+    let ModelFiles {
+        cfg,
+        weights,
+        tokenizer,
+    } = load_dir(dir)?;
     Ok((Llama::new(cfg, weights, CpuBackend::new()), tokenizer))
 }
 
 fn pad_id(cfg: &LlamaConfig, tok: &zoft::tokenizer::Tokenizer) -> u32 {
-    cfg.pad_token_id.or_else(|| tok.eos_id()).or_else(|| cfg.eos_ids().first().copied()).unwrap_or(0)
+    cfg.pad_token_id
+        .or_else(|| tok.eos_id())
+        .or_else(|| cfg.eos_ids().first().copied())
+        .unwrap_or(0)
 }
 
 fn default_lr(method: Method) -> f32 {
@@ -254,11 +265,21 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     };
     if let Some((st, _)) = &resume {
         if st.zo.method != method {
-            bail!("checkpoint {} was trained with {}, not {}", src.display(), st.zo.method.name(), method.name());
+            bail!(
+                "checkpoint {} was trained with {}, not {}",
+                src.display(),
+                st.zo.method.name(),
+                method.name()
+            );
         }
     }
     let (mut model, tok) = load_cpu(&src)?;
-    let task = zoft::data::load_task(&a.task.task, a.task.template.as_deref(), &tok, model.cfg.max_position_embeddings)?;
+    let task = zoft::data::load_task(
+        &a.task.task,
+        a.task.template.as_deref(),
+        &tok,
+        model.cfg.max_position_embeddings,
+    )?;
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -285,20 +306,41 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         progress: !a.json,
     };
     let pad = pad_id(&model.cfg, &tok);
-    let s = zoft::train::train(&mut model, &src, &task, pad, &opts, resume, &stop, |m| eprintln!("{m}"))?;
+    let s = zoft::train::train(&mut model, &src, &task, pad, &opts, resume, &stop, |m| {
+        eprintln!("{m}")
+    })?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {
         let mut rows = vec![
-            vec!["dev (before)".to_string(), zoft::train::fmt_acc(&s.zero_shot_dev)],
-            vec![format!("dev (after {} steps)", s.steps), zoft::train::fmt_acc(&s.dev)],
+            vec![
+                "dev (before)".to_string(),
+                zoft::train::fmt_acc(&s.zero_shot_dev),
+            ],
+            vec![
+                format!("dev (after {} steps)", s.steps),
+                zoft::train::fmt_acc(&s.dev),
+            ],
         ];
         if let Some(t) = &s.test {
             rows.push(vec!["test (after)".into(), zoft::train::fmt_acc(t)]);
         }
-        rows.push(vec!["time".into(), format!("{:.1} s ({:.2} s/step)", s.seconds, s.seconds / s.steps.max(1) as f64)]);
-        rows.push(vec!["checkpoint".into(), s.checkpoint.display().to_string()]);
-        println!("{}", zoft::data::metrics::format_table(&[s.method.as_str(), "result"], &rows));
+        rows.push(vec![
+            "time".into(),
+            format!(
+                "{:.1} s ({:.2} s/step)",
+                s.seconds,
+                s.seconds / s.steps.max(1) as f64
+            ),
+        ]);
+        rows.push(vec![
+            "checkpoint".into(),
+            s.checkpoint.display().to_string(),
+        ]);
+        println!(
+            "{}",
+            zoft::data::metrics::format_table(&[s.method.as_str(), "result"], &rows)
+        );
     }
     if let Some(why) = s.stopped_early {
         eprintln!("stopped early: {why}");
@@ -310,12 +352,29 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     resolve_device(&a.model.device)?;
     let dir = model_dir(&a.model.model)?;
     let (model, tok) = load_cpu(&dir)?;
-    let task = zoft::data::load_task(&a.task.task, a.task.template.as_deref(), &tok, model.cfg.max_position_embeddings)?;
+    let task = zoft::data::load_task(
+        &a.task.task,
+        a.task.template.as_deref(),
+        &tok,
+        model.cfg.max_position_embeddings,
+    )?;
     let Some(examples) = task.split(&a.split) else {
         bail!("unknown split {:?}: expected train, dev or test", a.split);
     };
-    let examples = if a.limit > 0 && examples.len() > a.limit { &examples[..a.limit] } else { examples };
-    let r = zoft::train::evaluate(&model, &mut NoHook, &task, examples, &a.split, a.batch_size, pad_id(&model.cfg, &tok))?;
+    let examples = if a.limit > 0 && examples.len() > a.limit {
+        &examples[..a.limit]
+    } else {
+        examples
+    };
+    let r = zoft::train::evaluate(
+        &model,
+        &mut NoHook,
+        &task,
+        examples,
+        &a.split,
+        a.batch_size,
+        pad_id(&model.cfg, &tok),
+    )?;
     if a.json {
         println!("{}", r.to_json());
     } else {
@@ -331,9 +390,15 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let text = if a.chat {
         let mut msgs = vec![];
         if let Some(s) = &a.system {
-            msgs.push(Message { role: "system".into(), content: s.clone() });
+            msgs.push(Message {
+                role: "system".into(),
+                content: s.clone(),
+            });
         }
-        msgs.push(Message { role: "user".into(), content: a.prompt.clone() });
+        msgs.push(Message {
+            role: "user".into(),
+            content: a.prompt.clone(),
+        });
         tok.apply_chat_template(&msgs)?
     } else {
         a.prompt.clone()
@@ -341,7 +406,12 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let ids = tok.encode(&text)?;
     let mut stop: Vec<u32> = model.cfg.eos_ids();
     stop.extend(tok.eos_id());
-    let s = Sampling { temperature: a.temperature, top_p: a.top_p, seed: a.seed, max_new_tokens: a.max_new_tokens };
+    let s = Sampling {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+        max_new_tokens: a.max_new_tokens,
+    };
     let mut printed = String::new();
     let mut all = vec![];
     let out = generate(&model, &ids, &s, &stop, |t| {
@@ -358,7 +428,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         }
     })?;
     if a.json {
-        println!("{}", serde_json::json!({"prompt": text, "prompt_ids": ids, "ids": out, "text": tok.decode(&out)?}));
+        println!(
+            "{}",
+            serde_json::json!({"prompt": text, "prompt_ids": ids, "ids": out, "text": tok.decode(&out)?})
+        );
     } else {
         println!();
     }
@@ -380,11 +453,33 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
         println!("shape       {} layers, dim {}, ffn {}, heads {} (kv {}), head_dim {}, vocab {}, context {}",
             cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
             cfg.n_kv_heads(), cfg.head_dim(), cfg.vocab_size, cfg.max_position_embeddings);
-        println!("rope        theta {}{}", cfg.rope_theta, if cfg.rope_scaling.is_some() { " (llama3 scaling)" } else { "" });
-        println!("lm head     {}", if cfg.tie_word_embeddings { "tied to the embedding" } else { "separate" });
-        println!("parameters  {} ({:.1}M)", cfg.parameter_count(), cfg.parameter_count() as f64 / 1e6);
+        println!(
+            "rope        theta {}{}",
+            cfg.rope_theta,
+            if cfg.rope_scaling.is_some() {
+                " (llama3 scaling)"
+            } else {
+                ""
+            }
+        );
+        println!(
+            "lm head     {}",
+            if cfg.tie_word_embeddings {
+                "tied to the embedding"
+            } else {
+                "separate"
+            }
+        );
+        println!(
+            "parameters  {} ({:.1}M)",
+            cfg.parameter_count(),
+            cfg.parameter_count() as f64 / 1e6
+        );
         println!("dtype       {}", w.matrix_dtype().name());
-        println!("weights     {:.1} MiB", w.byte_size() as f64 / (1 << 20) as f64);
+        println!(
+            "weights     {:.1} MiB",
+            w.byte_size() as f64 / (1 << 20) as f64
+        );
     }
     Ok(())
 }
@@ -394,7 +489,12 @@ fn cmd_import(a: ImportArgs) -> Result<()> {
     for n in &r.notes {
         eprintln!("note: {n}");
     }
-    eprintln!("imported {} tensors ({} parameters) into {}", r.n_tensors, r.n_params, a.output.display());
+    eprintln!(
+        "imported {} tensors ({} parameters) into {}",
+        r.n_tensors,
+        r.n_params,
+        a.output.display()
+    );
     Ok(())
 }
 
@@ -406,9 +506,17 @@ fn cmd_init(a: InitArgs) -> Result<()> {
     };
     let dtype = DType::parse(&a.dtype)?;
     std::fs::create_dir_all(&a.out)?;
-    eprintln!("writing random {} weights ({:.1}M parameters) to {}", dtype.name(), cfg.parameter_count() as f64 / 1e6, a.out.display());
+    eprintln!(
+        "writing random {} weights ({:.1}M parameters) to {}",
+        dtype.name(),
+        cfg.parameter_count() as f64 / 1e6,
+        a.out.display()
+    );
     let w = LlamaWeights::random(&cfg, a.seed, dtype);
-    std::fs::write(a.out.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
+    std::fs::write(
+        a.out.join("config.json"),
+        serde_json::to_string_pretty(&cfg)?,
+    )?;
     w.save(&a.out)
 }
 

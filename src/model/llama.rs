@@ -210,7 +210,10 @@ impl<B: Backend> Llama<B> {
         let mut targets = vec![-1i32; rows];
         let mut one_per_row = true;
         for &(r, t) in requests {
-            ensure!((r as usize) < rows, "request row {r} outside a batch of {rows} rows");
+            ensure!(
+                (r as usize) < rows,
+                "request row {r} outside a batch of {rows} rows"
+            );
             one_per_row &= targets[r as usize] < 0;
             targets[r as usize] = t as i32;
         }
@@ -231,7 +234,10 @@ impl<B: Backend> Llama<B> {
                 row_lse.insert(r, crate::backend::cpu::logsumexp(row));
                 // Keep only the requested tokens of this row.
                 for &(rr, t) in requests.iter().filter(|q| q.0 as usize == r) {
-                    ensure!((t as usize) < vocab, "token id {t} is outside the vocabulary of {vocab} tokens");
+                    ensure!(
+                        (t as usize) < vocab,
+                        "token id {t} is outside the vocabulary of {vocab} tokens"
+                    );
                     row_logits.insert((rr as usize, t), row[t as usize]);
                 }
             }

@@ -167,14 +167,18 @@ pub fn save_streaming(
         text.push(b' ');
     }
     let tmp = tmp_path(path);
-    let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
     out.write_all(&(text.len() as u64).to_le_bytes())?;
     out.write_all(&text)?;
-    for i in 0..entries.len() {
-        write(i, &mut out).with_context(|| format!("writing tensor {} to {}", entries[i].0, tmp.display()))?;
+    for (i, (name, _, _)) in entries.iter().enumerate() {
+        write(i, &mut out)
+            .with_context(|| format!("writing tensor {name} to {}", tmp.display()))?;
     }
-    let file = out.into_inner().map_err(|e| anyhow::anyhow!("writing {}: {e}", tmp.display()))?;
+    let file = out
+        .into_inner()
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", tmp.display()))?;
     file.sync_all()?;
     let written = file.metadata()?.len() as usize;
     let want = 8 + text.len() + offset;
@@ -182,6 +186,7 @@ pub fn save_streaming(
         let _ = std::fs::remove_file(&tmp);
         bail!("{}: wrote {written} bytes, expected {want}", tmp.display());
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }

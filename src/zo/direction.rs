@@ -158,7 +158,8 @@ impl ElemState {
     pub fn new(v: &mut [f32]) -> Self {
         ElemState(v.as_mut_ptr())
     }
-    /// SAFETY: `j` is in bounds and no other thread touches element `j` during the pass.
+    /// # Safety
+    /// `j` is in bounds and no other thread touches element `j` during the pass.
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn get(&self, j: usize) -> &mut f32 {
         &mut *self.0.add(j)

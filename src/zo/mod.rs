@@ -207,6 +207,10 @@ pub fn new_method(cfg: &ZoConfig, weights: &LlamaWeights) -> Result<Box<dyn ZoMe
     Ok(m)
 }
 
+/// Evaluates the loss of the step's batch on a model seen through a hook.
+pub type LossFn<'a> =
+    dyn FnMut(&Llama<CpuBackend>, &mut dyn LinearHook<CpuBackend>) -> Result<f32> + 'a;
+
 /// The two losses and the projected gradient of one step.
 #[derive(Clone, Copy, Debug, serde::Serialize)]
 pub struct StepResult {
@@ -253,7 +257,7 @@ impl ZoOptimizer {
         &mut self,
         model: &mut Llama<CpuBackend>,
         step: u64,
-        loss: &mut dyn FnMut(&Llama<CpuBackend>, &mut dyn LinearHook<CpuBackend>) -> Result<f32>,
+        loss: &mut LossFn,
     ) -> Result<StepResult> {
         let key = self.key(step);
         let eps = self.cfg.eps;
