@@ -1,0 +1,175 @@
+//! The trainer on a tiny random model and a synthetic classification task: resume equals the
+//! uninterrupted run bit for bit, interruption saves a checkpoint, a non-finite loss stops the
+//! run and keeps the last good checkpoint, and training lowers the loss.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use zoft::backend::cpu::CpuBackend;
+use zoft::data::batch::LossKind;
+use zoft::data::jsonl::{Format, Origin};
+use zoft::data::{Example, Task, TaskKind};
+use zoft::model::{Llama, LlamaConfig, LlamaWeights};
+use zoft::train::{load_train_state, train, TrainOptions};
+use zoft::zo::{Method, Perturb, ZoConfig};
+
+/// Label = whether the first prompt token is even; candidates are tokens 5 and 9.
+fn task(cfg: &LlamaConfig) -> Task {
+    let mk = |n: usize, salt: u64| -> Vec<Example> {
+        (0..n)
+            .map(|i| {
+                let prompt = tokens(6, cfg.vocab_size, salt * 1000 + i as u64);
+                let gold = (prompt[0] % 2) as usize;
+                Example {
+                    origin: Origin { file: PathBuf::from("synthetic"), line: i + 1 },
+                    prompt,
+                    candidates: vec![vec![5], vec![9]],
+                    gold,
+                }
+            })
+            .collect()
+    };
+    Task {
+        name: "synthetic".into(),
+        format: Format::Text,
+        kind: TaskKind::Classification,
+        template: None,
+        label_names: vec!["odd".into(), "even".into()],
+        train: mk(48, 1),
+        dev: mk(24, 2),
+        test: mk(24, 3),
+    }
+}
+
+fn options(method: Method, perturb: Perturb, steps: u64, save_every: u64, out: &Path) -> TrainOptions {
+    TrainOptions {
+        zo: ZoConfig { method, perturb, lr: 1e-2, eps: 1e-3, seed: 3, rank: 2, ..Default::default() },
+        steps,
+        batch_size: 4,
+        eval_every: 0,
+        save_every,
+        eval_batch_size: 8,
+        max_eval: 0,
+        loss: LossKind::Classify,
+        out_dir: out.to_path_buf(),
+        progress: false,
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("zoft-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn bytes(m: &Llama<CpuBackend>) -> Vec<Vec<u8>> {
+    m.weights.tensors().iter().map(|t| t.bytes().to_vec()).collect()
+}
+
+fn load_ckpt(dir: &Path, cfg: &LlamaConfig) -> Llama<CpuBackend> {
+    Llama::new(cfg.clone(), LlamaWeights::load(dir, cfg).unwrap(), CpuBackend::new())
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run() {
+    let cfg = tiny_config();
+    let t = task(&cfg);
+    let no_stop = AtomicBool::new(false);
+    for (method, perturb) in [
+        (Method::Mezo, Perturb::Inplace),
+        (Method::MezoAdam, Perturb::Inplace),
+        (Method::SparseMezo, Perturb::Fused),
+        (Method::Tezo, Perturb::Fused),
+        (Method::TezoAdam, Perturb::Inplace),
+    ] {
+        let name = format!("{}-{perturb:?}", method.name());
+        // Uninterrupted: 6 steps, checkpoint at 3.
+        let a_dir = scratch(&format!("{name}-a"));
+        let mut a = tiny_model(&cfg, 4);
+        train(&mut a, &a_dir, &t, 0, &options(method, perturb, 6, 3, &a_dir), None, &no_stop, |_| {}).unwrap();
+        // Interrupted after 3, then resumed from the checkpoint to 6.
+        let b_dir = scratch(&format!("{name}-b"));
+        let mut b = tiny_model(&cfg, 4);
+        train(&mut b, &b_dir, &t, 0, &options(method, perturb, 3, 0, &b_dir), None, &no_stop, |_| {}).unwrap();
+        let ckpt = b_dir.join("checkpoint");
+        let state = load_train_state(&ckpt).unwrap();
+        assert_eq!(state.0.step, 3);
+        let mut b2 = load_ckpt(&ckpt, &cfg);
+        train(&mut b2, &ckpt, &t, 0, &options(method, perturb, 6, 0, &b_dir), Some(state), &no_stop, |_| {}).unwrap();
+        assert!(bytes(&a) == bytes(&b2), "{name}: resumed run differs from the uninterrupted one");
+        assert!(bytes(&a) != bytes(&tiny_model(&cfg, 4)), "{name}: weights did not move");
+        // The final checkpoint holds the final weights.
+        assert!(bytes(&load_ckpt(&a_dir.join("checkpoint"), &cfg)) == bytes(&a), "{name}: checkpoint differs");
+    }
+}
+
+#[test]
+fn interruption_saves_a_checkpoint() {
+    let cfg = tiny_config();
+    let dir = scratch("stop");
+    let mut m = tiny_model(&cfg, 4);
+    let stop = AtomicBool::new(true);
+    let s = train(&mut m, &dir, &task(&cfg), 0, &options(Method::Mezo, Perturb::Inplace, 5, 0, &dir), None, &stop, |_| {})
+        .unwrap();
+    assert!(s.stopped_early.is_some());
+    assert_eq!(load_train_state(&dir.join("checkpoint")).unwrap().0.step, 0);
+}
+
+#[test]
+fn non_finite_loss_stops_and_keeps_last_good_checkpoint() {
+    let cfg = tiny_config();
+    let dir = scratch("nan");
+    let no_stop = AtomicBool::new(false);
+    let mut m = tiny_model(&cfg, 4);
+    let t = task(&cfg);
+    train(&mut m, &dir, &t, 0, &options(Method::Mezo, Perturb::Inplace, 2, 0, &dir), None, &no_stop, |_| {}).unwrap();
+    let ckpt = dir.join("checkpoint");
+    let good = std::fs::read(ckpt.join("model.safetensors")).unwrap();
+    // Poison a weight: every loss becomes NaN.
+    m.weights.final_norm.f32s_mut().unwrap()[0] = f32::NAN;
+    let state = load_train_state(&ckpt).unwrap();
+    let err = train(&mut m, &dir, &t, 0, &options(Method::Mezo, Perturb::Inplace, 4, 1, &dir), Some(state), &no_stop, |_| {})
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("non-finite loss") && msg.contains("last good checkpoint"), "{msg}");
+    assert_eq!(std::fs::read(ckpt.join("model.safetensors")).unwrap(), good, "checkpoint was overwritten");
+}
+
+#[test]
+fn training_lowers_the_loss_and_raises_accuracy() {
+    let cfg = tiny_config();
+    let dir = scratch("learn");
+    let no_stop = AtomicBool::new(false);
+    let mut m = tiny_model(&cfg, 4);
+    let mut opts = options(Method::Mezo, Perturb::Inplace, 300, 0, &dir);
+    opts.zo.lr = 5e-2;
+    let t = task(&cfg);
+    let s = train(&mut m, &dir, &t, 0, &opts, None, &no_stop, |_| {}).unwrap();
+    let log = std::fs::read_to_string(dir.join("train_log.jsonl")).unwrap();
+    let losses: Vec<f64> = log
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["loss_plus"].as_f64().unwrap() + v["loss_minus"].as_f64().unwrap()) / 2.0
+        })
+        .collect();
+    let first: f64 = losses[..50].iter().sum::<f64>() / 50.0;
+    let last: f64 = losses[losses.len() - 50..].iter().sum::<f64>() / 50.0;
+    eprintln!("mean loss first 50 steps {first:.4}, last 50 {last:.4}; dev {:?} -> {:?}", s.zero_shot_dev.accuracy, s.dev.accuracy);
+    assert!(last < first * 0.9, "loss {first} -> {last}");
+    assert!(s.dev.accuracy.unwrap() > s.zero_shot_dev.accuracy.unwrap(), "dev accuracy did not rise");
+}
+
+#[test]
+fn empty_training_split_is_an_error() {
+    let cfg = tiny_config();
+    let dir = scratch("empty");
+    let mut t = task(&cfg);
+    t.train.clear();
+    let mut m = tiny_model(&cfg, 4);
+    let err = train(&mut m, &dir, &t, 0, &options(Method::Mezo, Perturb::Inplace, 2, 0, &dir), None, &AtomicBool::new(false), |_| {})
+        .unwrap_err();
+    assert!(err.to_string().contains("train split is empty"), "{err}");
+}
