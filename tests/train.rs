@@ -144,7 +144,7 @@ fn training_lowers_the_loss_and_raises_accuracy() {
     let no_stop = AtomicBool::new(false);
     let mut m = tiny_model(&cfg, 4);
     let mut opts = options(Method::Mezo, Perturb::Inplace, 300, 0, &dir);
-    opts.zo.lr = 5e-2;
+    opts.zo.lr = 1e-2;
     let t = task(&cfg);
     let s = train(&mut m, &dir, &t, 0, &opts, None, &no_stop, |_| {}).unwrap();
     let log = std::fs::read_to_string(dir.join("train_log.jsonl")).unwrap();
