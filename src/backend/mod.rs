@@ -66,6 +66,7 @@ pub trait Backend: Sized {
     fn act_rows(&self, a: &Self::Act) -> usize;
     /// Copies an activation to host f32 (for tests and logits).
     fn to_host(&self, a: &Self::Act) -> Result<Vec<f32>>;
+    #[allow(clippy::wrong_self_convention)] // a constructor on the backend, not a conversion
     fn from_host(&self, data: &[f32], rows: usize, cols: usize, tag: mem::Tag)
         -> Result<Self::Act>;
 
