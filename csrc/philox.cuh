@@ -1,0 +1,182 @@
+// Philox-4x32-10 and the transforms from its words to uniform, normal and Rademacher values:
+// the one random generator of zoft. `src/rng.rs` is the bit-for-bit Rust mirror; a parity
+// test compares them.
+//
+// Keying: key = (seed lo, seed hi); counter of block b = (b lo, b hi, step, tensor); element i
+// is lane i % 4 of block i / 4. Normals come in Box-Muller pairs: lanes (0, 1) use words
+// (0, 1) and lanes (2, 3) words (2, 3); even lanes take r cos, odd lanes r sin.
+//
+// Every float operation is an explicitly rounded intrinsic (__fmul_rn, __fadd_rn, __fsub_rn,
+// __fdiv_rn, __fsqrt_rn) or an explicit fused multiply-add (__fmaf_rn): intrinsics are never
+// contracted or reassociated by the compiler, so the results equal the Rust code, which uses
+// separate IEEE ops and f32::mul_add in the same places. ln and sincos are our own
+// polynomials (CUDA's logf/sincosf differ from libm in the last place). Constants are given as
+// bit patterns of the f32 values the Rust expressions evaluate to.
+#pragma once
+
+#include <stdint.h>
+
+#define ZF_PHILOX_M0 0xD2511F53u
+#define ZF_PHILOX_M1 0xCD9E8D57u
+#define ZF_PHILOX_W0 0x9E3779B9u
+#define ZF_PHILOX_W1 0xBB67AE85u
+
+struct PhiloxKey {
+  uint32_t k0, k1;  // the run seed, low and high words
+  uint32_t step;    // counter word 2
+  uint32_t tensor;  // counter word 3
+};
+
+// The raw block function: 10 rounds over a 4-word counter with a 2-word key.
+__host__ __device__ __forceinline__ void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 += ZF_PHILOX_W0;
+      k1 += ZF_PHILOX_W1;
+    }
+    const uint64_t p0 = (uint64_t)ZF_PHILOX_M0 * c[0];
+    const uint64_t p1 = (uint64_t)ZF_PHILOX_M1 * c[2];
+    const uint32_t hi0 = (uint32_t)(p0 >> 32), lo0 = (uint32_t)p0;
+    const uint32_t hi1 = (uint32_t)(p1 >> 32), lo1 = (uint32_t)p1;
+    const uint32_t n0 = hi1 ^ c[1] ^ k0;
+    const uint32_t n2 = hi0 ^ c[3] ^ k1;
+    c[0] = n0;
+    c[1] = lo1;
+    c[2] = n2;
+    c[3] = lo0;
+  }
+}
+
+// The four words of block `block` (elements 4*block .. 4*block+3) of a key.
+__host__ __device__ __forceinline__ void philox_block(const PhiloxKey& key, uint64_t block,
+                                                      uint32_t w[4]) {
+  w[0] = (uint32_t)block;
+  w[1] = (uint32_t)(block >> 32);
+  w[2] = key.step;
+  w[3] = key.tensor;
+  philox4x32_10(w, key.k0, key.k1);
+}
+
+#ifdef __CUDACC__
+
+// f32 constants, as the bit patterns of the Rust expressions in src/rng.rs.
+#define ZF_U24 __uint_as_float(0x33800000u)     // 1.0 / 16777216.0
+#define ZF_SQRT2 __uint_as_float(0x3FB504F3u)   // std::f32::consts::SQRT_2
+#define ZF_LN2 __uint_as_float(0x3F317218u)     // std::f32::consts::LN_2
+#define ZF_TAU __uint_as_float(0x40C90FDBu)     // std::f32::consts::TAU
+#define ZF_LN_C11 __uint_as_float(0x3DBA2E8Cu)  // 1.0 / 11.0
+#define ZF_LN_C9 __uint_as_float(0x3DE38E39u)   // 1.0 / 9.0
+#define ZF_LN_C7 __uint_as_float(0x3E124925u)   // 1.0 / 7.0
+#define ZF_LN_C5 __uint_as_float(0x3E4CCCCDu)   // 1.0 / 5.0
+#define ZF_LN_C3 __uint_as_float(0x3EAAAAABu)   // 1.0 / 3.0
+#define ZF_SIN_11 __uint_as_float(0xB2D7322Bu)  // -1.0 / 39916800.0
+#define ZF_SIN_9 __uint_as_float(0x3638EF1Du)   // 1.0 / 362880.0
+#define ZF_SIN_7 __uint_as_float(0xB9500D01u)   // -1.0 / 5040.0
+#define ZF_SIN_5 __uint_as_float(0x3C088889u)   // 1.0 / 120.0
+#define ZF_SIN_3 __uint_as_float(0xBE2AAAABu)   // -1.0 / 6.0
+#define ZF_COS_12 __uint_as_float(0x310F76C7u)  // 1.0 / 479001600.0
+#define ZF_COS_10 __uint_as_float(0xB493F27Eu)  // -1.0 / 3628800.0
+#define ZF_COS_8 __uint_as_float(0x37D00D01u)   // 1.0 / 40320.0
+#define ZF_COS_6 __uint_as_float(0xBAB60B61u)   // -1.0 / 720.0
+#define ZF_COS_4 __uint_as_float(0x3D2AAAABu)   // 1.0 / 24.0
+
+// Uniform in [0, 1), an exact multiple of 2^-24.
+__device__ __forceinline__ float philox_u01_half_open(uint32_t w) {
+  return __fmul_rn((float)(w >> 8), ZF_U24);
+}
+
+// Uniform in (0, 1], an exact multiple of 2^-24.
+__device__ __forceinline__ float philox_u01_open_closed(uint32_t w) {
+  return __fmul_rn((float)((w >> 8) + 1u), ZF_U24);
+}
+
+// Natural log for x in (0, 1] (mirror of rng::ln_f32).
+__device__ __forceinline__ float philox_ln(float x) {
+  const uint32_t bits = __float_as_uint(x);
+  int e = (int)((bits >> 23) & 0xffu) - 127;
+  float m = __uint_as_float((bits & 0x007fffffu) | 0x3f800000u);  // [1, 2)
+  if (m > ZF_SQRT2) {
+    m = __fmul_rn(m, 0.5f);
+    e += 1;
+  }
+  const float s = __fdiv_rn(__fsub_rn(m, 1.0f), __fadd_rn(m, 1.0f));
+  const float s2 = __fmul_rn(s, s);
+  float p = ZF_LN_C11;
+  p = __fmaf_rn(p, s2, ZF_LN_C9);
+  p = __fmaf_rn(p, s2, ZF_LN_C7);
+  p = __fmaf_rn(p, s2, ZF_LN_C5);
+  p = __fmaf_rn(p, s2, ZF_LN_C3);
+  p = __fmaf_rn(p, s2, 1.0f);
+  const float ln_m = __fmul_rn(__fmul_rn(2.0f, s), p);
+  return __fmaf_rn((float)e, ZF_LN2, ln_m);
+}
+
+// (sin, cos) of 2 pi u for u in [0, 1) (mirror of rng::sincos_2pi).
+__device__ __forceinline__ void philox_sincos_2pi(float u, float* sin_out, float* cos_out) {
+  const float q = rintf(__fmul_rn(u, 4.0f));  // round half to even, like round_ties_even
+  const float r = __fsub_rn(u, __fmul_rn(q, 0.25f));
+  const float x = __fmul_rn(r, ZF_TAU);
+  const float x2 = __fmul_rn(x, x);
+  float sp = ZF_SIN_11;
+  sp = __fmaf_rn(sp, x2, ZF_SIN_9);
+  sp = __fmaf_rn(sp, x2, ZF_SIN_7);
+  sp = __fmaf_rn(sp, x2, ZF_SIN_5);
+  sp = __fmaf_rn(sp, x2, ZF_SIN_3);
+  const float sin_r = __fmaf_rn(__fmul_rn(x, x2), sp, x);
+  float cp = ZF_COS_12;
+  cp = __fmaf_rn(cp, x2, ZF_COS_10);
+  cp = __fmaf_rn(cp, x2, ZF_COS_8);
+  cp = __fmaf_rn(cp, x2, ZF_COS_6);
+  cp = __fmaf_rn(cp, x2, ZF_COS_4);
+  cp = __fmaf_rn(cp, x2, -0.5f);
+  const float cos_r = __fmaf_rn(x2, cp, 1.0f);
+  switch ((int)q & 3) {
+    case 0: *sin_out = sin_r; *cos_out = cos_r; break;
+    case 1: *sin_out = cos_r; *cos_out = -sin_r; break;
+    case 2: *sin_out = -sin_r; *cos_out = -cos_r; break;
+    default: *sin_out = -cos_r; *cos_out = sin_r; break;
+  }
+}
+
+// Box-Muller on two words: radius sqrt(-2 ln u1) and (sin, cos) of 2 pi u2.
+__device__ __forceinline__ void philox_box_muller(uint32_t w1, uint32_t w2, float* r, float* s,
+                                                  float* c) {
+  const float u1 = philox_u01_open_closed(w1);
+  const float u2 = philox_u01_half_open(w2);
+  *r = __fsqrt_rn(__fmul_rn(-2.0f, philox_ln(u1)));
+  philox_sincos_2pi(u2, s, c);
+}
+
+// The four standard normals of block `block`.
+__device__ __forceinline__ void philox_normal4(const PhiloxKey& key, uint64_t block, float z[4]) {
+  uint32_t w[4];
+  philox_block(key, block, w);
+  float r0, s0, c0, r1, s1, c1;
+  philox_box_muller(w[0], w[1], &r0, &s0, &c0);
+  philox_box_muller(w[2], w[3], &r1, &s1, &c1);
+  z[0] = __fmul_rn(r0, c0);
+  z[1] = __fmul_rn(r0, s0);
+  z[2] = __fmul_rn(r1, c1);
+  z[3] = __fmul_rn(r1, s1);
+}
+
+// Standard normal of element i alone.
+__device__ __forceinline__ float philox_normal(const PhiloxKey& key, uint64_t i) {
+  uint32_t w[4];
+  philox_block(key, i >> 2, w);
+  const int lane = (int)(i & 3);
+  const int pair = lane & ~1;
+  float r, s, c;
+  philox_box_muller(w[pair], w[pair + 1], &r, &s, &c);
+  return (lane & 1) ? __fmul_rn(r, s) : __fmul_rn(r, c);
+}
+
+// +1 or -1 for element i (the top bit of its word).
+__device__ __forceinline__ float philox_rademacher(const PhiloxKey& key, uint64_t i) {
+  uint32_t w[4];
+  philox_block(key, i >> 2, w);
+  return (w[i & 3] >> 31) ? -1.0f : 1.0f;
+}
+
+#endif  // __CUDACC__

@@ -1,0 +1,401 @@
+//! Typed launchers of the kernels in csrc/: each mirrors its kernel's C signature (the
+//! argument order here is the contract) and picks the launch shape.
+
+use super::context::{Args, Device};
+use crate::model::DType;
+use anyhow::{bail, Result};
+
+const THREADS: u32 = 256;
+
+fn grid_1d(work: u64) -> u32 {
+    work.div_ceil(THREADS as u64).clamp(1, 1 << 20) as u32
+}
+
+/// Threads per row-block: enough for `cols` elements, a multiple of 32, at most 1024.
+fn row_threads(cols: usize) -> u32 {
+    (cols.div_ceil(32) * 32).clamp(32, 1024) as u32
+}
+
+fn rows_grid(rows: usize) -> Result<u32> {
+    if rows > i32::MAX as usize {
+        bail!("{rows} rows exceed the grid limit");
+    }
+    Ok(rows as u32)
+}
+
+fn check_i32(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| anyhow::anyhow!("{what} = {v} exceeds 32 bits"))
+}
+
+pub(crate) fn f32_to_bf16(dev: &Device, src: u64, dst: u64, n: usize) -> Result<()> {
+    let args = Args::new().ptr(src).ptr(dst).u64(n as u64);
+    dev.launch(
+        "f32_to_bf16",
+        (grid_1d(n as u64), 1, 1),
+        (THREADS, 1, 1),
+        0,
+        args,
+    )
+}
+
+pub(crate) fn bf16_to_f32(dev: &Device, src: u64, dst: u64, n: usize) -> Result<()> {
+    let args = Args::new().ptr(src).ptr(dst).u64(n as u64);
+    dev.launch(
+        "bf16_to_f32",
+        (grid_1d(n as u64), 1, 1),
+        (THREADS, 1, 1),
+        0,
+        args,
+    )
+}
+
+/// out[r] = src[rows[r]] for r < n_rows (rows of `cols` f32), stored as `out_dtype`.
+pub(crate) fn gather_rows(
+    dev: &Device,
+    src: u64,
+    rows: u64,
+    out: u64,
+    out_dtype: DType,
+    n_rows: usize,
+    cols: usize,
+) -> Result<()> {
+    let name = match out_dtype {
+        DType::F32 => "gather_rows_f32",
+        DType::BF16 => "gather_rows_bf16",
+        DType::F16 => bail!("gather_rows: f16 output is not supported"),
+    };
+    let args = Args::new()
+        .ptr(src)
+        .ptr(rows)
+        .ptr(out)
+        .i32(check_i32("cols", cols)?);
+    dev.launch(
+        name,
+        (rows_grid(n_rows)?, 1, 1),
+        (row_threads(cols).min(256), 1, 1),
+        0,
+        args,
+    )
+}
+
+pub(crate) fn embed(
+    dev: &Device,
+    table: u64,
+    table_dtype: DType,
+    ids: u64,
+    out: u64,
+    rows: usize,
+    d: usize,
+) -> Result<()> {
+    let name = match table_dtype {
+        DType::F32 => "embed_f32",
+        DType::BF16 => "embed_bf16",
+        DType::F16 => bail!("embed: f16 tables are not supported on the GPU"),
+    };
+    let args = Args::new()
+        .ptr(table)
+        .ptr(ids)
+        .ptr(out)
+        .i32(check_i32("hidden", d)?);
+    dev.launch(
+        name,
+        (rows_grid(rows)?, 1, 1),
+        (row_threads(d).min(256), 1, 1),
+        0,
+        args,
+    )
+}
+
+fn norm_threads(d: usize) -> u32 {
+    // Vectorized rows move 4 elements per thread.
+    let per = if d % 4 == 0 { d / 4 } else { d };
+    row_threads(per).min(1024)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rmsnorm(
+    dev: &Device,
+    x: u64,
+    w: u64,
+    w_dtype: DType,
+    out: u64,
+    rows: usize,
+    d: usize,
+    eps: f32,
+) -> Result<()> {
+    let name = match w_dtype {
+        DType::F32 => "rmsnorm_f32w",
+        DType::BF16 => "rmsnorm_bf16w",
+        DType::F16 => bail!("rmsnorm: f16 weights are not supported on the GPU"),
+    };
+    let args = Args::new()
+        .ptr(x)
+        .ptr(w)
+        .ptr(out)
+        .i32(check_i32("hidden", d)?)
+        .f32(eps);
+    dev.launch(
+        name,
+        (rows_grid(rows)?, 1, 1),
+        (norm_threads(d), 1, 1),
+        0,
+        args,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn add_rmsnorm(
+    dev: &Device,
+    residual: u64,
+    delta: u64,
+    w: u64,
+    w_dtype: DType,
+    out: u64,
+    rows: usize,
+    d: usize,
+    eps: f32,
+) -> Result<()> {
+    let name = match w_dtype {
+        DType::F32 => "add_rmsnorm_f32w",
+        DType::BF16 => "add_rmsnorm_bf16w",
+        DType::F16 => bail!("add_rmsnorm: f16 weights are not supported on the GPU"),
+    };
+    let args = Args::new()
+        .ptr(residual)
+        .ptr(delta)
+        .ptr(w)
+        .ptr(out)
+        .i32(check_i32("hidden", d)?)
+        .f32(eps);
+    dev.launch(
+        name,
+        (rows_grid(rows)?, 1, 1),
+        (norm_threads(d), 1, 1),
+        0,
+        args,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rope(
+    dev: &Device,
+    x: u64,
+    inv_freq: u64,
+    rows: usize,
+    n_heads: usize,
+    head_dim: usize,
+    q_len: usize,
+    q_offset: usize,
+) -> Result<()> {
+    let args = Args::new()
+        .ptr(x)
+        .ptr(inv_freq)
+        .i32(check_i32("n_heads", n_heads)?)
+        .i32(check_i32("head_dim", head_dim)?)
+        .i32(check_i32("q_len", q_len.max(1))?)
+        .i32(check_i32("q_offset", q_offset)?);
+    let pairs = n_heads * head_dim / 2;
+    dev.launch(
+        "rope_f32",
+        (rows_grid(rows)?, 1, 1),
+        (row_threads(pairs).min(256), 1, 1),
+        head_dim * 4,
+        args,
+    )
+}
+
+/// Query rows per block and key rows per tile (csrc/attention.cu).
+const ATT_BR: usize = 16;
+const ATT_BC: usize = 32;
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention(
+    dev: &Device,
+    q: u64,
+    k: u64,
+    v: u64,
+    out: u64,
+    kv_valid: u64,
+    batch: usize,
+    q_len: usize,
+    kv_len: usize,
+    n_heads: usize,
+    n_kv: usize,
+    hd: usize,
+    q_offset: usize,
+) -> Result<()> {
+    let name = match hd.div_ceil(32) {
+        1 => "attention_f32_nt1",
+        2 => "attention_f32_nt2",
+        3 | 4 => "attention_f32_nt4",
+        5..=8 => "attention_f32_nt8",
+        _ => bail!("attention: head_dim {hd} is larger than the supported 256"),
+    };
+    let smem = (ATT_BR * hd + ATT_BC * (hd + 1) + ATT_BC * hd) * 4;
+    let args = Args::new()
+        .ptr(q)
+        .ptr(k)
+        .ptr(v)
+        .ptr(out)
+        .ptr(kv_valid)
+        .i32(check_i32("q_len", q_len)?)
+        .i32(check_i32("kv_len", kv_len)?)
+        .i32(check_i32("n_heads", n_heads)?)
+        .i32(check_i32("n_kv_heads", n_kv)?)
+        .i32(check_i32("head_dim", hd)?)
+        .i32(check_i32("q_offset", q_offset)?)
+        .f32(1.0 / (hd as f32).sqrt());
+    let grid = (q_len.div_ceil(ATT_BR) as u32, n_heads as u32, batch as u32);
+    dev.launch(name, grid, (128, 1, 1), smem, args)
+}
+
+pub(crate) fn swiglu(dev: &Device, gate: u64, up: u64, n: usize) -> Result<()> {
+    let args = Args::new().ptr(gate).ptr(up).u64(n as u64);
+    dev.launch(
+        "swiglu_f32",
+        (grid_1d(n.div_ceil(4) as u64), 1, 1),
+        (THREADS, 1, 1),
+        0,
+        args,
+    )
+}
+
+/// out[dst[r]] = log softmax(logits[r])[target[r]] for the `rows` rows of a logits chunk.
+pub(crate) fn target_logprob(
+    dev: &Device,
+    logits: u64,
+    vocab: usize,
+    target: u64,
+    dst: u64,
+    out: u64,
+    rows: usize,
+) -> Result<()> {
+    let args = Args::new()
+        .ptr(logits)
+        .i32(check_i32("vocab", vocab)?)
+        .ptr(target)
+        .ptr(dst)
+        .ptr(out);
+    dev.launch(
+        "target_logprob_f32",
+        (rows_grid(rows)?, 1, 1),
+        (1024, 1, 1),
+        0,
+        args,
+    )
+}
+
+/// A Philox stream: (run seed, step, tensor id); see csrc/philox.cuh and src/rng.rs.
+#[derive(Clone, Copy, Debug)]
+pub struct PhiloxKey {
+    pub seed: u64,
+    pub step: u32,
+    pub tensor: u32,
+}
+
+fn philox_grid(start: u64, n: u64) -> u32 {
+    let blocks = (start + n).div_ceil(4) - start / 4;
+    blocks.div_ceil(THREADS as u64).clamp(1, 65535) as u32
+}
+
+fn key_args(args: Args, key: PhiloxKey) -> Args {
+    args.u32(key.seed as u32)
+        .u32((key.seed >> 32) as u32)
+        .u32(key.step)
+        .u32(key.tensor)
+}
+
+/// out[i] = shift + scale * z(start + i) in `dtype` (shift 0: scale * z).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fill_normal(
+    dev: &Device,
+    out: u64,
+    dtype: DType,
+    n: usize,
+    key: PhiloxKey,
+    start: u64,
+    scale: f32,
+    shift: f32,
+) -> Result<()> {
+    let name = match dtype {
+        DType::F32 => "fill_normal_f32",
+        DType::BF16 => "fill_normal_bf16",
+        DType::F16 => bail!("fill_normal: f16 is not supported"),
+    };
+    let args = key_args(Args::new().ptr(out).u64(n as u64), key)
+        .u64(start)
+        .f32(scale)
+        .f32(shift);
+    dev.launch(
+        name,
+        (philox_grid(start, n as u64), 1, 1),
+        (THREADS, 1, 1),
+        0,
+        args,
+    )
+}
+
+/// w[i] += scale * z(start + i), w in `dtype`.
+pub(crate) fn axpy_normal(
+    dev: &Device,
+    w: u64,
+    dtype: DType,
+    n: usize,
+    key: PhiloxKey,
+    start: u64,
+    scale: f32,
+) -> Result<()> {
+    let name = match dtype {
+        DType::F32 => "axpy_normal_f32",
+        DType::BF16 => "axpy_normal_bf16",
+        DType::F16 => bail!("axpy_normal: f16 is not supported"),
+    };
+    let args = key_args(Args::new().ptr(w).u64(n as u64), key)
+        .u64(start)
+        .f32(scale);
+    dev.launch(
+        name,
+        (philox_grid(start, n as u64), 1, 1),
+        (THREADS, 1, 1),
+        0,
+        args,
+    )
+}
+
+pub(crate) fn fill_rademacher(
+    dev: &Device,
+    out: u64,
+    n: usize,
+    key: PhiloxKey,
+    start: u64,
+    scale: f32,
+) -> Result<()> {
+    let args = key_args(Args::new().ptr(out).u64(n as u64), key)
+        .u64(start)
+        .f32(scale);
+    dev.launch(
+        "fill_rademacher_f32",
+        (philox_grid(start, n as u64), 1, 1),
+        (THREADS, 1, 1),
+        0,
+        args,
+    )
+}
+
+/// Raw words of Philox blocks [first, first + n) into out[4 n] (u32).
+pub(crate) fn philox_words(
+    dev: &Device,
+    out: u64,
+    n: usize,
+    key: PhiloxKey,
+    first: u64,
+) -> Result<()> {
+    let args = key_args(Args::new().ptr(out).u64(n as u64), key).u64(first);
+    dev.launch(
+        "philox_words",
+        (grid_1d(n as u64).min(65535), 1, 1),
+        (THREADS, 1, 1),
+        0,
+        args,
+    )
+}

@@ -1,0 +1,733 @@
+//! Every CUDA kernel against its CPU twin, on fresh random inputs with outputs poisoned first,
+//! compared by relative norm error (f32 < 1e-5, bf16 < 1e-2), plus bit-identity of the Philox
+//! generator with src/rng.rs and whole-model parity. Without a CUDA device every test prints
+//! "skipped: ..." and passes.
+#![cfg(feature = "cuda")]
+
+use half::bf16;
+use zoft::backend::cpu::CpuBackend;
+use zoft::backend::cuda::{cuda_available, kernels_embedded, CudaAct, CudaBackend, PhiloxKey};
+use zoft::backend::mem::Tag;
+use zoft::backend::{AttnShape, Backend, NoHook, SeqLayout};
+use zoft::model::{DType, HostTensor, Llama, LlamaConfig, LlamaWeights};
+use zoft::rng::{philox4x32_10, Philox};
+
+const F32_TOL: f64 = 1e-5;
+const BF16_TOL: f64 = 1e-2;
+
+/// The backend, or None after printing why the test is skipped.
+fn gpu() -> Option<CudaBackend> {
+    match cuda_available() {
+        Err(reason) => {
+            println!("skipped: no CUDA device ({reason})");
+            None
+        }
+        Ok(()) => Some(
+            CudaBackend::new(0).expect("a CUDA device is present but the backend did not start"),
+        ),
+    }
+}
+
+fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let p = Philox::new(seed, 17, 3);
+    (0..n).map(|i| scale * p.normal(i as u64)).collect()
+}
+
+/// ||a - b|| / ||b||, checking both are finite.
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    assert!(
+        a.iter().all(|v| v.is_finite()),
+        "non-finite value in the GPU result"
+    );
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    let e = rel(got, want);
+    println!("{what}: relative error {e:.3e}");
+    assert!(e < tol, "{what}: relative error {e:.3e} >= {tol:e}");
+}
+
+/// An activation filled with NaN (so unwritten outputs show).
+fn poisoned(g: &CudaBackend, rows: usize, cols: usize) -> CudaAct {
+    g.from_host(&vec![f32::NAN; rows * cols], rows, cols, Tag::Activations)
+        .unwrap()
+}
+
+fn host(name: &str, shape: Vec<usize>, data: &[f32], dtype: DType) -> HostTensor {
+    HostTensor::from_f32_as(name, shape, data, dtype)
+}
+
+fn round_bf16(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|x| bf16::from_f32(*x).to_f32()).collect()
+}
+
+#[test]
+fn cuda_available_explains_itself() {
+    match cuda_available() {
+        Ok(()) => println!("CUDA device present"),
+        Err(r) => {
+            assert!(!r.is_empty());
+            println!("skipped: no CUDA device ({r})");
+        }
+    }
+}
+
+#[test]
+fn missing_kernels_are_explained() {
+    match kernels_embedded() {
+        Ok(fatbin) => println!("kernels embedded ({} bytes)", fatbin.len()),
+        Err(_) => {
+            let err = CudaBackend::new(0)
+                .err()
+                .expect("no backend without kernels");
+            let msg = err.to_string();
+            assert!(
+                msg.contains("tools/install-nvcc") && msg.contains("NVCC"),
+                "{msg}"
+            );
+        }
+    }
+}
+
+#[test]
+fn embed_parity() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let (vocab, d) = (300, 72);
+    let table = randn(vocab * d, 1, 1.0);
+    let ids: Vec<u32> = (0..41u32)
+        .map(|i| (i * 97 + 5) % vocab as u32)
+        .chain([0, 299])
+        .collect();
+    for dtype in [DType::F32, DType::BF16] {
+        let t = host("embed", vec![vocab, d], &table, dtype);
+        let tw = g.upload_tensor(&t, dtype).unwrap();
+        let mut want = cpu.alloc(ids.len(), d, Tag::Activations).unwrap();
+        cpu.embed(&t, &ids, &mut want).unwrap();
+        let mut got = poisoned(&g, ids.len(), d);
+        g.embed(&tw, &ids, &mut got).unwrap();
+        assert_close(
+            &format!("embed {dtype:?}"),
+            &g.to_host(&got).unwrap(),
+            &want.data,
+            1e-7,
+        );
+        let err = g
+            .embed(&tw, &[vocab as u32], &mut poisoned(&g, 1, d))
+            .unwrap_err();
+        assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    }
+}
+
+#[test]
+fn rmsnorm_and_add_rmsnorm_parity() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    for (rows, d) in [(37, 64), (5, 70), (9, 4096), (3, 8)] {
+        let x = randn(rows * d, 2, 1.5);
+        let delta = randn(rows * d, 3, 0.7);
+        let wv: Vec<f32> = randn(d, 4, 0.1).iter().map(|v| 1.0 + v).collect();
+        for dtype in [DType::F32, DType::BF16] {
+            let wt = host("norm", vec![d], &wv, dtype);
+            let ww = g.upload_tensor(&wt, dtype).unwrap();
+            let eps = 1e-5;
+            // rmsnorm
+            let xc = cpu.from_host(&x, rows, d, Tag::Activations).unwrap();
+            let mut want = cpu.alloc(rows, d, Tag::Activations).unwrap();
+            cpu.rmsnorm(&xc, &wt, eps, &mut want).unwrap();
+            let xg = g.from_host(&x, rows, d, Tag::Activations).unwrap();
+            let mut got = poisoned(&g, rows, d);
+            g.rmsnorm(&xg, &ww, eps, &mut got).unwrap();
+            let what = format!("rmsnorm {rows}x{d} {dtype:?}");
+            assert_close(&what, &g.to_host(&got).unwrap(), &want.data, F32_TOL);
+            // add_rmsnorm
+            let mut rc = cpu.from_host(&x, rows, d, Tag::Activations).unwrap();
+            let dc = cpu.from_host(&delta, rows, d, Tag::Activations).unwrap();
+            cpu.add_rmsnorm(&mut rc, &dc, &wt, eps, &mut want).unwrap();
+            let mut rg = g.from_host(&x, rows, d, Tag::Activations).unwrap();
+            let dg = g.from_host(&delta, rows, d, Tag::Activations).unwrap();
+            let mut got = poisoned(&g, rows, d);
+            g.add_rmsnorm(&mut rg, &dg, &ww, eps, &mut got).unwrap();
+            let what = format!("add_rmsnorm {rows}x{d} {dtype:?}");
+            assert_close(
+                &format!("{what} out"),
+                &g.to_host(&got).unwrap(),
+                &want.data,
+                F32_TOL,
+            );
+            assert_close(
+                &format!("{what} residual"),
+                &g.to_host(&rg).unwrap(),
+                &rc.data,
+                F32_TOL,
+            );
+        }
+    }
+}
+
+#[test]
+fn matmul_parity() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    for (m, k, n) in [(37, 96, 80), (1, 64, 33), (130, 256, 300)] {
+        let x = randn(m * k, 5, 1.0);
+        let w = randn(n * k, 6, 0.05);
+        let xc = cpu.from_host(&x, m, k, Tag::Activations).unwrap();
+        let xg = g.from_host(&x, m, k, Tag::Activations).unwrap();
+        // f32 weights: plain f32 GEMM.
+        let wt = host("w", vec![n, k], &w, DType::F32);
+        let mut want = cpu.alloc(m, n, Tag::Activations).unwrap();
+        cpu.matmul(&xc, &wt, &mut want).unwrap();
+        let mut got = poisoned(&g, m, n);
+        g.matmul(&xg, &g.upload_tensor(&wt, DType::F32).unwrap(), &mut got)
+            .unwrap();
+        assert_close(
+            &format!("matmul f32 {m}x{k}x{n}"),
+            &g.to_host(&got).unwrap(),
+            &want.data,
+            F32_TOL,
+        );
+        // bf16 weights: the input is rounded to bf16 for the tensor-core GEMM.
+        let wt = host("w", vec![n, k], &w, DType::BF16);
+        let ww = g.upload_tensor(&wt, DType::BF16).unwrap();
+        let mut got = poisoned(&g, m, n);
+        g.matmul(&xg, &ww, &mut got).unwrap();
+        let got = g.to_host(&got).unwrap();
+        cpu.matmul(&xc, &wt, &mut want).unwrap();
+        assert_close(
+            &format!("matmul bf16 {m}x{k}x{n} vs f32 input"),
+            &got,
+            &want.data,
+            BF16_TOL,
+        );
+        // Its exact twin: the CPU product of the bf16-rounded input.
+        let xr = cpu
+            .from_host(&round_bf16(&x), m, k, Tag::Activations)
+            .unwrap();
+        cpu.matmul(&xr, &wt, &mut want).unwrap();
+        assert_close(
+            &format!("matmul bf16 {m}x{k}x{n} vs rounded input"),
+            &got,
+            &want.data,
+            F32_TOL,
+        );
+    }
+}
+
+#[test]
+fn rope_parity() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    for (n_heads, hd, batch, q_len, q_offset) in
+        [(4, 16, 3, 10, 0), (2, 128, 1, 5, 2000), (3, 64, 2, 7, 13)]
+    {
+        let layout = SeqLayout {
+            batch,
+            q_len,
+            kv_len: q_len + q_offset,
+            kv_valid: vec![q_len + q_offset; batch],
+            q_offset,
+        };
+        let rows = batch * q_len;
+        let cols = n_heads * hd;
+        let x = randn(rows * cols, 7, 1.0);
+        let inv: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / 10000f64.powf(2.0 * i as f64 / hd as f64) as f32)
+            .collect();
+        let mut xc = cpu.from_host(&x, rows, cols, Tag::Activations).unwrap();
+        cpu.rope(&mut xc, n_heads, &layout, &inv).unwrap();
+        let mut xg = g.from_host(&x, rows, cols, Tag::Activations).unwrap();
+        g.rope(&mut xg, n_heads, &layout, &inv).unwrap();
+        assert_close(
+            &format!("rope h{n_heads} hd{hd} offset {q_offset}"),
+            &g.to_host(&xg).unwrap(),
+            &xc.data,
+            F32_TOL,
+        );
+    }
+}
+
+fn attention_case(
+    g: &CudaBackend,
+    shape: AttnShape,
+    layout: &SeqLayout,
+    poison_tail: bool,
+    what: &str,
+) {
+    let cpu = CpuBackend::new();
+    let (qc, kc) = (
+        shape.n_heads * shape.head_dim,
+        shape.n_kv_heads * shape.head_dim,
+    );
+    let qr = layout.batch * layout.q_len;
+    let kr = layout.batch * layout.kv_len;
+    let q = randn(qr * qc, 8, 1.0);
+    let mut k = randn(kr * kc, 9, 1.0);
+    let mut v = randn(kr * kc, 10, 1.0);
+    if poison_tail {
+        // Cache rows past the valid length hold garbage that must never be read.
+        for b in 0..layout.batch {
+            for j in layout.kv_valid[b]..layout.kv_len {
+                let r = (b * layout.kv_len + j) * kc;
+                k[r..r + kc].fill(f32::NAN);
+                v[r..r + kc].fill(f32::NAN);
+            }
+        }
+    }
+    let qh = cpu.from_host(&q, qr, qc, Tag::Activations).unwrap();
+    let kh = cpu.from_host(&k, kr, kc, Tag::Activations).unwrap();
+    let vh = cpu.from_host(&v, kr, kc, Tag::Activations).unwrap();
+    let mut want = cpu.alloc(qr, qc, Tag::Activations).unwrap();
+    cpu.attention(&qh, &kh, &vh, shape, layout, &mut want)
+        .unwrap();
+    let qg = g.from_host(&q, qr, qc, Tag::Activations).unwrap();
+    let kg = g.from_host(&k, kr, kc, Tag::Activations).unwrap();
+    let vg = g.from_host(&v, kr, kc, Tag::Activations).unwrap();
+    let mut got = poisoned(g, qr, qc);
+    g.attention(&qg, &kg, &vg, shape, layout, &mut got).unwrap();
+    assert_close(what, &g.to_host(&got).unwrap(), &want.data, F32_TOL);
+}
+
+#[test]
+fn attention_parity_full_padded_gqa() {
+    let Some(g) = gpu() else { return };
+    for (h, hkv, hd) in [
+        (8, 2, 16),
+        (4, 4, 64),
+        (6, 3, 80),
+        (4, 1, 128),
+        (2, 2, 256),
+        (2, 1, 8),
+    ] {
+        let shape = AttnShape {
+            n_heads: h,
+            n_kv_heads: hkv,
+            head_dim: hd,
+        };
+        for (seq, lens) in [(37, vec![37, 20, 1]), (70, vec![70, 33]), (5, vec![5])] {
+            let layout = SeqLayout::full(lens.len(), seq, &lens);
+            attention_case(
+                &g,
+                shape,
+                &layout,
+                false,
+                &format!("attention h{h}/{hkv} hd{hd} T{seq} {lens:?}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn attention_parity_decode() {
+    let Some(g) = gpu() else { return };
+    let shape = AttnShape {
+        n_heads: 8,
+        n_kv_heads: 2,
+        head_dim: 64,
+    };
+    for (q_len, past, capacity, batch) in [
+        (1, 20, 64, 1),
+        (5, 20, 64, 1),
+        (1, 0, 16, 1),
+        (3, 40, 100, 2),
+        (1, 63, 64, 1),
+    ] {
+        let layout = SeqLayout {
+            batch,
+            q_len,
+            kv_len: capacity,
+            kv_valid: vec![past + q_len; batch],
+            q_offset: past,
+        };
+        attention_case(
+            &g,
+            shape,
+            &layout,
+            true,
+            &format!("attention decode q_len {q_len} past {past} capacity {capacity}"),
+        );
+    }
+}
+
+#[test]
+fn swiglu_parity() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    for (rows, cols) in [(37, 101), (16, 256)] {
+        let gate = randn(rows * cols, 11, 3.0);
+        let up = randn(rows * cols, 12, 1.0);
+        let mut gc = cpu.from_host(&gate, rows, cols, Tag::Activations).unwrap();
+        let uc = cpu.from_host(&up, rows, cols, Tag::Activations).unwrap();
+        cpu.swiglu(&mut gc, &uc).unwrap();
+        let mut gg = g.from_host(&gate, rows, cols, Tag::Activations).unwrap();
+        let ug = g.from_host(&up, rows, cols, Tag::Activations).unwrap();
+        g.swiglu(&mut gg, &ug).unwrap();
+        assert_close(
+            &format!("swiglu {rows}x{cols}"),
+            &g.to_host(&gg).unwrap(),
+            &gc.data,
+            F32_TOL,
+        );
+    }
+}
+
+#[test]
+fn lm_head_parity() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    // The second case has more rows than one logits chunk holds.
+    for (rows, d, vocab) in [(45, 64, 1000), (700, 64, 50_000)] {
+        let hidden = randn(rows * d, 13, 1.0);
+        let head = randn(vocab * d, 14, 0.2);
+        let targets: Vec<i32> = (0..rows)
+            .map(|r| {
+                if r % 7 == 3 {
+                    -1
+                } else {
+                    ((r * 7919) % vocab) as i32
+                }
+            })
+            .collect();
+        let hc = cpu.from_host(&hidden, rows, d, Tag::Activations).unwrap();
+        let hg = g.from_host(&hidden, rows, d, Tag::Activations).unwrap();
+        for (dtype, tol) in [(DType::F32, F32_TOL), (DType::BF16, BF16_TOL)] {
+            let ht = host("lm_head.weight", vec![vocab, d], &head, dtype);
+            let hw = g.upload_tensor(&ht, dtype).unwrap();
+            let want = cpu.target_logprobs(&hc, &ht, &targets).unwrap();
+            let got = g.target_logprobs(&hg, &hw, &targets).unwrap();
+            assert_close(
+                &format!("target_logprobs {rows}x{d}x{vocab} {dtype:?}"),
+                &got,
+                &want,
+                tol,
+            );
+            for (r, t) in targets.iter().enumerate() {
+                if *t < 0 {
+                    assert_eq!(got[r], 0.0, "row {r} without a target must be 0");
+                }
+            }
+            let pick: Vec<usize> = vec![0, rows - 1, rows / 2, 3];
+            let want = cpu.logits_rows(&hc, &ht, &pick).unwrap();
+            let got = g.logits_rows(&hg, &hw, &pick).unwrap();
+            assert_close(&format!("logits_rows {dtype:?}"), &got, &want, tol);
+        }
+        let bad = vec![vocab as i32; rows];
+        let ht = host("lm_head.weight", vec![vocab, d], &head, DType::BF16);
+        let hw = g.upload_tensor(&ht, DType::BF16).unwrap();
+        assert!(g.target_logprobs(&hg, &hw, &bad).is_err());
+    }
+}
+
+#[test]
+fn copy_rows_parity() {
+    let Some(g) = gpu() else { return };
+    let src = randn(5 * 24, 15, 1.0);
+    let s = g.from_host(&src, 5, 24, Tag::Activations).unwrap();
+    let mut d = poisoned(&g, 12, 24);
+    g.copy_rows(&s, &mut d, 4).unwrap();
+    let out = g.to_host(&d).unwrap();
+    assert_eq!(&out[4 * 24..9 * 24], &src[..]);
+    assert!(out[..4 * 24].iter().all(|v| v.is_nan()));
+    assert!(out[9 * 24..].iter().all(|v| v.is_nan()));
+    assert!(g.copy_rows(&s, &mut d, 8).is_err());
+}
+
+#[test]
+fn philox_bit_identical() {
+    let Some(g) = gpu() else { return };
+    for (seed, step, tensor) in [
+        (0u64, 0u32, 0u32),
+        (0xDEAD_BEEF_1234_5678, 7, 123),
+        (42, u32::MAX, 9),
+    ] {
+        let key = PhiloxKey { seed, step, tensor };
+        let p = Philox::new(seed, step, tensor);
+        // Raw words, including blocks across the 32-bit boundary of the counter.
+        for first in [0u64, (1 << 32) - 3] {
+            let words = g.philox_words(key, first, 1000).unwrap();
+            for (i, w) in words.chunks(4).enumerate() {
+                assert_eq!(w, p.block(first + i as u64), "block {}", first + i as u64);
+            }
+        }
+        // Normals in f32 from aligned and unaligned starts, and past 2^32 elements.
+        for start in [0u64, 5, (1 << 33) + 1] {
+            let n = 100_003;
+            let mut buf = g.alloc_buf(n * 4, Tag::Scratch, "normals").unwrap();
+            g.fill_normal(&mut buf, DType::F32, n, key, start, 1.0, 0.0)
+                .unwrap();
+            let got: Vec<f32> = g.buf_to_host(&buf, n).unwrap();
+            let mut want = vec![0.0f32; n];
+            p.fill_normal(start, &mut want);
+            for i in 0..n {
+                assert_eq!(
+                    got[i].to_bits(),
+                    want[i].to_bits(),
+                    "normal {} of {key:?}",
+                    start + i as u64
+                );
+            }
+            // Scaled and shifted, as LlamaWeights::random computes them, in bf16.
+            let mut bb = g.alloc_buf(n * 2, Tag::Scratch, "normals bf16").unwrap();
+            g.fill_normal(&mut bb, DType::BF16, n, key, start, 0.1, 1.0)
+                .unwrap();
+            let got: Vec<u16> = g.buf_to_host(&bb, n).unwrap();
+            for i in 0..n {
+                let v = 1.0 + 0.1 * want[i];
+                assert_eq!(
+                    got[i],
+                    bf16::from_f32(v).to_bits(),
+                    "shifted normal {}",
+                    start + i as u64
+                );
+            }
+            // Rademacher signs.
+            g.fill_rademacher(&mut buf, n, key, start, 1.0).unwrap();
+            let got: Vec<f32> = g.buf_to_host(&buf, n).unwrap();
+            for (i, v) in got.iter().enumerate() {
+                assert_eq!(v.to_bits(), p.rademacher(start + i as u64).to_bits());
+            }
+        }
+    }
+    // The block function itself against the published known answer.
+    assert_eq!(
+        philox4x32_10([0, 0, 0, 0], [0, 0]),
+        g.philox_words(
+            PhiloxKey {
+                seed: 0,
+                step: 0,
+                tensor: 0
+            },
+            0,
+            1
+        )
+        .unwrap()[..]
+    );
+}
+
+#[test]
+fn axpy_normal_matches_cpu_twin() {
+    let Some(g) = gpu() else { return };
+    let key = PhiloxKey {
+        seed: 99,
+        step: 4,
+        tensor: 17,
+    };
+    let p = Philox::new(99, 4, 17);
+    let n = 50_001;
+    let w0 = randn(n, 16, 0.05);
+    let scale = 1e-3f32;
+    // f32 storage: w + scale * z, two rounded ops.
+    let mut wb = g.buf_from_host(&w0, Tag::Weights, "w").unwrap();
+    g.axpy_normal_buf(&mut wb, DType::F32, n, key, 0, scale)
+        .unwrap();
+    let got: Vec<f32> = g.buf_to_host(&wb, n).unwrap();
+    for i in 0..n {
+        let want = w0[i] + scale * p.normal(i as u64);
+        assert_eq!(got[i].to_bits(), want.to_bits(), "f32 element {i}");
+    }
+    // bf16 storage: widen, add, round to nearest even.
+    let wbf: Vec<u16> = w0.iter().map(|v| bf16::from_f32(*v).to_bits()).collect();
+    let t = HostTensor::from_bytes("w".into(), vec![n], DType::BF16, bytemuck::cast_slice(&wbf));
+    let mut w = g.upload_tensor(&t, DType::BF16).unwrap();
+    g.axpy_normal(&mut w, key, -scale).unwrap();
+    let got: Vec<u16> = g.buf_to_host(w.buf(), n).unwrap();
+    for i in 0..n {
+        let want = bf16::from_f32(bf16::from_bits(wbf[i]).to_f32() + -scale * p.normal(i as u64));
+        assert_eq!(got[i], want.to_bits(), "bf16 element {i}");
+    }
+}
+
+#[test]
+fn conversions_bit_exact() {
+    let Some(g) = gpu() else { return };
+    let mut v = randn(10_007, 18, 100.0);
+    v.extend([
+        0.0,
+        -0.0,
+        1e-40,
+        -3.4e38,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1.0 + 1.0 / 256.0,
+        1.0 + 3.0 / 256.0,
+    ]);
+    let n = v.len();
+    let src = g.buf_from_host(&v, Tag::Scratch, "f32").unwrap();
+    let mut mid = g.alloc_buf(n * 2, Tag::Scratch, "bf16").unwrap();
+    g.f32_to_bf16(&src, &mut mid, n).unwrap();
+    let got: Vec<u16> = g.buf_to_host(&mid, n).unwrap();
+    for i in 0..n {
+        assert_eq!(
+            got[i],
+            bf16::from_f32(v[i]).to_bits(),
+            "f32 -> bf16 of {}",
+            v[i]
+        );
+    }
+    let mut back = g.alloc_buf(n * 4, Tag::Scratch, "f32 back").unwrap();
+    g.bf16_to_f32(&mid, &mut back, n).unwrap();
+    let got: Vec<f32> = g.buf_to_host(&back, n).unwrap();
+    for i in 0..n {
+        assert_eq!(got[i].to_bits(), bf16::from_f32(v[i]).to_f32().to_bits());
+    }
+}
+
+#[test]
+fn upload_converts_every_dtype_in_chunks() {
+    let Some(g) = gpu() else { return };
+    // More elements than one 16 MiB staging half holds, in every conversion.
+    let n = 9_000_001;
+    let v = randn(n, 19, 1.0);
+    for src in [DType::F32, DType::F16, DType::BF16] {
+        let t = host("big", vec![n], &v, src);
+        let exact = t.to_f32_vec();
+        for dst in [DType::F32, DType::BF16] {
+            let w = g.upload_tensor(&t, dst).unwrap();
+            assert_eq!(w.dtype, dst);
+            let got = g.weight_to_host(&w).unwrap();
+            let want: Vec<f32> = match dst {
+                DType::F32 => exact.clone(),
+                _ => round_bf16(&exact),
+            };
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "upload {src:?} -> {dst:?} differs"
+            );
+        }
+    }
+}
+
+fn tiny_config(tied: bool) -> LlamaConfig {
+    serde_json::from_value(serde_json::json!({
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 300,
+        "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": tied
+    }))
+    .unwrap()
+}
+
+#[test]
+fn random_weights_on_device_match_host() {
+    let Some(g) = gpu() else { return };
+    let cfg = tiny_config(false);
+    let host_w = LlamaWeights::random(&cfg, 7, DType::F32);
+    for dtype in [DType::F32, DType::BF16] {
+        let dev_w = g.random_weights(&cfg, 7, dtype).unwrap();
+        for (h, d) in host_w.tensors().iter().zip(dev_w.tensors()) {
+            assert_eq!(h.name, d.name);
+            assert_eq!(h.shape, d.shape);
+            let want = h.to_f32_vec();
+            let want = if d.dtype == DType::BF16 {
+                round_bf16(&want)
+            } else {
+                want
+            };
+            let got = g.weight_to_host(d).unwrap();
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{} differs from LlamaWeights::random",
+                h.name
+            );
+        }
+    }
+}
+
+#[test]
+fn memory_is_accounted_and_oom_is_explained() {
+    let Some(g) = gpu() else { return };
+    let before = g.mem().current(Tag::Activations);
+    let a = g.alloc(1000, 250, Tag::Activations).unwrap();
+    assert_eq!(g.mem().current(Tag::Activations), before + 1_000_000);
+    assert!(g.mem().peak(Tag::Activations) >= before + 1_000_000);
+    drop(a);
+    assert_eq!(g.mem().current(Tag::Activations), before);
+    let (free, total) = g.mem_info().unwrap();
+    assert!(free <= total && total > 0);
+    let err = g
+        .alloc_buf(1 << 52, Tag::Optimizer, "an impossible buffer")
+        .err()
+        .expect("4 PiB cannot be allocated");
+    let msg = err.to_string();
+    println!("{msg}");
+    assert!(
+        msg.contains("asked for") && msg.contains("an impossible buffer") && msg.contains("free"),
+        "{msg}"
+    );
+    assert!(msg.contains("optimizer"), "{msg}");
+    // The failed request left no trace in the counters.
+    assert_eq!(g.mem().current(Tag::Optimizer), 0);
+}
+
+#[test]
+fn whole_model_parity() {
+    let Some(g) = gpu() else { return };
+    for tied in [false, true] {
+        let cfg = tiny_config(tied);
+        for (dtype, tol) in [(DType::F32, F32_TOL), (DType::BF16, BF16_TOL)] {
+            let host_w = LlamaWeights::random(&cfg, 11, dtype);
+            let dev_w = g.upload_weights(&host_w, dtype).unwrap();
+            let cpu = Llama::new(cfg.clone(), host_w, CpuBackend::new());
+            let gm = Llama::new(cfg.clone(), dev_w, g.clone());
+            let (b, t) = (3, 21);
+            let lens = [21, 9, 1];
+            let layout = SeqLayout::full(b, t, &lens);
+            let ids: Vec<u32> = (0..b * t)
+                .map(|i| ((i * 131 + 7) % cfg.vocab_size) as u32)
+                .collect();
+            let targets: Vec<i32> = (0..b * t)
+                .map(|r| {
+                    if r % t + 1 >= lens[r / t] {
+                        -1
+                    } else {
+                        ids[r + 1] as i32
+                    }
+                })
+                .collect();
+            let what = format!("model tied={tied} {dtype:?}");
+            let want = cpu
+                .target_logprobs(&ids, &layout, &targets, &mut NoHook)
+                .unwrap();
+            let got = gm
+                .target_logprobs(&ids, &layout, &targets, &mut NoHook)
+                .unwrap();
+            assert_close(&format!("{what} target_logprobs"), &got, &want, tol);
+            let rows: Vec<usize> = (0..b * t).collect();
+            let want = cpu.logits_at(&ids, &layout, &rows, &mut NoHook).unwrap();
+            let got = gm.logits_at(&ids, &layout, &rows, &mut NoHook).unwrap();
+            assert_close(&format!("{what} logits"), &got, &want, tol);
+
+            // Generation: prefill then single tokens through the KV cache.
+            let mut cc = cpu.new_cache(32).unwrap();
+            let mut gc = gm.new_cache(32).unwrap();
+            let prompt = &ids[..6];
+            let want = cpu.forward_cached(prompt, &mut cc).unwrap();
+            let got = gm.forward_cached(prompt, &mut gc).unwrap();
+            assert_close(&format!("{what} prefill"), &got, &want, tol);
+            for step in 0..4u32 {
+                let tok = [(step * 37 + 3) % cfg.vocab_size as u32];
+                let want = cpu.forward_cached(&tok, &mut cc).unwrap();
+                let got = gm.forward_cached(&tok, &mut gc).unwrap();
+                assert_close(&format!("{what} decode {step}"), &got, &want, tol);
+            }
+        }
+    }
+}

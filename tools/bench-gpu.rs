@@ -1,0 +1,245 @@
+//! GPU micro- and model benchmarks of the CUDA backend; prints one JSON object per line.
+//!
+//!   cargo run --release --example bench-gpu [-- --quick]
+//!
+//! Measures: device-to-device copy bandwidth (bytes read + written), the bf16 GEMM rate at
+//! 8192^3, each elementwise / norm kernel's bandwidth as a fraction of copy, attention time,
+//! the LM head + loss, and the forward of a LLaMA-7B-shaped random model at 16 x 512 in model
+//! TFLOP/s as a fraction of the GEMM rate. `--quick` shrinks every shape (a smoke run).
+
+use anyhow::Result;
+use serde_json::json;
+use zoft::backend::cuda::{cuda_available, driver_version, CudaBackend, GemmArgs, PhiloxKey};
+use zoft::backend::mem::Tag;
+use zoft::backend::{AttnShape, Backend, NoHook, SeqLayout};
+use zoft::model::{DType, Llama, LlamaConfig};
+
+fn key(tensor: u32) -> PhiloxKey {
+    PhiloxKey {
+        seed: 1234,
+        step: 0,
+        tensor,
+    }
+}
+
+/// Mean milliseconds per call of `f` over `iters` calls, after one warm-up call.
+fn time(g: &CudaBackend, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    g.synchronize()?;
+    let ms = g.time_ms(|| {
+        for _ in 0..iters {
+            f()?;
+        }
+        Ok(())
+    })?;
+    Ok(ms as f64 / iters as f64)
+}
+
+fn emit(v: serde_json::Value) {
+    println!("{v}");
+}
+
+fn llama7b() -> LlamaConfig {
+    serde_json::from_value(json!({
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5
+    }))
+    .expect("a valid config")
+}
+
+fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    if let Err(reason) = cuda_available() {
+        emit(json!({"bench": "skipped", "reason": reason}));
+        return Ok(());
+    }
+    let g = CudaBackend::new(0)?;
+    let (free, total) = g.mem_info()?;
+    let drv = driver_version()
+        .map(|(a, b)| format!("{a}.{b}"))
+        .unwrap_or_default();
+    emit(json!({
+        "bench": "device", "name": g.device_name(), "compute_capability": format!("{}.{}", g.compute_capability().0, g.compute_capability().1),
+        "driver_cuda": drv, "free_bytes": free, "total_bytes": total, "quick": quick
+    }));
+    let iters = if quick { 3 } else { 20 };
+
+    // Device-to-device copy: bytes read + written per second.
+    let copy_bytes: usize = if quick { 64 << 20 } else { 1 << 30 };
+    let src = g.alloc_buf(copy_bytes, Tag::Scratch, "copy source")?;
+    let mut dst = g.alloc_buf(copy_bytes, Tag::Scratch, "copy destination")?;
+    let ms = time(&g, iters, || g.copy_buf(&src, &mut dst, copy_bytes))?;
+    let copy_gbs = 2.0 * copy_bytes as f64 / (ms * 1e-3) / 1e9;
+    emit(json!({"bench": "copy_d2d", "bytes": copy_bytes, "ms": ms, "GB_per_s": copy_gbs}));
+    drop((src, dst));
+
+    // bf16 GEMM, f32 accumulate and output (what every linear runs).
+    let s = if quick { 2048 } else { 8192 };
+    let mut a = g.alloc_buf(s * s * 2, Tag::Scratch, "gemm A")?;
+    let mut b = g.alloc_buf(s * s * 2, Tag::Scratch, "gemm B")?;
+    let c = g.alloc_buf(s * s * 4, Tag::Scratch, "gemm C")?;
+    g.fill_normal(&mut a, DType::BF16, s * s, key(1), 0, 1.0, 0.0)?;
+    g.fill_normal(&mut b, DType::BF16, s * s, key(2), 0, 0.02, 0.0)?;
+    let args = GemmArgs {
+        m: s,
+        n: s,
+        k: s,
+        x: a.ptr(),
+        w: b.ptr(),
+        in_dtype: DType::BF16,
+        out: c.ptr(),
+        out_dtype: DType::F32,
+        alpha: 1.0,
+        beta: 0.0,
+    };
+    // SAFETY: the three buffers are sized for s x s.
+    let ms = time(&g, iters, || unsafe { g.gemm_raw(&args) })?;
+    let gemm_tflops = 2.0 * (s as f64).powi(3) / (ms * 1e-3) / 1e12;
+    emit(
+        json!({"bench": "gemm_bf16_f32out", "m": s, "n": s, "k": s, "ms": ms, "TFLOP_per_s": gemm_tflops}),
+    );
+    drop((a, b, c));
+
+    // Elementwise and norm kernels at the LLaMA-7B 16 x 512 shapes.
+    let cfg = llama7b();
+    let (batch, seq) = if quick { (4, 128) } else { (16, 512) };
+    let rows = batch * seq;
+    let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+    let bw = |name: &str, bytes: f64, ms: f64| {
+        let gbs = bytes / (ms * 1e-3) / 1e9;
+        emit(
+            json!({"bench": name, "rows": rows, "ms": ms, "GB_per_s": gbs, "fraction_of_copy": gbs / copy_gbs}),
+        );
+    };
+    let act = |r: usize, c: usize, t: u32| -> Result<_> {
+        let mut x = g.alloc(r, c, Tag::Activations)?;
+        g.fill_act_normal(&mut x, key(t), 1.0)?;
+        Ok(x)
+    };
+    let norm_w = g.random_weights(
+        &serde_json::from_value(json!({
+            "hidden_size": d, "intermediate_size": f, "num_hidden_layers": 1,
+            "num_attention_heads": cfg.num_attention_heads, "vocab_size": 256
+        }))?,
+        5,
+        DType::BF16,
+    )?;
+    let x = act(rows, d, 10)?;
+    let delta = act(rows, d, 11)?;
+    let mut out = act(rows, d, 12)?;
+    let w = &norm_w.layers[0].attn_norm;
+    let ms = time(&g, iters, || g.rmsnorm(&x, w, 1e-5, &mut out))?;
+    bw("rmsnorm", (rows * d * 8) as f64, ms);
+    let mut resid = act(rows, d, 13)?;
+    let ms = time(&g, iters, || {
+        g.add_rmsnorm(&mut resid, &delta, w, 1e-5, &mut out)
+    })?;
+    bw("add_rmsnorm", (rows * d * 16) as f64, ms);
+    let mut gate = act(rows, f, 14)?;
+    let up = act(rows, f, 15)?;
+    let ms = time(&g, iters, || g.swiglu(&mut gate, &up))?;
+    bw("swiglu", (rows * f * 12) as f64, ms);
+    let layout = SeqLayout::full(batch, seq, &vec![seq; batch]);
+    let inv: Vec<f32> = cfg.rope_inv_freq().iter().map(|v| *v as f32).collect();
+    let mut q = act(rows, d, 16)?;
+    let ms = time(&g, iters, || {
+        g.rope(&mut q, cfg.num_attention_heads, &layout, &inv)
+    })?;
+    bw("rope", (rows * d * 8) as f64, ms);
+    let ids: Vec<u32> = (0..rows as u32).map(|i| (i * 7919) % 256).collect();
+    let ms = time(&g, iters, || g.embed(&norm_w.embed, &ids, &mut out))?;
+    bw("embed_bf16", (rows * d * 6) as f64, ms);
+    let mut wmat = g.random_weights(
+        &serde_json::from_value(json!({
+            "hidden_size": d, "intermediate_size": f, "num_hidden_layers": 1,
+            "num_attention_heads": cfg.num_attention_heads, "vocab_size": 256
+        }))?,
+        6,
+        DType::BF16,
+    )?;
+    let wg = &mut wmat.layers[0].w_gate;
+    let n = wg.numel();
+    let ms = time(&g, iters, || g.axpy_normal(wg, key(20), 1e-3))?;
+    emit(json!({"bench": "axpy_normal_bf16", "elements": n, "ms": ms,
+        "GB_per_s": (n * 4) as f64 / (ms * 1e-3) / 1e9,
+        "fraction_of_copy": (n * 4) as f64 / (ms * 1e-3) / 1e9 / copy_gbs}));
+    drop((x, delta, out, resid, gate, up, wmat, norm_w));
+
+    // Attention at the same shape.
+    let shape = AttnShape {
+        n_heads: cfg.num_attention_heads,
+        n_kv_heads: cfg.n_kv_heads(),
+        head_dim: cfg.head_dim(),
+    };
+    let k = act(rows, cfg.kv_dim(), 17)?;
+    let v = act(rows, cfg.kv_dim(), 18)?;
+    let mut ao = act(rows, d, 19)?;
+    let ms = time(&g, iters.min(10), || {
+        g.attention(&q, &k, &v, shape, &layout, &mut ao)
+    })?;
+    let att_flops =
+        4.0 * (batch * shape.n_heads * shape.head_dim) as f64 * (seq * (seq + 1) / 2) as f64;
+    emit(
+        json!({"bench": "attention", "batch": batch, "seq": seq, "heads": shape.n_heads,
+        "head_dim": shape.head_dim, "ms": ms, "TFLOP_per_s": att_flops / (ms * 1e-3) / 1e12}),
+    );
+    drop((q, k, v, ao));
+
+    // The forward of a LLaMA-7B-shaped random model (bf16 weights), loss over every position.
+    let cfg = if quick {
+        let mut c = cfg.clone();
+        c.num_hidden_layers = 2;
+        c
+    } else {
+        cfg
+    };
+    let weights = g.random_weights(&cfg, 42, DType::BF16)?;
+    let model = Llama::new(cfg.clone(), weights, g.clone());
+    let ids: Vec<u32> = (0..rows as u64)
+        .map(|i| ((i * 2_654_435_761) % cfg.vocab_size as u64) as u32)
+        .collect();
+    let targets: Vec<i32> = (0..rows)
+        .map(|r| {
+            if (r + 1) % seq == 0 {
+                -1
+            } else {
+                ids[r + 1] as i32
+            }
+        })
+        .collect();
+    g.mem().reset_peaks();
+    let fwd_iters = if quick { 2 } else { 5 };
+    let ms = time(&g, fwd_iters, || {
+        model
+            .target_logprobs(&ids, &layout, &targets, &mut NoHook)
+            .map(|_| ())
+    })?;
+    let (dd, l) = (cfg.hidden_size as f64, cfg.num_hidden_layers as f64);
+    let per_layer =
+        2.0 * dd * (cfg.q_dim() + cfg.kv_dim()) as f64 + 3.0 * dd * cfg.intermediate_size as f64;
+    let tokens = rows as f64;
+    let flops = 2.0 * tokens * (l * per_layer + cfg.vocab_size as f64 * dd) + l * att_flops;
+    let tflops = flops / (ms * 1e-3) / 1e12;
+    emit(
+        json!({"bench": "forward_llama7b_shape", "batch": batch, "seq": seq, "layers": cfg.num_hidden_layers,
+        "ms": ms, "model_TFLOP_per_s": tflops, "fraction_of_gemm": tflops / gemm_tflops,
+        "peak_bytes": g.mem().report().total_peak}),
+    );
+    let lm_rows = rows;
+    let h = act(lm_rows, cfg.hidden_size, 21)?;
+    let ms = time(&g, 3, || {
+        g.target_logprobs(&h, model.weights.lm_head(), &targets)
+            .map(|_| ())
+    })?;
+    emit(
+        json!({"bench": "lm_head_loss", "rows": lm_rows, "vocab": cfg.vocab_size, "ms": ms,
+        "TFLOP_per_s": 2.0 * tokens * cfg.vocab_size as f64 * dd / (ms * 1e-3) / 1e12}),
+    );
+    Ok(())
+}
