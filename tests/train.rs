@@ -14,13 +14,14 @@ use zoft::model::{Llama, LlamaConfig, LlamaWeights};
 use zoft::train::{load_train_state, train, TrainOptions};
 use zoft::zo::{Method, Perturb, ZoConfig};
 
-/// Label = whether the first prompt token is even; candidates are tokens 5 and 9.
+/// Label 1 for four examples in five (by the first prompt token); candidates are tokens 5 and 9.
+/// Learning the class prior alone takes the loss from ~ln 2 towards 0.5.
 fn task(cfg: &LlamaConfig) -> Task {
     let mk = |n: usize, salt: u64| -> Vec<Example> {
         (0..n)
             .map(|i| {
                 let prompt = tokens(6, cfg.vocab_size, salt * 1000 + i as u64);
-                let gold = (prompt[0] % 2) as usize;
+                let gold = (prompt[0] % 5 != 0) as usize;
                 Example {
                     origin: Origin { file: PathBuf::from("synthetic"), line: i + 1 },
                     prompt,
@@ -144,7 +145,7 @@ fn training_lowers_the_loss_and_raises_accuracy() {
     let no_stop = AtomicBool::new(false);
     let mut m = tiny_model(&cfg, 4);
     let mut opts = options(Method::Mezo, Perturb::Inplace, 300, 0, &dir);
-    opts.zo.lr = 1e-2;
+    opts.zo.lr = 1e-3;
     let t = task(&cfg);
     let s = train(&mut m, &dir, &t, 0, &opts, None, &no_stop, |_| {}).unwrap();
     let log = std::fs::read_to_string(dir.join("train_log.jsonl")).unwrap();
