@@ -16,12 +16,24 @@ fn run(method: Method, lr: f32, perturb: Perturb) {
         None => zoft::fetch::ensure_default_model().expect("fetching the default model"),
     };
     let f = load_dir(&dir).unwrap();
-    let task = zoft::data::load_task("sst2", None, &f.tokenizer, f.cfg.max_position_embeddings).unwrap();
+    let task =
+        zoft::data::load_task("sst2", None, &f.tokenizer, f.cfg.max_position_embeddings).unwrap();
     let pad = f.tokenizer.eos_id().unwrap();
     let mut model = Llama::new(f.cfg, f.weights, CpuBackend::new());
-    let out = std::env::temp_dir().join(format!("zoft-real-{}-{}", method.name(), std::process::id()));
+    let out = std::env::temp_dir().join(format!(
+        "zoft-real-{}-{}",
+        method.name(),
+        std::process::id()
+    ));
     let opts = TrainOptions {
-        zo: ZoConfig { method, perturb, lr, eps: 1e-3, seed: 0, ..Default::default() },
+        zo: ZoConfig {
+            method,
+            perturb,
+            lr,
+            eps: 1e-3,
+            seed: 0,
+            ..Default::default()
+        },
         steps: 40,
         batch_size: 16,
         eval_every: 0,
@@ -32,7 +44,17 @@ fn run(method: Method, lr: f32, perturb: Perturb) {
         out_dir: out.clone(),
         progress: false,
     };
-    let s = train(&mut model, &dir, &task, pad, &opts, None, &AtomicBool::new(false), |_| {}).unwrap();
+    let s = train(
+        &mut model,
+        &dir,
+        &task,
+        pad,
+        &opts,
+        None,
+        &AtomicBool::new(false),
+        |_| {},
+    )
+    .unwrap();
     let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
     let losses: Vec<f64> = log
         .lines()
@@ -44,10 +66,21 @@ fn run(method: Method, lr: f32, perturb: Perturb) {
     let first = losses[..10].iter().sum::<f64>() / 10.0;
     let last = losses[losses.len() - 10..].iter().sum::<f64>() / 10.0;
     let (before, after) = (s.zero_shot_dev.accuracy.unwrap(), s.dev.accuracy.unwrap());
-    eprintln!("{}: train loss {first:.4} -> {last:.4}, dev accuracy {before:.3} -> {after:.3}", method.name());
+    eprintln!(
+        "{}: train loss {first:.4} -> {last:.4}, dev accuracy {before:.3} -> {after:.3}",
+        method.name()
+    );
     let _ = std::fs::remove_dir_all(&out);
-    assert!(last < first, "{}: training loss did not go down ({first} -> {last})", method.name());
-    assert!(after > before, "{}: dev accuracy did not rise ({before} -> {after})", method.name());
+    assert!(
+        last < first,
+        "{}: training loss did not go down ({first} -> {last})",
+        method.name()
+    );
+    assert!(
+        after > before,
+        "{}: dev accuracy did not rise ({before} -> {after})",
+        method.name()
+    );
 }
 
 #[test]

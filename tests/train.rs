@@ -23,7 +23,10 @@ fn task(cfg: &LlamaConfig) -> Task {
                 let prompt = tokens(6, cfg.vocab_size, salt * 1000 + i as u64);
                 let gold = (prompt[0] % 5 != 0) as usize;
                 Example {
-                    origin: Origin { file: PathBuf::from("synthetic"), line: i + 1 },
+                    origin: Origin {
+                        file: PathBuf::from("synthetic"),
+                        line: i + 1,
+                    },
                     prompt,
                     candidates: vec![vec![5], vec![9]],
                     gold,
@@ -43,9 +46,23 @@ fn task(cfg: &LlamaConfig) -> Task {
     }
 }
 
-fn options(method: Method, perturb: Perturb, steps: u64, save_every: u64, out: &Path) -> TrainOptions {
+fn options(
+    method: Method,
+    perturb: Perturb,
+    steps: u64,
+    save_every: u64,
+    out: &Path,
+) -> TrainOptions {
     TrainOptions {
-        zo: ZoConfig { method, perturb, lr: 1e-2, eps: 1e-3, seed: 3, rank: 2, ..Default::default() },
+        zo: ZoConfig {
+            method,
+            perturb,
+            lr: 1e-2,
+            eps: 1e-3,
+            seed: 3,
+            rank: 2,
+            ..Default::default()
+        },
         steps,
         batch_size: 4,
         eval_every: 0,
@@ -66,11 +83,19 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn bytes(m: &Llama<CpuBackend>) -> Vec<Vec<u8>> {
-    m.weights.tensors().iter().map(|t| t.bytes().to_vec()).collect()
+    m.weights
+        .tensors()
+        .iter()
+        .map(|t| t.bytes().to_vec())
+        .collect()
 }
 
 fn load_ckpt(dir: &Path, cfg: &LlamaConfig) -> Llama<CpuBackend> {
-    Llama::new(cfg.clone(), LlamaWeights::load(dir, cfg).unwrap(), CpuBackend::new())
+    Llama::new(
+        cfg.clone(),
+        LlamaWeights::load(dir, cfg).unwrap(),
+        CpuBackend::new(),
+    )
 }
 
 #[test]
@@ -89,20 +114,59 @@ fn resumed_run_equals_uninterrupted_run() {
         // Uninterrupted: 6 steps, checkpoint at 3.
         let a_dir = scratch(&format!("{name}-a"));
         let mut a = tiny_model(&cfg, 4);
-        train(&mut a, &a_dir, &t, 0, &options(method, perturb, 6, 3, &a_dir), None, &no_stop, |_| {}).unwrap();
+        train(
+            &mut a,
+            &a_dir,
+            &t,
+            0,
+            &options(method, perturb, 6, 3, &a_dir),
+            None,
+            &no_stop,
+            |_| {},
+        )
+        .unwrap();
         // Interrupted after 3, then resumed from the checkpoint to 6.
         let b_dir = scratch(&format!("{name}-b"));
         let mut b = tiny_model(&cfg, 4);
-        train(&mut b, &b_dir, &t, 0, &options(method, perturb, 3, 0, &b_dir), None, &no_stop, |_| {}).unwrap();
+        train(
+            &mut b,
+            &b_dir,
+            &t,
+            0,
+            &options(method, perturb, 3, 0, &b_dir),
+            None,
+            &no_stop,
+            |_| {},
+        )
+        .unwrap();
         let ckpt = b_dir.join("checkpoint");
         let state = load_train_state(&ckpt).unwrap();
         assert_eq!(state.0.step, 3);
         let mut b2 = load_ckpt(&ckpt, &cfg);
-        train(&mut b2, &ckpt, &t, 0, &options(method, perturb, 6, 0, &b_dir), Some(state), &no_stop, |_| {}).unwrap();
-        assert!(bytes(&a) == bytes(&b2), "{name}: resumed run differs from the uninterrupted one");
-        assert!(bytes(&a) != bytes(&tiny_model(&cfg, 4)), "{name}: weights did not move");
+        train(
+            &mut b2,
+            &ckpt,
+            &t,
+            0,
+            &options(method, perturb, 6, 0, &b_dir),
+            Some(state),
+            &no_stop,
+            |_| {},
+        )
+        .unwrap();
+        assert!(
+            bytes(&a) == bytes(&b2),
+            "{name}: resumed run differs from the uninterrupted one"
+        );
+        assert!(
+            bytes(&a) != bytes(&tiny_model(&cfg, 4)),
+            "{name}: weights did not move"
+        );
         // The final checkpoint holds the final weights.
-        assert!(bytes(&load_ckpt(&a_dir.join("checkpoint"), &cfg)) == bytes(&a), "{name}: checkpoint differs");
+        assert!(
+            bytes(&load_ckpt(&a_dir.join("checkpoint"), &cfg)) == bytes(&a),
+            "{name}: checkpoint differs"
+        );
     }
 }
 
@@ -112,8 +176,17 @@ fn interruption_saves_a_checkpoint() {
     let dir = scratch("stop");
     let mut m = tiny_model(&cfg, 4);
     let stop = AtomicBool::new(true);
-    let s = train(&mut m, &dir, &task(&cfg), 0, &options(Method::Mezo, Perturb::Inplace, 5, 0, &dir), None, &stop, |_| {})
-        .unwrap();
+    let s = train(
+        &mut m,
+        &dir,
+        &task(&cfg),
+        0,
+        &options(Method::Mezo, Perturb::Inplace, 5, 0, &dir),
+        None,
+        &stop,
+        |_| {},
+    )
+    .unwrap();
     assert!(s.stopped_early.is_some());
     assert_eq!(load_train_state(&dir.join("checkpoint")).unwrap().0.step, 0);
 }
@@ -125,17 +198,43 @@ fn non_finite_loss_stops_and_keeps_last_good_checkpoint() {
     let no_stop = AtomicBool::new(false);
     let mut m = tiny_model(&cfg, 4);
     let t = task(&cfg);
-    train(&mut m, &dir, &t, 0, &options(Method::Mezo, Perturb::Inplace, 2, 0, &dir), None, &no_stop, |_| {}).unwrap();
+    train(
+        &mut m,
+        &dir,
+        &t,
+        0,
+        &options(Method::Mezo, Perturb::Inplace, 2, 0, &dir),
+        None,
+        &no_stop,
+        |_| {},
+    )
+    .unwrap();
     let ckpt = dir.join("checkpoint");
     let good = std::fs::read(ckpt.join("model.safetensors")).unwrap();
     // Poison a weight: every loss becomes NaN.
     m.weights.final_norm.f32s_mut().unwrap()[0] = f32::NAN;
     let state = load_train_state(&ckpt).unwrap();
-    let err = train(&mut m, &dir, &t, 0, &options(Method::Mezo, Perturb::Inplace, 4, 1, &dir), Some(state), &no_stop, |_| {})
-        .unwrap_err();
+    let err = train(
+        &mut m,
+        &dir,
+        &t,
+        0,
+        &options(Method::Mezo, Perturb::Inplace, 4, 1, &dir),
+        Some(state),
+        &no_stop,
+        |_| {},
+    )
+    .unwrap_err();
     let msg = format!("{err:#}");
-    assert!(msg.contains("non-finite loss") && msg.contains("last good checkpoint"), "{msg}");
-    assert_eq!(std::fs::read(ckpt.join("model.safetensors")).unwrap(), good, "checkpoint was overwritten");
+    assert!(
+        msg.contains("non-finite loss") && msg.contains("last good checkpoint"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read(ckpt.join("model.safetensors")).unwrap(),
+        good,
+        "checkpoint was overwritten"
+    );
 }
 
 #[test]
@@ -158,9 +257,15 @@ fn training_lowers_the_loss_and_raises_accuracy() {
         .collect();
     let first: f64 = losses[..50].iter().sum::<f64>() / 50.0;
     let last: f64 = losses[losses.len() - 50..].iter().sum::<f64>() / 50.0;
-    eprintln!("mean loss first 50 steps {first:.4}, last 50 {last:.4}; dev {:?} -> {:?}", s.zero_shot_dev.accuracy, s.dev.accuracy);
+    eprintln!(
+        "mean loss first 50 steps {first:.4}, last 50 {last:.4}; dev {:?} -> {:?}",
+        s.zero_shot_dev.accuracy, s.dev.accuracy
+    );
     assert!(last < first * 0.9, "loss {first} -> {last}");
-    assert!(s.dev.accuracy.unwrap() > s.zero_shot_dev.accuracy.unwrap(), "dev accuracy did not rise");
+    assert!(
+        s.dev.accuracy.unwrap() > s.zero_shot_dev.accuracy.unwrap(),
+        "dev accuracy did not rise"
+    );
 }
 
 #[test]
@@ -170,7 +275,16 @@ fn empty_training_split_is_an_error() {
     let mut t = task(&cfg);
     t.train.clear();
     let mut m = tiny_model(&cfg, 4);
-    let err = train(&mut m, &dir, &t, 0, &options(Method::Mezo, Perturb::Inplace, 2, 0, &dir), None, &AtomicBool::new(false), |_| {})
-        .unwrap_err();
+    let err = train(
+        &mut m,
+        &dir,
+        &t,
+        0,
+        &options(Method::Mezo, Perturb::Inplace, 2, 0, &dir),
+        None,
+        &AtomicBool::new(false),
+        |_| {},
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("train split is empty"), "{err}");
 }

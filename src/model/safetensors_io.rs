@@ -51,10 +51,11 @@ pub fn load_file(path: &Path) -> Result<HashMap<String, HostTensor>> {
             len - 8
         );
     }
+    let data_len = len - 8 - header_len;
+    check_header(&map[8..8 + header_len], data_len, path)?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&map[..])
         .map_err(|e| anyhow::anyhow!("{}: invalid safetensors header: {e:?}", path.display()))?;
     let data_start = 8 + header_len;
-    let data_len = len - data_start;
     let map = Arc::new(map);
     let mut out = HashMap::new();
     for (name, info) in meta.tensors() {
@@ -79,6 +80,52 @@ pub fn load_file(path: &Path) -> Result<HashMap<String, HostTensor>> {
         out.insert(name, t);
     }
     Ok(out)
+}
+
+/// Checks each tensor entry of a header against the data actually present, naming the first
+/// one at fault. A header that is not readable JSON is left to the full parser to report.
+fn check_header(header: &[u8], data_len: usize, path: &Path) -> Result<()> {
+    let Ok(serde_json::Value::Object(entries)) =
+        serde_json::from_slice::<serde_json::Value>(header)
+    else {
+        return Ok(());
+    };
+    for (name, t) in entries.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
+        let offsets = t.get("data_offsets").and_then(|o| o.as_array());
+        let (Some(start), Some(end)) = (
+            offsets.and_then(|o| o.first()?.as_u64()),
+            offsets.and_then(|o| o.get(1)?.as_u64()),
+        ) else {
+            continue;
+        };
+        if end as usize > data_len {
+            bail!(
+                "{}: truncated safetensors file: tensor {name} ends at byte {end} of the data but the file has {data_len}",
+                path.display()
+            );
+        }
+        let size = match t.get("dtype").and_then(|d| d.as_str()) {
+            Some("F32" | "I32" | "U32") => 4,
+            Some("F16" | "BF16" | "I16" | "U16") => 2,
+            Some("F64" | "I64" | "U64") => 8,
+            Some("I8" | "U8" | "BOOL") => 1,
+            _ => continue,
+        };
+        let numel: u64 = t
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .map(|s| s.iter().filter_map(|d| d.as_u64()).product())
+            .unwrap_or(0);
+        if end < start || end - start != numel * size {
+            bail!(
+                "{}: tensor {name}: header offsets {start}..{end} ({} bytes) do not match its shape and dtype ({} bytes)",
+                path.display(),
+                end.saturating_sub(start),
+                numel * size
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Loads `model.safetensors` or every shard listed in `model.safetensors.index.json`.
