@@ -87,6 +87,7 @@ pub fn evaluate<B: Backend>(
     split: &str,
     batch_size: usize,
     pad_id: u32,
+    progress: &indicatif::ProgressBar,
 ) -> Result<EvalResult> {
     if examples.is_empty() {
         bail!("task {}: the {split} split is empty", task.name);
@@ -98,6 +99,7 @@ pub fn evaluate<B: Backend>(
         let b = Batch::new(&refs, &opts)?;
         let lp = batch_logprobs(model, &b, hook)?;
         ev.add(&b, &lp)?;
+        progress.inc(chunk.len() as u64);
     }
     Ok(ev.finish(&task.name, split))
 }
@@ -270,6 +272,7 @@ pub fn train(
         "dev",
         opts.eval_batch_size,
         pad_id,
+        &indicatif::ProgressBar::hidden(),
     )?;
     report(&format!(
         "dev accuracy at step {start}: {}",
@@ -322,6 +325,7 @@ pub fn train(
                 "dev",
                 opts.eval_batch_size,
                 pad_id,
+                &indicatif::ProgressBar::hidden(),
             )?;
             dev_acc = last_dev.accuracy;
             bar.println(format!(
@@ -373,6 +377,7 @@ pub fn train(
         "dev",
         opts.eval_batch_size,
         pad_id,
+        &indicatif::ProgressBar::hidden(),
     )?;
     report(&format!(
         "dev accuracy at step {step}: {}",
@@ -391,6 +396,7 @@ pub fn train(
             "test",
             opts.eval_batch_size,
             pad_id,
+            &indicatif::ProgressBar::hidden(),
         )?)
     };
     Ok(TrainSummary {

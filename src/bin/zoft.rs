@@ -366,6 +366,16 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     } else {
         examples
     };
+    let bar = if a.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(examples.len() as u64).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} evaluating {pos}/{len} [{elapsed_precise} < {eta_precise}]",
+            )
+            .unwrap(),
+        )
+    };
     let r = zoft::train::evaluate(
         &model,
         &mut NoHook,
@@ -374,7 +384,9 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         &a.split,
         a.batch_size,
         pad_id(&model.cfg, &tok),
+        &bar,
     )?;
+    bar.finish_and_clear();
     if a.json {
         println!("{}", r.to_json());
     } else {
