@@ -55,6 +55,7 @@ pub struct TrainSummary {
     pub seconds: f64,
     pub zero_shot_dev: EvalResult,
     pub dev: EvalResult,
+    pub zero_shot_test: Option<EvalResult>,
     pub test: Option<EvalResult>,
     pub checkpoint: PathBuf,
     pub stopped_early: Option<String>,
@@ -102,6 +103,30 @@ pub fn evaluate<B: Backend>(
         progress.inc(chunk.len() as u64);
     }
     Ok(ev.finish(&task.name, split))
+}
+
+/// Evaluates a split on the model as the optimizer currently sees it (virtual updates included).
+fn eval_split(
+    model: &Llama<CpuBackend>,
+    opt: &ZoOptimizer,
+    task: &Task,
+    examples: &[Example],
+    split: &str,
+    opts: &TrainOptions,
+    pad_id: u32,
+) -> Result<EvalResult> {
+    let bar = indicatif::ProgressBar::hidden();
+    let mut hook = opt.eval_hook(model);
+    evaluate(
+        model,
+        &mut *hook,
+        task,
+        examples,
+        split,
+        opts.eval_batch_size,
+        pad_id,
+        &bar,
+    )
 }
 
 fn capped(examples: &[Example], max: usize) -> &[Example] {
@@ -264,20 +289,19 @@ pub fn train(
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
 
-    let zero_shot = evaluate(
-        model,
-        &mut *opt.eval_hook(model),
-        task,
-        dev,
-        "dev",
-        opts.eval_batch_size,
-        pad_id,
-        &indicatif::ProgressBar::hidden(),
-    )?;
+    let test = capped(&task.test, opts.max_eval);
+    let zero_shot = eval_split(model, &opt, task, dev, "dev", opts, pad_id)?;
     report(&format!(
         "dev accuracy at step {start}: {}",
         fmt_acc(&zero_shot)
     ));
+    let zero_shot_test = if test.is_empty() {
+        None
+    } else {
+        let r = eval_split(model, &opt, task, test, "test", opts, pad_id)?;
+        report(&format!("test accuracy at step {start}: {}", fmt_acc(&r)));
+        Some(r)
+    };
     let bopts = BatchOptions::new(
         pad_id,
         if opts.loss == LossKind::Classify {
@@ -288,7 +312,6 @@ pub fn train(
     );
     let bar = progress_bar(opts, start);
     let t0 = Instant::now();
-    let mut last_dev = zero_shot.clone();
     let mut step = start;
     let mut stopped_early = None;
     let weights_bytes = model.weights.byte_size();
@@ -317,21 +340,9 @@ pub fn train(
         step += 1;
         let mut dev_acc = None;
         if opts.eval_every > 0 && step % opts.eval_every == 0 && step < opts.steps {
-            last_dev = evaluate(
-                model,
-                &mut *opt.eval_hook(model),
-                task,
-                dev,
-                "dev",
-                opts.eval_batch_size,
-                pad_id,
-                &indicatif::ProgressBar::hidden(),
-            )?;
-            dev_acc = last_dev.accuracy;
-            bar.println(format!(
-                "dev accuracy at step {step}: {}",
-                fmt_acc(&last_dev)
-            ));
+            let r = eval_split(model, &opt, task, dev, "dev", opts, pad_id)?;
+            dev_acc = r.accuracy;
+            bar.println(format!("dev accuracy at step {step}: {}", fmt_acc(&r)));
         }
         let mem = model.backend.mem.report();
         let line = LogLine {
@@ -369,35 +380,15 @@ pub fn train(
         &state_of(step, opts, &sampler, task),
     )?;
     report(&format!("checkpoint saved to {}", ckpt.display()));
-    let final_dev = evaluate(
-        model,
-        &mut *opt.eval_hook(model),
-        task,
-        dev,
-        "dev",
-        opts.eval_batch_size,
-        pad_id,
-        &indicatif::ProgressBar::hidden(),
-    )?;
+    let final_dev = eval_split(model, &opt, task, dev, "dev", opts, pad_id)?;
     report(&format!(
         "dev accuracy at step {step}: {}",
         fmt_acc(&final_dev)
     ));
-    let _ = last_dev;
-    let test = if task.test.is_empty() || stopped_early.is_some() {
+    let final_test = if test.is_empty() || stopped_early.is_some() {
         None
     } else {
-        let t = capped(&task.test, opts.max_eval);
-        Some(evaluate(
-            model,
-            &mut *opt.eval_hook(model),
-            task,
-            t,
-            "test",
-            opts.eval_batch_size,
-            pad_id,
-            &indicatif::ProgressBar::hidden(),
-        )?)
+        Some(eval_split(model, &opt, task, test, "test", opts, pad_id)?)
     };
     Ok(TrainSummary {
         method: opts.zo.method.name().into(),
@@ -405,7 +396,8 @@ pub fn train(
         seconds,
         zero_shot_dev: zero_shot,
         dev: final_dev,
-        test,
+        zero_shot_test,
+        test: final_test,
         checkpoint: ckpt,
         stopped_early,
     })

@@ -322,8 +322,14 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
                 zoft::train::fmt_acc(&s.dev),
             ],
         ];
+        if let Some(t) = &s.zero_shot_test {
+            rows.push(vec!["test (before)".into(), zoft::train::fmt_acc(t)]);
+        }
         if let Some(t) = &s.test {
-            rows.push(vec!["test (after)".into(), zoft::train::fmt_acc(t)]);
+            rows.push(vec![
+                format!("test (after {} steps)", s.steps),
+                zoft::train::fmt_acc(t),
+            ]);
         }
         rows.push(vec![
             "time".into(),
