@@ -80,6 +80,7 @@ pub fn batch_logprobs<B: Backend>(
 }
 
 /// Evaluates `examples` (every candidate scored; the best log-likelihood wins).
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate<B: Backend>(
     model: &Llama<B>,
     hook: &mut dyn LinearHook<B>,
