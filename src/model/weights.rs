@@ -88,6 +88,35 @@ pub fn expected_tensors(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>, ParamKind
 }
 
 impl<W> LlamaWeights<W> {
+    /// Assembles tensors listed in canonical order (`expected_tensors`) into a model.
+    pub fn from_ordered(cfg: &LlamaConfig, tensors: Vec<W>) -> Self {
+        let mut it = tensors.into_iter();
+        let mut n = || it.next().expect("one tensor per expected name");
+        let embed = n();
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for _ in 0..cfg.num_hidden_layers {
+            layers.push(LayerWeights {
+                attn_norm: n(),
+                wq: n(),
+                wk: n(),
+                wv: n(),
+                wo: n(),
+                mlp_norm: n(),
+                w_gate: n(),
+                w_up: n(),
+                w_down: n(),
+            });
+        }
+        let final_norm = n();
+        let lm_head = (!cfg.tie_word_embeddings).then(&mut n);
+        LlamaWeights {
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+        }
+    }
+
     /// Every tensor in canonical order (the order of `expected_tensors`).
     pub fn tensors(&self) -> Vec<&W> {
         let mut v = vec![&self.embed];
@@ -209,31 +238,7 @@ impl LlamaWeights<HostTensor> {
                 dtype.name()
             );
         }
-        let mut it = ordered.into_iter();
-        let embed = it.next().unwrap();
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for _ in 0..cfg.num_hidden_layers {
-            let mut n = || it.next().unwrap();
-            layers.push(LayerWeights {
-                attn_norm: n(),
-                wq: n(),
-                wk: n(),
-                wv: n(),
-                wo: n(),
-                mlp_norm: n(),
-                w_gate: n(),
-                w_up: n(),
-                w_down: n(),
-            });
-        }
-        let final_norm = it.next().unwrap();
-        let lm_head = it.next();
-        Ok(LlamaWeights {
-            embed,
-            layers,
-            final_norm,
-            lm_head,
-        })
+        Ok(LlamaWeights::from_ordered(cfg, ordered))
     }
 
     pub fn matrix_dtype(&self) -> DType {

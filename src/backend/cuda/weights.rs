@@ -6,7 +6,7 @@ use super::alloc::Pinned;
 use super::kernels::{self, PhiloxKey};
 use super::{CudaBackend, CudaWeight};
 use crate::backend::mem::Tag;
-use crate::model::weights::{expected_tensors, LayerWeights};
+use crate::model::weights::expected_tensors;
 use crate::model::{DType, HostTensor, LlamaConfig, LlamaWeights, ParamKind};
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{sys::CUevent_flags, CudaEvent};
@@ -134,39 +134,6 @@ pub(crate) fn device_dtype(shape: &[usize], dtype: DType) -> DType {
     }
 }
 
-/// Assembles tensors listed in canonical order (`expected_tensors`) into a model.
-fn assemble<W>(cfg: &LlamaConfig, tensors: Vec<W>) -> LlamaWeights<W> {
-    let mut it = tensors.into_iter();
-    let mut n = || it.next().expect("one tensor per expected name");
-    let embed = n();
-    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-    for _ in 0..cfg.num_hidden_layers {
-        layers.push(LayerWeights {
-            attn_norm: n(),
-            wq: n(),
-            wk: n(),
-            wv: n(),
-            wo: n(),
-            mlp_norm: n(),
-            w_gate: n(),
-            w_up: n(),
-            w_down: n(),
-        });
-    }
-    let final_norm = n();
-    let lm_head = if cfg.tie_word_embeddings {
-        None
-    } else {
-        Some(n())
-    };
-    LlamaWeights {
-        embed,
-        layers,
-        final_norm,
-        lm_head,
-    }
-}
-
 impl CudaBackend {
     /// Uploads a model: matrices as `dtype` (BF16 or F32), vectors (norm gains) as F32.
     /// Host tensors of any dtype are converted chunk by chunk through pinned staging memory.
@@ -237,6 +204,6 @@ impl CudaBackend {
             });
         }
         self.dev.sync()?;
-        Ok(assemble(cfg, tensors))
+        Ok(LlamaWeights::from_ordered(cfg, tensors))
     }
 }
