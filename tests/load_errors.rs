@@ -206,3 +206,28 @@ fn missing_model_file_is_reported() {
         "{e}"
     );
 }
+
+#[test]
+fn sharded_checkpoint_loads_like_a_single_file() {
+    let dir = scratch("shards");
+    let cfg = tiny_config();
+    let w = LlamaWeights::random(&cfg, 1, DType::BF16);
+    let ts = w.tensors();
+    let (a, b) = ts.split_at(ts.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (shard, part) in [("model-00001-of-00002.safetensors", a), ("model-00002-of-00002.safetensors", b)] {
+        let list: Vec<(&str, &[usize], DType, &[u8])> =
+            part.iter().map(|t| (t.name.as_str(), t.shape.as_slice(), t.dtype, t.bytes())).collect();
+        zoft::model::safetensors_io::save_file(&dir.join(shard), &list, None).unwrap();
+        for t in part {
+            map.insert(t.name.clone(), serde_json::json!(shard));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let loaded = LlamaWeights::load(&dir, &cfg).unwrap();
+    for (x, y) in loaded.tensors().iter().zip(w.tensors()) {
+        assert_eq!(x.name, y.name);
+        assert_eq!(x.bytes(), y.bytes(), "{}", x.name);
+    }
+}
