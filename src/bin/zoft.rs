@@ -76,7 +76,7 @@ struct TrainArgs {
     method: String,
     #[arg(long, default_value_t = 250)]
     steps: u64,
-    /// Learning rate (default: 2e-5 for dense methods, 1e-4 for sparse-mezo, 1e-3 for the Adam variants).
+    /// Learning rate (default: 3e-5 for mezo and tezo, 1e-4 for sparse-mezo, 1e-5 for the Adam variants).
     #[arg(long)]
     lr: Option<f32>,
     #[arg(long, default_value_t = 1e-3)]
@@ -237,9 +237,9 @@ fn pad_id(cfg: &LlamaConfig, tok: &zoft::tokenizer::Tokenizer) -> u32 {
 
 fn default_lr(method: Method) -> f32 {
     match method {
-        Method::Mezo | Method::Tezo => 2e-5,
+        Method::Mezo | Method::Tezo => 3e-5,
         Method::SparseMezo => 1e-4,
-        Method::MezoAdam | Method::TezoAdam => 1e-3,
+        Method::MezoAdam | Method::TezoAdam => 1e-5,
     }
 }
 
