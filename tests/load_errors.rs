@@ -215,9 +215,14 @@ fn sharded_checkpoint_loads_like_a_single_file() {
     let ts = w.tensors();
     let (a, b) = ts.split_at(ts.len() / 2);
     let mut map = serde_json::Map::new();
-    for (shard, part) in [("model-00001-of-00002.safetensors", a), ("model-00002-of-00002.safetensors", b)] {
-        let list: Vec<(&str, &[usize], DType, &[u8])> =
-            part.iter().map(|t| (t.name.as_str(), t.shape.as_slice(), t.dtype, t.bytes())).collect();
+    for (shard, part) in [
+        ("model-00001-of-00002.safetensors", a),
+        ("model-00002-of-00002.safetensors", b),
+    ] {
+        let list: Vec<(&str, &[usize], DType, &[u8])> = part
+            .iter()
+            .map(|t| (t.name.as_str(), t.shape.as_slice(), t.dtype, t.bytes()))
+            .collect();
         zoft::model::safetensors_io::save_file(&dir.join(shard), &list, None).unwrap();
         for t in part {
             map.insert(t.name.clone(), serde_json::json!(shard));
