@@ -183,6 +183,7 @@ fn text_loss_matches_hf() {
     let nll: Vec<f32> = lp[..n - 1].iter().map(|x| -x).collect();
     let mean = nll.iter().map(|&x| x as f64).sum::<f64>() / (n - 1) as f64;
     let want = g.fx["loss"]["loss"].as_f64().unwrap();
+    eprintln!("text loss {mean:.6} vs HF {want:.6}");
     assert!((mean - want).abs() < 1e-3, "loss {mean} vs {want}");
     let want_tok = f32s_of(&g.fx["loss"]["nll"]);
     let max_diff = nll
