@@ -4,25 +4,15 @@
 //!
 //! cargo run --release --example bench_speed -- [--model DIR | --random smollm2-135m] [--batch 16] [--seq 64] [--iters 2] [--methods mezo,tezo]
 
+#[path = "common.rs"]
+mod common;
+
+use common::{arg, load_model, median};
 use std::time::Instant;
 use zoft::backend::cpu::CpuBackend;
 use zoft::backend::{LinearHook, NoHook, SeqLayout};
-use zoft::model::{DType, Llama, LlamaConfig, LlamaWeights};
+use zoft::model::Llama;
 use zoft::zo::{Method, Perturb, ZoConfig, ZoOptimizer};
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.to_string())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn main() -> anyhow::Result<()> {
     let batch: usize = arg("--batch", "16").parse()?;
@@ -36,18 +26,7 @@ fn main() -> anyhow::Result<()> {
         .split(',')
         .map(Perturb::parse)
         .collect::<anyhow::Result<_>>()?;
-    let model_dir = arg("--model", "");
-    let load = || -> anyhow::Result<(LlamaConfig, LlamaWeights)> {
-        Ok(if model_dir.is_empty() {
-            let cfg = LlamaConfig::preset(&arg("--random", "smollm2-135m")).expect("known preset");
-            let w = LlamaWeights::random(&cfg, 0, DType::F32);
-            (cfg, w)
-        } else {
-            let f = zoft::model::load::load_dir(std::path::Path::new(&model_dir))?;
-            (f.cfg, f.weights)
-        })
-    };
-    let (cfg, weights) = load()?;
+    let (cfg, weights) = load_model()?;
     let mut model = Llama::new(cfg.clone(), weights, CpuBackend::new());
     let ids: Vec<u32> = (0..batch * seq)
         .map(|i| ((i * 7919) % cfg.vocab_size) as u32)
