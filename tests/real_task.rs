@@ -90,7 +90,7 @@ fn mezo_learns_sentiment() {
 
 #[test]
 fn mezo_adam_learns_sentiment() {
-    run(Method::MezoAdam, 1e-5, Perturb::Inplace);
+    run(Method::MezoAdam, 5e-4, Perturb::Inplace);
 }
 
 #[test]
@@ -105,5 +105,5 @@ fn tezo_learns_sentiment() {
 
 #[test]
 fn tezo_adam_learns_sentiment() {
-    run(Method::TezoAdam, 1e-5, Perturb::Inplace);
+    run(Method::TezoAdam, 5e-4, Perturb::Inplace);
 }

@@ -76,7 +76,7 @@ struct TrainArgs {
     method: String,
     #[arg(long, default_value_t = 250)]
     steps: u64,
-    /// Learning rate (default: 3e-5 for mezo and tezo, 1e-4 for sparse-mezo, 1e-5 for the Adam variants).
+    /// Learning rate (default: 3e-5 for mezo and tezo, 1e-4 for sparse-mezo, 5e-4 for the Adam variants).
     #[arg(long)]
     lr: Option<f32>,
     #[arg(long, default_value_t = 1e-3)]
@@ -239,7 +239,7 @@ fn default_lr(method: Method) -> f32 {
     match method {
         Method::Mezo | Method::Tezo => 3e-5,
         Method::SparseMezo => 1e-4,
-        Method::MezoAdam | Method::TezoAdam => 1e-5,
+        Method::MezoAdam | Method::TezoAdam => 5e-4,
     }
 }
 
