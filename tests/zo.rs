@@ -79,12 +79,11 @@ fn z_of(opt: &ZoOptimizer, m: &Llama<CpuBackend>, id: usize, key: StepKey) -> Ve
     let mut zt = zoft::model::HostTensor::from_f32("z", t.shape.clone(), &vec![0.0; t.numel()]);
     let dir = opt.method.direction().clone();
     // z = (w0 + 1*z) - w0 with w0 = 0 except for sparse, whose mask needs the real w0.
-    if let zoft::zo::direction::Direction::Sparse { thresholds } = &dir {
+    if let zoft::zo::direction::Direction::Sparse { .. } = &dir {
         let w = t.to_f32_vec();
         let mut tmp = zoft::model::HostTensor::from_f32("w", t.shape.clone(), &w);
         zoft::zo::direction::perturb_tensor(&mut tmp, id, key, &dir, 0.0, 1.0);
         let after = tmp.to_f32_vec();
-        let _ = thresholds;
         return after.iter().zip(&w).map(|(a, b)| a - b).collect();
     }
     zoft::zo::direction::perturb_tensor(&mut zt, id, key, &dir, 0.0, 1.0);

@@ -4,7 +4,7 @@
 
 use super::mem::{MemCounters, Tag};
 use super::{AttnShape, Backend, SeqLayout};
-use crate::model::{DType, HostTensor};
+use crate::model::HostTensor;
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -415,9 +415,4 @@ impl Backend for CpuBackend {
         dst.data[dst_row * c..(dst_row + src.rows) * c].copy_from_slice(&src.data);
         Ok(())
     }
-}
-
-/// Whether a tensor can be updated in place in its compute dtype on this backend.
-pub fn is_compute_dtype(t: &HostTensor) -> bool {
-    t.dtype == DType::F32
 }

@@ -197,7 +197,7 @@ impl<'a> TensorZ<'a> {
                 let w0 = w - offset * z;
                 // Undo the perturbation only where it was applied: the mask is a function of
                 // w0, recomputed here rather than stored.
-                if (w - offset * z).abs() <= *h {
+                if w0.abs() <= *h {
                     f(j, w0, z)
                 } else {
                     f(j, w, 0.0)
