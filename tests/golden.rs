@@ -69,6 +69,14 @@ fn last_logits(g: &Golden, ids: &[u32]) -> Vec<f32> {
         .unwrap()
 }
 
+/// max_i |a_i - b_i|.
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 fn top_k(v: &[f32], k: usize) -> Vec<u32> {
     let mut idx: Vec<u32> = (0..v.len() as u32).collect();
     idx.sort_by(|&a, &b| v[b as usize].total_cmp(&v[a as usize]));
@@ -149,11 +157,7 @@ fn whole_logit_vectors_match_hf() {
         let ours = last_logits(g, &ids);
         let k = p["logits_index"].as_u64().unwrap() as usize;
         let want = &g.logits[k * vocab..(k + 1) * vocab];
-        let max_diff = ours
-            .iter()
-            .zip(want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let max_diff = max_abs_diff(&ours, want);
         assert!(
             max_diff < 2e-3,
             "prompt {}: max |logit diff| {max_diff}",
@@ -186,11 +190,7 @@ fn text_loss_matches_hf() {
     eprintln!("text loss {mean:.6} vs HF {want:.6}");
     assert!((mean - want).abs() < 1e-3, "loss {mean} vs {want}");
     let want_tok = f32s_of(&g.fx["loss"]["nll"]);
-    let max_diff = nll
-        .iter()
-        .zip(&want_tok)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let max_diff = max_abs_diff(&nll, &want_tok);
     assert!(max_diff < 2e-3, "per-token nll max diff {max_diff}");
 }
 
@@ -245,11 +245,7 @@ fn right_padded_batch_matches_hf() {
         let ours = &logits[i * vocab..(i + 1) * vocab];
         let k = s["logits_index"].as_u64().unwrap() as usize;
         let want = &g.logits[k * vocab..(k + 1) * vocab];
-        let max_diff = ours
-            .iter()
-            .zip(want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let max_diff = max_abs_diff(ours, want);
         assert!(max_diff < 2e-3, "sequence {i}: max |logit diff| {max_diff}");
         assert_eq!(top_k(ours, 10), ids_of(&s["top10_ids"]));
     }

@@ -2,6 +2,8 @@
 //! sentiment): a short run lowers the training loss and raises dev accuracy above zero-shot.
 //! The model and data are fetched into the cache on first use.
 
+mod common;
+use common::{first_last_means, logged_losses};
 use std::sync::atomic::AtomicBool;
 use zoft::backend::cpu::CpuBackend;
 use zoft::data::batch::LossKind;
@@ -55,16 +57,8 @@ fn run(method: Method, lr: f32, perturb: Perturb) {
         |_| {},
     )
     .unwrap();
-    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
-    let losses: Vec<f64> = log
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["loss_plus"].as_f64().unwrap() + v["loss_minus"].as_f64().unwrap()) / 2.0
-        })
-        .collect();
-    let first = losses[..10].iter().sum::<f64>() / 10.0;
-    let last = losses[losses.len() - 10..].iter().sum::<f64>() / 10.0;
+    let losses = logged_losses(&out.join("train_log.jsonl"));
+    let (first, last) = first_last_means(&losses, 10);
     let (before, after) = (s.zero_shot_dev.accuracy.unwrap(), s.dev.accuracy.unwrap());
     eprintln!(
         "{}: train loss {first:.4} -> {last:.4}, dev accuracy {before:.3} -> {after:.3}",

@@ -247,16 +247,8 @@ fn training_lowers_the_loss_and_raises_accuracy() {
     opts.zo.lr = 1e-3;
     let t = task(&cfg);
     let s = train(&mut m, &dir, &t, 0, &opts, None, &no_stop, |_| {}).unwrap();
-    let log = std::fs::read_to_string(dir.join("train_log.jsonl")).unwrap();
-    let losses: Vec<f64> = log
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["loss_plus"].as_f64().unwrap() + v["loss_minus"].as_f64().unwrap()) / 2.0
-        })
-        .collect();
-    let first: f64 = losses[..50].iter().sum::<f64>() / 50.0;
-    let last: f64 = losses[losses.len() - 50..].iter().sum::<f64>() / 50.0;
+    let losses = logged_losses(&dir.join("train_log.jsonl"));
+    let (first, last) = first_last_means(&losses, 50);
     eprintln!(
         "mean loss first 50 steps {first:.4}, last 50 {last:.4}; dev {:?} -> {:?}",
         s.zero_shot_dev.accuracy, s.dev.accuracy

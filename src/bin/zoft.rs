@@ -65,6 +65,21 @@ struct TaskArg {
     template: Option<String>,
 }
 
+impl TaskArg {
+    fn load(
+        &self,
+        tok: &zoft::tokenizer::Tokenizer,
+        cfg: &LlamaConfig,
+    ) -> Result<zoft::data::Task> {
+        zoft::data::load_task(
+            &self.task,
+            self.template.as_deref(),
+            tok,
+            cfg.max_position_embeddings,
+        )
+    }
+}
+
 #[derive(Args)]
 struct TrainArgs {
     #[command(flatten)]
@@ -274,12 +289,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         }
     }
     let (mut model, tok) = load_cpu(&src)?;
-    let task = zoft::data::load_task(
-        &a.task.task,
-        a.task.template.as_deref(),
-        &tok,
-        model.cfg.max_position_embeddings,
-    )?;
+    let task = a.task.load(&tok, &model.cfg)?;
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -358,12 +368,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     resolve_device(&a.model.device)?;
     let dir = model_dir(&a.model.model)?;
     let (model, tok) = load_cpu(&dir)?;
-    let task = zoft::data::load_task(
-        &a.task.task,
-        a.task.template.as_deref(),
-        &tok,
-        model.cfg.max_position_embeddings,
-    )?;
+    let task = a.task.load(&tok, &model.cfg)?;
     let Some(examples) = task.split(&a.split) else {
         bail!("unknown split {:?}: expected train, dev or test", a.split);
     };

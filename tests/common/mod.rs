@@ -39,3 +39,21 @@ pub fn tokens(n: usize, vocab: usize, salt: u64) -> Vec<u32> {
         .map(|i| (p.block(i as u64)[0] as usize % vocab) as u32)
         .collect()
 }
+
+/// Mean of loss(+eps) and loss(-eps) of every step in a trainer's JSONL log.
+pub fn logged_losses(log: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["loss_plus"].as_f64().unwrap() + v["loss_minus"].as_f64().unwrap()) / 2.0
+        })
+        .collect()
+}
+
+/// Mean of the first and of the last `n` values.
+pub fn first_last_means(v: &[f64], n: usize) -> (f64, f64) {
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    (mean(&v[..n]), mean(&v[v.len() - n..]))
+}
