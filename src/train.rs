@@ -1,13 +1,13 @@
 //! The trainer: zero-shot evaluation, ZO steps over sampled batches, periodic evaluation and
 //! checkpoints, resume, a JSONL log, and a summary. The CLI only wraps `train`.
 
-use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, LinearHook, SeqLayout};
 use crate::data::batch::{Batch, BatchOptions, Candidates, LossKind};
 use crate::data::metrics::{EvalResult, Evaluator};
 use crate::data::sampler::{Sampler, SamplerState};
 use crate::data::{Example, Task};
 use crate::model::{safetensors_io, Llama};
+use crate::zo::passes::ZoBackend;
 use crate::zo::{ZoConfig, ZoOptimizer};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -107,9 +107,9 @@ pub fn evaluate<B: Backend>(
 }
 
 /// Evaluates a split on the model as the optimizer currently sees it (virtual updates included).
-fn eval_split(
-    model: &Llama<CpuBackend>,
-    opt: &ZoOptimizer,
+fn eval_split<B: ZoBackend + 'static>(
+    model: &Llama<B>,
+    opt: &ZoOptimizer<B>,
     task: &Task,
     examples: &[Example],
     split: &str,
@@ -117,7 +117,7 @@ fn eval_split(
     pad_id: u32,
 ) -> Result<EvalResult> {
     let bar = indicatif::ProgressBar::hidden();
-    let mut hook = opt.eval_hook(model);
+    let mut hook = opt.eval_hook(model)?;
     evaluate(
         model,
         &mut *hook,
@@ -142,11 +142,11 @@ fn capped(examples: &[Example], max: usize) -> &[Example] {
 /// training state and optimizer state, into `dir` through a temporary directory and renames.
 /// Any virtual low-rank update is folded into the weights first (in the running model too,
 /// so a resumed run continues from exactly these weights).
-pub fn save_checkpoint(
+pub fn save_checkpoint<B: ZoBackend + 'static>(
     dir: &Path,
     model_src: &Path,
-    model: &mut Llama<CpuBackend>,
-    opt: &mut ZoOptimizer,
+    model: &mut Llama<B>,
+    opt: &mut ZoOptimizer<B>,
     state: &TrainState,
 ) -> Result<()> {
     opt.materialize(model)?;
@@ -173,12 +173,12 @@ pub fn save_checkpoint(
         tmp.join("config.json"),
         serde_json::to_string_pretty(&model.cfg)?,
     )?;
-    model.weights.save(&tmp)?;
+    model.backend.save_weights(&model.weights, &tmp)?;
     std::fs::write(
         tmp.join("training_state.json"),
         serde_json::to_string_pretty(state)?,
     )?;
-    let opt_state = opt.method.state();
+    let opt_state = opt.method.state(&model.backend)?;
     let shapes: Vec<Vec<usize>> = opt_state.iter().map(|(_, v)| vec![v.len()]).collect();
     let list: Vec<(&str, &[usize], crate::model::DType, &[u8])> = opt_state
         .iter()
@@ -248,8 +248,8 @@ struct LogLine<'a> {
 /// the directory the model was loaded from (its tokenizer files go into checkpoints).
 /// Setting `stop` (e.g. from a Ctrl-C handler) saves a checkpoint and returns early.
 #[allow(clippy::too_many_arguments)]
-pub fn train(
-    model: &mut Llama<CpuBackend>,
+pub fn train<B: ZoBackend + 'static>(
+    model: &mut Llama<B>,
     model_src: &Path,
     task: &Task,
     pad_id: u32,
@@ -272,7 +272,7 @@ pub fn train(
     let mut opt = ZoOptimizer::new(opts.zo.clone(), model)?;
     let (start, mut sampler) = match resume {
         Some((state, opt_state)) => {
-            opt.method.load_state(opt_state)?;
+            opt.method.load_state(&model.backend, opt_state)?;
             (
                 state.step,
                 Sampler::resume(task.train.len(), opts.zo.seed, state.sampler)?,
@@ -315,7 +315,12 @@ pub fn train(
     let t0 = Instant::now();
     let mut step = start;
     let mut stopped_early = None;
-    let weights_bytes = model.weights.byte_size();
+    let weights_bytes: usize = model
+        .weights
+        .tensors()
+        .into_iter()
+        .map(B::weight_bytes)
+        .sum();
     while step < opts.steps {
         if stop.load(Ordering::Relaxed) {
             stopped_early = Some(format!("interrupted at step {step}"));
@@ -345,7 +350,7 @@ pub fn train(
             dev_acc = r.accuracy;
             bar.println(format!("dev accuracy at step {step}: {}", fmt_acc(&r)));
         }
-        let mem = model.backend.mem.report();
+        let mem = model.backend.memory();
         let line = LogLine {
             step,
             loss_plus: r.loss_plus,

@@ -8,8 +8,10 @@
 //!   the run (keys (s, FACTOR_U/V, id)), tau = normal(s, t, id)[0..r]; vectors stay dense.
 //!   The 1/sqrt(r) makes Z's entries unit-variance, so eps and lr mean what they mean for MeZO.
 
+use super::passes::{Rule, ZSpec, ZoBackend};
 use crate::model::HostTensor;
 use crate::rng::Philox;
+use anyhow::Result;
 use rayon::prelude::*;
 
 /// Elements per parallel work item (a multiple of 4, the Philox block width).
@@ -72,7 +74,12 @@ impl Factors {
         let uc: Vec<f32> = (0..r).map(|k| self.u[a * r + k] * c[k] * norm).collect();
         for (b, o) in out.iter_mut().enumerate() {
             let vb = &self.v[b * r..(b + 1) * r];
-            *o = vb.iter().zip(&uc).map(|(x, y)| x * y).sum();
+            // An explicit in-order sum: the CUDA twin adds in exactly this order.
+            let mut acc = 0.0f32;
+            for (x, y) in vb.iter().zip(&uc) {
+                acc += x * y;
+            }
+            *o = acc;
         }
     }
 }
@@ -209,24 +216,34 @@ impl<'a> TensorZ<'a> {
 }
 
 /// In-place perturbation: a tensor at w0 + from*z moves to w0 + to*z.
-pub fn perturb_tensor(
-    t: &mut HostTensor,
+pub fn perturb_tensor<B: ZoBackend>(
+    backend: &B,
+    t: &mut B::Weight,
     id: usize,
     key: StepKey,
     dir: &Direction,
     from: f32,
     to: f32,
-) {
-    let tau = match dir {
-        Direction::LowRank { rank } if is_matrix(t) => Factors::tau(key, id, *rank),
-        _ => vec![],
-    };
-    // Low-rank z is linear in its coefficients, so the move is one pass with coefficients
-    // (to - from) * tau; dense and sparse z use the element rule.
-    if !tau.is_empty() {
-        let c: Vec<f32> = tau.iter().map(|x| (to - from) * x).collect();
-        TensorZ::of(t, id, key, dir, &c).pass(t, 0.0, |_, w, z| w + z);
-    } else {
-        TensorZ::of(t, id, key, dir, &tau).pass(t, from, |_, w0, z| w0 + to * z);
+) -> Result<()> {
+    match dir {
+        Direction::LowRank { rank } if B::weight_shape(t).len() == 2 => {
+            // Low-rank z is linear in its coefficients, so the move is one pass with
+            // coefficients (to - from) * tau.
+            let c: Vec<f32> = Factors::tau(key, id, *rank)
+                .iter()
+                .map(|x| (to - from) * x)
+                .collect();
+            let z = ZSpec::LowRank { coef: &c };
+            backend.zo_pass(t, id, key, z, 0.0, Rule::Move { to: 1.0 }, None)
+        }
+        _ => backend.zo_pass(
+            t,
+            id,
+            key,
+            super::elem_spec(dir, id),
+            from,
+            Rule::Move { to },
+            None,
+        ),
     }
 }

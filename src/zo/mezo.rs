@@ -1,8 +1,9 @@
 //! MeZO (ZO-SGD): w <- w - lr (g z + wd w), decoupled weight decay skipped for norms.
 
-use super::direction::{Direction, StepKey, TensorZ};
+use super::direction::{Direction, StepKey};
+use super::passes::{Rule, ZSpec, ZoBackend};
 use super::{TensorCtx, ZoConfig, ZoMethod};
-use crate::model::{HostTensor, ParamKind};
+use crate::model::ParamKind;
 use anyhow::Result;
 
 pub struct Mezo;
@@ -20,35 +21,41 @@ pub fn decay_for(kind: ParamKind, cfg: &ZoConfig) -> f32 {
 
 /// The SGD update along a (dense or sparse) z, restoring from w0 + offset z. Elements that
 /// z does not move (sparse mask) are left untouched, weight decay included.
-pub fn sgd_update(t: &mut HostTensor, tz: &TensorZ, offset: f32, g: f32, lr: f32, wd: f32) {
-    if lr == 0.0 && offset == 0.0 {
-        return;
+#[allow(clippy::too_many_arguments)]
+pub fn sgd_update<B: ZoBackend>(
+    backend: &B,
+    t: &mut B::Weight,
+    id: usize,
+    key: StepKey,
+    z: ZSpec,
+    offset: f32,
+    g: f32,
+    cfg: &ZoConfig,
+    wd: f32,
+) -> Result<()> {
+    if cfg.lr == 0.0 && offset == 0.0 {
+        return Ok(());
     }
-    tz.pass(t, offset, |_, w0, z| {
-        if z == 0.0 {
-            w0
-        } else {
-            w0 - lr * (g * z + wd * w0)
-        }
-    });
+    let rule = Rule::Sgd { lr: cfg.lr, g, wd };
+    backend.zo_pass(t, id, key, z, offset, rule, None)
 }
 
-impl ZoMethod for Mezo {
+impl<B: ZoBackend> ZoMethod<B> for Mezo {
     fn direction(&self) -> &Direction {
         &DENSE
     }
 
     fn update_tensor(
         &mut self,
-        t: &mut HostTensor,
+        backend: &B,
+        t: &mut B::Weight,
         ctx: &TensorCtx,
         key: StepKey,
         offset: f32,
         g: f32,
         cfg: &ZoConfig,
     ) -> Result<()> {
-        let tz = TensorZ::of(t, ctx.id, key, &DENSE, &[]);
-        sgd_update(t, &tz, offset, g, cfg.lr, decay_for(ctx.kind, cfg));
-        Ok(())
+        let wd = decay_for(ctx.kind, cfg);
+        sgd_update(backend, t, ctx.id, key, ZSpec::Dense, offset, g, cfg, wd)
     }
 }

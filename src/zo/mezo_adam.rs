@@ -1,33 +1,86 @@
 //! MeZO-Adam: Adam on the estimate g z with full first and second moments per weight. The
 //! memory-hungry baseline (two extra copies of the model) that the others are measured against.
 
-use super::direction::{Direction, ElemState, StepKey, TensorZ};
+use super::direction::{Direction, StepKey};
 use super::mezo::decay_for;
+use super::passes::{AdamArgs, Rule, ZSpec, ZoBackend};
 use super::{TensorCtx, ZoConfig, ZoMethod};
-use crate::model::{HostTensor, LlamaWeights};
 use anyhow::{bail, Result};
 use std::collections::HashMap;
 
-pub struct MezoAdam {
-    m: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+/// Per-element Adam moments of some tensors (None for the others), resident on the backend.
+/// Saved as `m.{id}` and `v.{id}`.
+pub struct ElemMoments<S> {
+    moments: Vec<Option<(S, S)>>,
+    lens: Vec<usize>,
 }
 
-const DENSE: Direction = Direction::Dense;
+impl<S> ElemMoments<S> {
+    /// Zero moments of `lens[id]` elements for every tensor with a non-zero length.
+    pub fn zeros<B: ZoBackend<State = S>>(backend: &B, lens: Vec<usize>) -> Result<Self> {
+        let moments = lens
+            .iter()
+            .map(|&n| {
+                if n == 0 {
+                    return Ok(None);
+                }
+                let zeros = vec![0.0f32; n];
+                Ok(Some((backend.zo_state(&zeros)?, backend.zo_state(&zeros)?)))
+            })
+            .collect::<Result<_>>()?;
+        Ok(ElemMoments { moments, lens })
+    }
 
-impl MezoAdam {
-    pub fn new(weights: &LlamaWeights) -> Self {
-        let zeros = || {
-            weights
-                .tensors()
-                .iter()
-                .map(|t| vec![0.0; t.numel()])
-                .collect()
-        };
-        MezoAdam {
-            m: zeros(),
-            v: zeros(),
+    pub fn get_mut(&mut self, id: usize) -> Option<(&mut S, &mut S)> {
+        self.moments[id].as_mut().map(|(m, v)| (m, v))
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.lens.iter().sum::<usize>() * 2 * 4
+    }
+
+    pub fn state<B: ZoBackend<State = S>>(&self, backend: &B) -> Result<Vec<(String, Vec<f32>)>> {
+        let mut out = Vec::new();
+        for (id, mv) in self.moments.iter().enumerate() {
+            if let Some((m, v)) = mv {
+                out.push((format!("m.{id}"), backend.zo_state_to_host(m)?));
+                out.push((format!("v.{id}"), backend.zo_state_to_host(v)?));
+            }
         }
+        Ok(out)
+    }
+
+    /// Takes this set's entries out of saved state, checking every length.
+    pub fn load<B: ZoBackend<State = S>>(
+        &mut self,
+        backend: &B,
+        state: &mut HashMap<String, Vec<f32>>,
+    ) -> Result<()> {
+        for (id, slot) in self.moments.iter_mut().enumerate() {
+            if slot.is_none() {
+                continue;
+            }
+            let m = take_exact(state, &format!("m.{id}"), self.lens[id])?;
+            let v = take_exact(state, &format!("v.{id}"), self.lens[id])?;
+            *slot = Some((backend.zo_state(&m)?, backend.zo_state(&v)?));
+        }
+        Ok(())
+    }
+}
+
+/// Removes entry `name` from saved state, which must hold `len` values.
+pub fn take_exact(
+    state: &mut HashMap<String, Vec<f32>>,
+    name: &str,
+    len: usize,
+) -> Result<Vec<f32>> {
+    match state.remove(name) {
+        Some(v) if v.len() == len => Ok(v),
+        Some(v) => bail!(
+            "optimizer state {name} has {} values, expected {len}",
+            v.len()
+        ),
+        None => bail!("optimizer state has no {name}"),
     }
 }
 
@@ -37,108 +90,69 @@ pub fn adam_corrections(cfg: &ZoConfig, step: u32) -> (f32, f32) {
     (1.0 - cfg.beta1.powi(t), 1.0 - cfg.beta2.powi(t))
 }
 
-/// Elementwise AdamW on the estimate g z, restoring from w0 + offset z in the same pass.
-#[allow(clippy::too_many_arguments)]
-pub fn adam_update(
-    t: &mut HostTensor,
-    tz: &TensorZ,
-    offset: f32,
-    g: f32,
-    (m, v): (&mut [f32], &mut [f32]),
-    cfg: &ZoConfig,
-    step: u32,
-    wd: f32,
-) {
+/// The Adam rule of one step for projected gradient `g`.
+pub fn adam_rule(cfg: &ZoConfig, step: u32, g: f32, wd: f32) -> Rule {
     let (c1, c2) = adam_corrections(cfg, step);
-    let (ms, vs) = (ElemState::new(m), ElemState::new(v));
-    let (b1, b2, lr, e) = (cfg.beta1, cfg.beta2, cfg.lr, cfg.adam_eps);
-    tz.pass(t, offset, |j, w0, z| {
-        // SAFETY: each element index j belongs to exactly one chunk of the pass.
-        let (m, v) = unsafe { (ms.get(j), vs.get(j)) };
-        let ge = g * z;
-        *m = b1 * *m + (1.0 - b1) * ge;
-        *v = b2 * *v + (1.0 - b2) * ge * ge;
-        w0 - lr * ((*m / c1) / ((*v / c2).sqrt() + e) + wd * w0)
-    });
+    Rule::Adam(AdamArgs {
+        g,
+        lr: cfg.lr,
+        wd,
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        c1,
+        c2,
+        eps: cfg.adam_eps,
+    })
 }
 
-pub fn moments_state(m: &[Vec<f32>], v: &[Vec<f32>]) -> Vec<(String, Vec<f32>)> {
-    let mut out = Vec::new();
-    for (i, (m, v)) in m.iter().zip(v).enumerate() {
-        out.push((format!("m.{i}"), m.clone()));
-        out.push((format!("v.{i}"), v.clone()));
+pub struct MezoAdam<S> {
+    moments: ElemMoments<S>,
+}
+
+const DENSE: Direction = Direction::Dense;
+
+impl<S> MezoAdam<S> {
+    pub fn new<B: ZoBackend<State = S>>(backend: &B, shapes: &[&[usize]]) -> Result<Self> {
+        let lens = shapes.iter().map(|s| s.iter().product()).collect();
+        Ok(MezoAdam {
+            moments: ElemMoments::zeros(backend, lens)?,
+        })
     }
-    out
 }
 
-/// Fills moment vectors from saved state, checking every length.
-pub fn load_moments(
-    m: &mut [Vec<f32>],
-    v: &mut [Vec<f32>],
-    state: &mut HashMap<String, Vec<f32>>,
-) -> Result<()> {
-    for (name, slot) in m
-        .iter_mut()
-        .enumerate()
-        .map(|(i, s)| (format!("m.{i}"), s))
-        .chain(v.iter_mut().enumerate().map(|(i, s)| (format!("v.{i}"), s)))
-    {
-        if slot.is_empty() {
-            continue;
-        }
-        let Some(saved) = state.remove(&name) else {
-            bail!("optimizer state has no {name}");
-        };
-        if saved.len() != slot.len() {
-            bail!(
-                "optimizer state {name} has {} values, expected {}",
-                saved.len(),
-                slot.len()
-            );
-        }
-        *slot = saved;
-    }
-    Ok(())
-}
-
-impl ZoMethod for MezoAdam {
+impl<B: ZoBackend> ZoMethod<B> for MezoAdam<B::State> {
     fn direction(&self) -> &Direction {
         &DENSE
     }
 
     fn update_tensor(
         &mut self,
-        t: &mut HostTensor,
+        backend: &B,
+        t: &mut B::Weight,
         ctx: &TensorCtx,
         key: StepKey,
         offset: f32,
         g: f32,
         cfg: &ZoConfig,
     ) -> Result<()> {
-        let tz = TensorZ::of(t, ctx.id, key, &DENSE, &[]);
-        let mv = (&mut self.m[ctx.id][..], &mut self.v[ctx.id][..]);
-        adam_update(
-            t,
-            &tz,
-            offset,
-            g,
-            mv,
-            cfg,
-            key.step,
-            decay_for(ctx.kind, cfg),
-        );
-        Ok(())
+        let rule = adam_rule(cfg, key.step, g, decay_for(ctx.kind, cfg));
+        let mv = self.moments.get_mut(ctx.id);
+        backend.zo_pass(t, ctx.id, key, ZSpec::Dense, offset, rule, mv)
     }
 
-    fn state(&self) -> Vec<(String, Vec<f32>)> {
-        moments_state(&self.m, &self.v)
+    fn state(&self, backend: &B) -> Result<Vec<(String, Vec<f32>)>> {
+        self.moments.state(backend)
     }
 
-    fn load_state(&mut self, mut state: HashMap<String, Vec<f32>>) -> Result<()> {
-        load_moments(&mut self.m, &mut self.v, &mut state)?;
+    fn load_state(&mut self, backend: &B, mut state: HashMap<String, Vec<f32>>) -> Result<()> {
+        self.moments.load(backend, &mut state)?;
         if let Some(k) = state.keys().next() {
             bail!("mezo-adam state has unexpected entry {k}");
         }
         Ok(())
+    }
+
+    fn state_bytes(&self) -> usize {
+        self.moments.bytes()
     }
 }

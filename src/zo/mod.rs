@@ -8,15 +8,17 @@ pub mod direction;
 pub mod hook;
 pub mod mezo;
 pub mod mezo_adam;
+pub mod passes;
 pub mod sparse_mezo;
 pub mod tezo;
 pub mod tezo_adam;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::LinearHook;
-use crate::model::{HostTensor, Llama, LlamaWeights, ParamKind};
+use crate::model::{Llama, LlamaWeights, ParamKind};
 use anyhow::{bail, Result};
 use direction::{perturb_tensor, Direction, StepKey};
+use passes::{Rule, ZSpec, ZoBackend};
 use std::collections::HashMap;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -142,23 +144,22 @@ impl ZoConfig {
 pub struct TensorCtx {
     pub id: usize,
     pub kind: ParamKind,
+    /// A 2-D weight (low-rank directions apply); vectors are the norm gains.
+    pub is_matrix: bool,
 }
 
-/// A zeroth-order method: how z is drawn and how an estimate updates the weights.
-pub trait ZoMethod: Send {
+/// A zeroth-order method: how z is drawn and how an estimate updates the weights. Methods
+/// keep their optimizer state on the backend `B` that holds the weights.
+pub trait ZoMethod<B: ZoBackend> {
     fn direction(&self) -> &Direction;
-
-    /// Reads whatever it needs from the initial weights (once, before step 0).
-    fn prepare(&mut self, weights: &LlamaWeights) -> Result<()> {
-        let _ = weights;
-        Ok(())
-    }
 
     /// Updates tensor `t`, which currently holds w0 + offset * z(key), with projected gradient
     /// `g`: the result is the updated w0, so an in-place run restores and updates in one pass.
+    #[allow(clippy::too_many_arguments)]
     fn update_tensor(
         &mut self,
-        t: &mut HostTensor,
+        backend: &B,
+        t: &mut B::Weight,
         ctx: &TensorCtx,
         key: StepKey,
         offset: f32,
@@ -176,12 +177,14 @@ pub trait ZoMethod: Send {
     /// Forgets the virtual update after it was written into the weights.
     fn clear_virtual(&mut self) {}
 
-    /// Optimizer state by name, for checkpoints.
-    fn state(&self) -> Vec<(String, Vec<f32>)> {
-        vec![]
+    /// Optimizer state by name, on the host, for checkpoints.
+    fn state(&self, backend: &B) -> Result<Vec<(String, Vec<f32>)>> {
+        let _ = backend;
+        Ok(vec![])
     }
 
-    fn load_state(&mut self, state: HashMap<String, Vec<f32>>) -> Result<()> {
+    fn load_state(&mut self, backend: &B, state: HashMap<String, Vec<f32>>) -> Result<()> {
+        let _ = backend;
         if let Some(k) = state.keys().next() {
             bail!("optimizer state has unexpected entry {k}");
         }
@@ -190,26 +193,33 @@ pub trait ZoMethod: Send {
 
     /// Bytes of optimizer state held.
     fn state_bytes(&self) -> usize {
-        self.state().iter().map(|(_, v)| v.len() * 4).sum()
+        0
     }
 }
 
-pub fn new_method(cfg: &ZoConfig, weights: &LlamaWeights) -> Result<Box<dyn ZoMethod>> {
+pub fn new_method<B: ZoBackend + 'static>(
+    cfg: &ZoConfig,
+    backend: &B,
+    weights: &LlamaWeights<B::Weight>,
+) -> Result<Box<dyn ZoMethod<B>>> {
     cfg.validate()?;
-    let mut m: Box<dyn ZoMethod> = match cfg.method {
+    let shapes: Vec<&[usize]> = weights.tensors().into_iter().map(B::weight_shape).collect();
+    Ok(match cfg.method {
         Method::Mezo => Box::new(mezo::Mezo),
-        Method::MezoAdam => Box::new(mezo_adam::MezoAdam::new(weights)),
-        Method::SparseMezo => Box::new(sparse_mezo::SparseMezo::new(cfg.sparsity)),
-        Method::Tezo => Box::new(tezo::Tezo::new(cfg, weights)),
-        Method::TezoAdam => Box::new(tezo_adam::TezoAdam::new(cfg, weights)),
-    };
-    m.prepare(weights)?;
-    Ok(m)
+        Method::MezoAdam => Box::new(mezo_adam::MezoAdam::new(backend, &shapes)?),
+        Method::SparseMezo => Box::new(sparse_mezo::SparseMezo::new(
+            backend,
+            weights,
+            cfg.sparsity,
+        )?),
+        Method::Tezo => Box::new(tezo::Tezo::new(cfg, &shapes)),
+        Method::TezoAdam => Box::new(tezo_adam::TezoAdam::new(cfg, backend, &shapes)?),
+    })
 }
 
 /// Evaluates the loss of the step's batch on a model seen through a hook.
-pub type LossFn<'a> =
-    dyn FnMut(&Llama<CpuBackend>, &mut dyn LinearHook<CpuBackend>) -> Result<f32> + 'a;
+pub type LossFn<'a, B = CpuBackend> =
+    dyn FnMut(&Llama<B>, &mut dyn LinearHook<B>) -> Result<f32> + 'a;
 
 /// The two losses and the projected gradient of one step.
 #[derive(Clone, Copy, Debug, serde::Serialize)]
@@ -220,23 +230,33 @@ pub struct StepResult {
 }
 
 /// Kinds of every tensor in canonical order.
-pub fn tensor_kinds(model: &Llama<CpuBackend>) -> Vec<ParamKind> {
+pub fn tensor_kinds<B: ZoBackend>(model: &Llama<B>) -> Vec<ParamKind> {
     crate::model::weights::expected_tensors(&model.cfg)
         .into_iter()
         .map(|(_, _, k)| k)
         .collect()
 }
 
-/// Drives one method over a CPU model.
-pub struct ZoOptimizer {
+/// How the z of tensor `id` is drawn element by element (dense or sparse) under `dir`.
+pub fn elem_spec(dir: &Direction, id: usize) -> ZSpec<'static> {
+    match dir {
+        Direction::Sparse { thresholds } => ZSpec::Sparse {
+            threshold: thresholds[id],
+        },
+        Direction::Dense | Direction::LowRank { .. } => ZSpec::Dense,
+    }
+}
+
+/// Drives one method over a model on backend `B`.
+pub struct ZoOptimizer<B: ZoBackend = CpuBackend> {
     pub cfg: ZoConfig,
-    pub method: Box<dyn ZoMethod>,
+    pub method: Box<dyn ZoMethod<B>>,
     kinds: Vec<ParamKind>,
 }
 
-impl ZoOptimizer {
-    pub fn new(cfg: ZoConfig, model: &Llama<CpuBackend>) -> Result<Self> {
-        let method = new_method(&cfg, &model.weights)?;
+impl<B: ZoBackend + 'static> ZoOptimizer<B> {
+    pub fn new(cfg: ZoConfig, model: &Llama<B>) -> Result<Self> {
+        let method = new_method(&cfg, &model.backend, &model.weights)?;
         Ok(ZoOptimizer {
             cfg,
             method,
@@ -255,29 +275,25 @@ impl ZoOptimizer {
     /// the given hook on the step's batch.
     pub fn step(
         &mut self,
-        model: &mut Llama<CpuBackend>,
+        model: &mut Llama<B>,
         step: u64,
-        loss: &mut LossFn,
+        loss: &mut LossFn<B>,
     ) -> Result<StepResult> {
         let key = self.key(step);
         let eps = self.cfg.eps;
         let (lp, lm, offset) = match self.cfg.perturb {
             Perturb::Inplace => {
-                self.perturb_all(model, key, 0.0, eps);
-                let lp = loss(model, &mut crate::backend::NoHook)?;
-                self.perturb_all(model, key, eps, -eps);
-                let lm = loss(model, &mut crate::backend::NoHook)?;
+                self.perturb_all(model, key, 0.0, eps)?;
+                let lp = loss(model, &mut crate::backend::NoHook);
+                let lp = self.restore_on_error(model, key, eps, lp)?;
+                self.perturb_all(model, key, eps, -eps)?;
+                let lm = loss(model, &mut crate::backend::NoHook);
+                let lm = self.restore_on_error(model, key, -eps, lm)?;
                 (lp, lm, -eps)
             }
             Perturb::Fused => {
-                let lp = loss(
-                    model,
-                    &mut hook::FusedHook::new(self, key, eps, &model.backend),
-                )?;
-                let lm = loss(
-                    model,
-                    &mut hook::FusedHook::new(self, key, -eps, &model.backend),
-                )?;
+                let lp = loss(model, &mut *B::fused_hook(self, model, key, eps)?)?;
+                let lm = loss(model, &mut *B::fused_hook(self, model, key, -eps)?)?;
                 (lp, lm, 0.0)
             }
         };
@@ -285,7 +301,7 @@ impl ZoOptimizer {
         if !g.is_finite() {
             // Put the weights back before reporting, so the last good state survives.
             if offset != 0.0 {
-                self.perturb_all(model, key, offset, 0.0);
+                self.perturb_all(model, key, offset, 0.0)?;
             }
             bail!("non-finite loss at step {step}: loss(+eps) = {lp}, loss(-eps) = {lm}");
         }
@@ -297,56 +313,75 @@ impl ZoOptimizer {
         })
     }
 
+    /// A failed perturbed forward leaves the weights at w0 + offset z: restore them first.
+    fn restore_on_error(
+        &self,
+        model: &mut Llama<B>,
+        key: StepKey,
+        offset: f32,
+        loss: Result<f32>,
+    ) -> Result<f32> {
+        if loss.is_err() {
+            self.perturb_all(model, key, offset, 0.0)?;
+        }
+        loss
+    }
+
     /// The hook that evaluates the current (possibly virtual) weights without perturbation.
-    pub fn eval_hook<'a>(
-        &'a self,
-        model: &'a Llama<CpuBackend>,
-    ) -> Box<dyn LinearHook<CpuBackend> + 'a> {
+    pub fn eval_hook<'a>(&'a self, model: &'a Llama<B>) -> Result<Box<dyn LinearHook<B> + 'a>> {
         match self.cfg.perturb {
-            Perturb::Inplace => Box::new(crate::backend::NoHook),
-            Perturb::Fused => {
-                Box::new(hook::FusedHook::new(self, self.key(0), 0.0, &model.backend))
-            }
+            Perturb::Inplace => Ok(Box::new(crate::backend::NoHook)),
+            Perturb::Fused => B::fused_hook(self, model, self.key(0), 0.0),
         }
     }
 
-    pub fn perturb_all(&self, model: &mut Llama<CpuBackend>, key: StepKey, from: f32, to: f32) {
-        let dir = self.method.direction().clone();
+    /// Moves every tensor (except virtual low-rank ones) from w0 + from z to w0 + to z.
+    pub fn perturb_all(
+        &self,
+        model: &mut Llama<B>,
+        key: StepKey,
+        from: f32,
+        to: f32,
+    ) -> Result<()> {
+        let dir = self.method.direction();
+        let backend = &model.backend;
         for (id, t) in model.weights.tensors_mut().into_iter().enumerate() {
             if self.method.virtual_coefficients(id).is_some() {
                 continue; // low-rank virtual tensors are perturbed by the hook
             }
-            perturb_tensor(t, id, key, &dir, from, to);
+            perturb_tensor(backend, t, id, key, dir, from, to)?;
         }
+        Ok(())
     }
 
     pub fn update_all(
         &mut self,
-        model: &mut Llama<CpuBackend>,
+        model: &mut Llama<B>,
         key: StepKey,
         offset: f32,
         g: f32,
     ) -> Result<()> {
+        let backend = &model.backend;
         for (id, t) in model.weights.tensors_mut().into_iter().enumerate() {
             let ctx = TensorCtx {
                 id,
                 kind: self.kinds[id],
+                is_matrix: B::weight_shape(t).len() == 2,
             };
             self.method
-                .update_tensor(t, &ctx, key, offset, g, &self.cfg)?;
+                .update_tensor(backend, t, &ctx, key, offset, g, &self.cfg)?;
         }
         Ok(())
     }
 
     /// Writes any virtual (low-rank) update into the weights, e.g. before saving.
-    pub fn materialize(&mut self, model: &mut Llama<CpuBackend>) -> Result<()> {
-        let rank = self.cfg.rank;
+    pub fn materialize(&mut self, model: &mut Llama<B>) -> Result<()> {
+        let backend = &model.backend;
+        let key = self.key(0);
         for (id, t) in model.weights.tensors_mut().into_iter().enumerate() {
             if let Some(c) = self.method.virtual_coefficients(id) {
-                let c = c.to_vec();
-                let fac =
-                    direction::Factors::generate(self.cfg.seed, id, t.shape[0], t.shape[1], rank);
-                direction::low_rank_pass(t, &fac, &c, |_, w, z| w + z);
+                let z = ZSpec::LowRank { coef: c };
+                backend.zo_pass(t, id, key, z, 0.0, Rule::Move { to: 1.0 }, None)?;
             }
         }
         self.method.clear_virtual();

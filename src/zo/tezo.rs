@@ -4,10 +4,10 @@
 //! coefficients: with `--perturb fused` the update stays in a_t (virtual) until it is
 //! materialized at save; with `--perturb inplace` each step writes its rank-r update.
 
-use super::direction::{is_matrix, Direction, Factors, StepKey, TensorZ};
+use super::direction::{Direction, Factors, StepKey};
 use super::mezo::{decay_for, sgd_update};
+use super::passes::{Rule, ZSpec, ZoBackend};
 use super::{Perturb, TensorCtx, ZoConfig, ZoMethod};
-use crate::model::{HostTensor, LlamaWeights};
 use anyhow::{bail, Result};
 use std::collections::HashMap;
 
@@ -20,13 +20,12 @@ pub struct LowRank {
 }
 
 impl LowRank {
-    pub fn new(cfg: &ZoConfig, weights: &LlamaWeights) -> Self {
+    pub fn new(cfg: &ZoConfig, shapes: &[&[usize]]) -> Self {
         let is_virtual = cfg.perturb == Perturb::Fused;
-        let acc = weights
-            .tensors()
+        let acc = shapes
             .iter()
-            .map(|t| {
-                if is_virtual && is_matrix(t) {
+            .map(|s| {
+                if is_virtual && s.len() == 2 {
                     vec![0.0; cfg.rank]
                 } else {
                     vec![]
@@ -49,20 +48,22 @@ impl LowRank {
 
     /// Applies a step's update coefficients `delta` (length r) to matrix `id`, restoring from
     /// w0 + offset Z(tau) in the same pass when the update is written in place.
-    pub fn apply(
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply<B: ZoBackend>(
         &mut self,
-        t: &mut HostTensor,
+        backend: &B,
+        t: &mut B::Weight,
         id: usize,
         key: StepKey,
         offset: f32,
         delta: &[f32],
         lr_wd: f32,
-    ) {
+    ) -> Result<()> {
         if self.is_virtual {
             for (a, d) in self.acc[id].iter_mut().zip(delta) {
                 *a += d;
             }
-            return;
+            return Ok(());
         }
         let tau = Factors::tau(key, id, self.rank());
         // Z is linear in its coefficients: restore and update are one combined rank-r pass.
@@ -72,13 +73,13 @@ impl LowRank {
             .map(|(t, d)| -offset * t + d)
             .collect();
         if c.iter().any(|&v| v != 0.0) {
-            TensorZ::of(t, id, key, &self.dir, &c).pass(t, 0.0, |_, w, z| w + z);
+            let z = ZSpec::LowRank { coef: &c };
+            backend.zo_pass(t, id, key, z, 0.0, Rule::Move { to: 1.0 }, None)?;
         }
         if lr_wd > 0.0 {
-            crate::zo::direction::for_each_chunk(t, |_, w| {
-                w.iter_mut().for_each(|x| *x -= lr_wd * *x)
-            });
+            backend.zo_decay(t, lr_wd)?;
         }
+        Ok(())
     }
 
     pub fn virtual_coefficients(&self, id: usize) -> Option<&[f32]> {
@@ -97,21 +98,15 @@ impl LowRank {
 
     pub fn load_state(&mut self, state: &mut HashMap<String, Vec<f32>>) -> Result<()> {
         for (i, slot) in self.acc.iter_mut().enumerate() {
-            if slot.is_empty() {
-                continue;
-            }
-            let name = format!("acc.{i}");
-            match state.remove(&name) {
-                Some(v) if v.len() == slot.len() => *slot = v,
-                Some(v) => bail!(
-                    "optimizer state {name} has {} values, expected {}",
-                    v.len(),
-                    slot.len()
-                ),
-                None => bail!("optimizer state has no {name}"),
+            if !slot.is_empty() {
+                *slot = super::mezo_adam::take_exact(state, &format!("acc.{i}"), slot.len())?;
             }
         }
         Ok(())
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.acc.iter().map(|a| a.len() * 4).sum()
     }
 
     pub fn clear(&mut self) {
@@ -126,21 +121,22 @@ pub struct Tezo {
 }
 
 impl Tezo {
-    pub fn new(cfg: &ZoConfig, weights: &LlamaWeights) -> Self {
+    pub fn new(cfg: &ZoConfig, shapes: &[&[usize]]) -> Self {
         Tezo {
-            lr: LowRank::new(cfg, weights),
+            lr: LowRank::new(cfg, shapes),
         }
     }
 }
 
-impl ZoMethod for Tezo {
+impl<B: ZoBackend> ZoMethod<B> for Tezo {
     fn direction(&self) -> &Direction {
         &self.lr.dir
     }
 
     fn update_tensor(
         &mut self,
-        t: &mut HostTensor,
+        backend: &B,
+        t: &mut B::Weight,
         ctx: &TensorCtx,
         key: StepKey,
         offset: f32,
@@ -148,15 +144,14 @@ impl ZoMethod for Tezo {
         cfg: &ZoConfig,
     ) -> Result<()> {
         let wd = decay_for(ctx.kind, cfg);
-        if is_matrix(t) {
+        if ctx.is_matrix {
             let tau = Factors::tau(key, ctx.id, cfg.rank);
             let delta: Vec<f32> = tau.iter().map(|x| -cfg.lr * g * x).collect();
-            self.lr.apply(t, ctx.id, key, offset, &delta, cfg.lr * wd);
+            self.lr
+                .apply(backend, t, ctx.id, key, offset, &delta, cfg.lr * wd)
         } else {
-            let tz = TensorZ::of(t, ctx.id, key, &self.lr.dir, &[]);
-            sgd_update(t, &tz, offset, g, cfg.lr, wd);
+            sgd_update(backend, t, ctx.id, key, ZSpec::Dense, offset, g, cfg, wd)
         }
-        Ok(())
     }
 
     fn virtual_coefficients(&self, id: usize) -> Option<&[f32]> {
@@ -167,11 +162,15 @@ impl ZoMethod for Tezo {
         self.lr.clear();
     }
 
-    fn state(&self) -> Vec<(String, Vec<f32>)> {
-        self.lr.state()
+    fn state(&self, _backend: &B) -> Result<Vec<(String, Vec<f32>)>> {
+        Ok(self.lr.state())
     }
 
-    fn load_state(&mut self, mut state: HashMap<String, Vec<f32>>) -> Result<()> {
+    fn state_bytes(&self) -> usize {
+        self.lr.bytes()
+    }
+
+    fn load_state(&mut self, _backend: &B, mut state: HashMap<String, Vec<f32>>) -> Result<()> {
         self.lr.load_state(&mut state)?;
         if let Some(k) = state.keys().next() {
             bail!("tezo state has unexpected entry {k}");

@@ -2,47 +2,50 @@
 //! in tau coordinates is g * tau), so the optimizer state is tiny; vectors (norms) keep
 //! elementwise moments, which are small too.
 
-use super::direction::{is_matrix, Direction, Factors, StepKey, TensorZ};
+use super::direction::{Direction, Factors, StepKey};
 use super::mezo::decay_for;
-use super::mezo_adam::{adam_corrections, adam_update, load_moments, moments_state};
+use super::mezo_adam::{adam_corrections, adam_rule, take_exact, ElemMoments};
+use super::passes::{ZSpec, ZoBackend};
 use super::tezo::LowRank;
 use super::{TensorCtx, ZoConfig, ZoMethod};
-use crate::model::{HostTensor, LlamaWeights};
 use anyhow::{bail, Result};
 use std::collections::HashMap;
 
-pub struct TezoAdam {
+pub struct TezoAdam<S> {
     lr: LowRank,
-    /// Per tensor: r moments for matrices, numel moments for vectors.
+    /// Per matrix: r first and second moments on the host (empty for vectors).
     m: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
+    /// Per vector: elementwise moments on the backend.
+    elem: ElemMoments<S>,
 }
 
-impl TezoAdam {
-    pub fn new(cfg: &ZoConfig, weights: &LlamaWeights) -> Self {
-        let zeros = || {
-            weights
-                .tensors()
-                .iter()
-                .map(|t| vec![0.0; if is_matrix(t) { cfg.rank } else { t.numel() }])
-                .collect()
-        };
-        TezoAdam {
-            lr: LowRank::new(cfg, weights),
-            m: zeros(),
-            v: zeros(),
-        }
+impl<S> TezoAdam<S> {
+    pub fn new<B: ZoBackend<State = S>>(
+        cfg: &ZoConfig,
+        backend: &B,
+        shapes: &[&[usize]],
+    ) -> Result<Self> {
+        let rank_len = |s: &&[usize]| if s.len() == 2 { cfg.rank } else { 0 };
+        let elem_len = |s: &&[usize]| if s.len() == 2 { 0 } else { s.iter().product() };
+        Ok(TezoAdam {
+            lr: LowRank::new(cfg, shapes),
+            m: shapes.iter().map(|s| vec![0.0; rank_len(s)]).collect(),
+            v: shapes.iter().map(|s| vec![0.0; rank_len(s)]).collect(),
+            elem: ElemMoments::zeros(backend, shapes.iter().map(elem_len).collect())?,
+        })
     }
 }
 
-impl ZoMethod for TezoAdam {
+impl<B: ZoBackend> ZoMethod<B> for TezoAdam<B::State> {
     fn direction(&self) -> &Direction {
         &self.lr.dir
     }
 
     fn update_tensor(
         &mut self,
-        t: &mut HostTensor,
+        backend: &B,
+        t: &mut B::Weight,
         ctx: &TensorCtx,
         key: StepKey,
         offset: f32,
@@ -50,12 +53,12 @@ impl ZoMethod for TezoAdam {
         cfg: &ZoConfig,
     ) -> Result<()> {
         let wd = decay_for(ctx.kind, cfg);
-        let (m, v) = (&mut self.m[ctx.id], &mut self.v[ctx.id]);
-        if !is_matrix(t) {
-            let tz = TensorZ::of(t, ctx.id, key, &self.lr.dir, &[]);
-            adam_update(t, &tz, offset, g, (m, v), cfg, key.step, wd);
-            return Ok(());
+        if !ctx.is_matrix {
+            let rule = adam_rule(cfg, key.step, g, wd);
+            let mv = self.elem.get_mut(ctx.id);
+            return backend.zo_pass(t, ctx.id, key, ZSpec::Dense, offset, rule, mv);
         }
+        let (m, v) = (&mut self.m[ctx.id], &mut self.v[ctx.id]);
         let tau = Factors::tau(key, ctx.id, cfg.rank);
         let (c1, c2) = adam_corrections(cfg, key.step);
         let mut delta = vec![0.0f32; cfg.rank];
@@ -65,8 +68,8 @@ impl ZoMethod for TezoAdam {
             v[k] = cfg.beta2 * v[k] + (1.0 - cfg.beta2) * ge * ge;
             delta[k] = -cfg.lr * (m[k] / c1) / ((v[k] / c2).sqrt() + cfg.adam_eps);
         }
-        self.lr.apply(t, ctx.id, key, offset, &delta, cfg.lr * wd);
-        Ok(())
+        self.lr
+            .apply(backend, t, ctx.id, key, offset, &delta, cfg.lr * wd)
     }
 
     fn virtual_coefficients(&self, id: usize) -> Option<&[f32]> {
@@ -77,18 +80,35 @@ impl ZoMethod for TezoAdam {
         self.lr.clear();
     }
 
-    fn state(&self) -> Vec<(String, Vec<f32>)> {
-        let mut s = moments_state(&self.m, &self.v);
+    fn state(&self, backend: &B) -> Result<Vec<(String, Vec<f32>)>> {
+        let mut s = self.elem.state(backend)?;
+        for (id, (m, v)) in self.m.iter().zip(&self.v).enumerate() {
+            if !m.is_empty() {
+                s.push((format!("m.{id}"), m.clone()));
+                s.push((format!("v.{id}"), v.clone()));
+            }
+        }
         s.extend(self.lr.state());
-        s
+        Ok(s)
     }
 
-    fn load_state(&mut self, mut state: HashMap<String, Vec<f32>>) -> Result<()> {
-        load_moments(&mut self.m, &mut self.v, &mut state)?;
+    fn load_state(&mut self, backend: &B, mut state: HashMap<String, Vec<f32>>) -> Result<()> {
+        self.elem.load(backend, &mut state)?;
+        for (id, (m, v)) in self.m.iter_mut().zip(&mut self.v).enumerate() {
+            if !m.is_empty() {
+                *m = take_exact(&mut state, &format!("m.{id}"), m.len())?;
+                *v = take_exact(&mut state, &format!("v.{id}"), v.len())?;
+            }
+        }
         self.lr.load_state(&mut state)?;
         if let Some(k) = state.keys().next() {
             bail!("tezo-adam state has unexpected entry {k}");
         }
         Ok(())
+    }
+
+    fn state_bytes(&self) -> usize {
+        let rank_moments: usize = self.m.iter().map(|m| m.len() * 2 * 4).sum();
+        self.elem.bytes() + rank_moments + self.lr.bytes()
     }
 }

@@ -1,0 +1,220 @@
+//! The seam between the ZO methods and the device that holds the weights. A method decides, per
+//! tensor and step, where z comes from (`ZSpec`) and what to write (`Rule`); the backend runs
+//! that as one pass over the tensor. The CPU implementation below is the oracle; the CUDA one
+//! (src/backend/cuda/zo.rs) mirrors its arithmetic operation for operation.
+
+use super::direction::{Factors, StepKey, TensorZ};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::mem::MemReport;
+use crate::backend::{Backend, LinearHook, ParamId};
+use crate::model::{HostTensor, Llama, LlamaWeights};
+use anyhow::{bail, Result};
+use std::path::Path;
+
+/// Where the z of one tensor comes from in a pass.
+#[derive(Clone, Copy, Debug)]
+pub enum ZSpec<'a> {
+    /// z = normal(seed, step, id), element index as counter.
+    Dense,
+    /// The dense z, zeroed where the unperturbed |w0| > threshold.
+    Sparse { threshold: f32 },
+    /// Z = U diag(coef) V^T / sqrt(r) with the run's fixed factors of this matrix,
+    /// r = coef.len().
+    LowRank { coef: &'a [f32] },
+}
+
+/// Adam hyperparameters of one update pass; c1, c2 are the bias corrections of this step.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamArgs {
+    pub g: f32,
+    pub lr: f32,
+    pub wd: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub c1: f32,
+    pub c2: f32,
+    pub eps: f32,
+}
+
+/// What a pass writes for each element, given the unperturbed weight w0 and its z.
+#[derive(Clone, Copy, Debug)]
+pub enum Rule {
+    /// w0 + to * z.
+    Move { to: f32 },
+    /// w0 - lr (g z + wd w0); elements with z == 0 (outside a sparse mask) stay at w0.
+    Sgd { lr: f32, g: f32, wd: f32 },
+    /// AdamW on the estimate g z, with per-element moments passed to the pass.
+    Adam(AdamArgs),
+}
+
+impl Rule {
+    /// The new weight (the CPU definition every backend reproduces bit for bit).
+    #[inline(always)]
+    pub fn apply(self, w0: f32, z: f32, moments: Option<(&mut f32, &mut f32)>) -> f32 {
+        match self {
+            Rule::Move { to } => w0 + to * z,
+            Rule::Sgd { lr, g, wd } => {
+                if z == 0.0 {
+                    w0
+                } else {
+                    w0 - lr * (g * z + wd * w0)
+                }
+            }
+            Rule::Adam(a) => {
+                let (m, v) = moments.expect("an Adam pass needs its moments");
+                let ge = a.g * z;
+                *m = a.beta1 * *m + (1.0 - a.beta1) * ge;
+                *v = a.beta2 * *v + (1.0 - a.beta2) * ge * ge;
+                w0 - a.lr * ((*m / a.c1) / ((*v / a.c2).sqrt() + a.eps) + a.wd * w0)
+            }
+        }
+    }
+}
+
+/// A backend that can run ZO passes over its own weights.
+pub trait ZoBackend: Backend {
+    /// Per-element optimizer state (Adam moments), f32, accounted as optimizer memory.
+    type State;
+
+    /// A state vector holding `values`.
+    fn zo_state(&self, values: &[f32]) -> Result<Self::State>;
+    fn zo_state_to_host(&self, s: &Self::State) -> Result<Vec<f32>>;
+    fn weight_shape(w: &Self::Weight) -> &[usize];
+    /// Bytes the tensor occupies in its storage dtype.
+    fn weight_bytes(w: &Self::Weight) -> usize;
+    /// Current and peak memory by tag of this backend's tracked allocations.
+    fn memory(&self) -> MemReport;
+
+    /// The value under which a fraction (1 - sparsity) of |w| lies.
+    fn zo_threshold(&self, w: &Self::Weight, sparsity: f32) -> Result<f32>;
+
+    /// One pass over `w`, which currently holds w0 + offset * z: writes `rule(w0, z)`.
+    /// `moments` is required by `Rule::Adam` and ignored otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn zo_pass(
+        &self,
+        w: &mut Self::Weight,
+        id: ParamId,
+        key: StepKey,
+        z: ZSpec,
+        offset: f32,
+        rule: Rule,
+        moments: Option<(&mut Self::State, &mut Self::State)>,
+    ) -> Result<()>;
+
+    /// w <- w - factor * w (decoupled weight decay of a low-rank step written in place).
+    fn zo_decay(&self, w: &mut Self::Weight, factor: f32) -> Result<()>;
+
+    /// The hook of `--perturb fused` on this backend: every parameter use sees w + scale z.
+    fn fused_hook<'a>(
+        opt: &'a super::ZoOptimizer<Self>,
+        model: &'a Llama<Self>,
+        key: StepKey,
+        scale: f32,
+    ) -> Result<Box<dyn LinearHook<Self> + 'a>>;
+
+    /// Writes the weights as an HF-layout model.safetensors in `dir`.
+    fn save_weights(&self, weights: &LlamaWeights<Self::Weight>, dir: &Path) -> Result<()>;
+}
+
+/// The value under which a fraction (1 - sparsity) of |w| lies.
+pub fn abs_percentile(values: Vec<f32>, sparsity: f32) -> f32 {
+    let mut a: Vec<f32> = values.into_iter().map(f32::abs).collect();
+    let n = a.len();
+    let keep = (((1.0 - sparsity as f64) * n as f64).round() as usize).clamp(1, n);
+    let (_, h, _) = a.select_nth_unstable_by(keep - 1, f32::total_cmp);
+    *h
+}
+
+impl ZoBackend for CpuBackend {
+    type State = Vec<f32>;
+
+    fn zo_state(&self, values: &[f32]) -> Result<Vec<f32>> {
+        Ok(values.to_vec())
+    }
+
+    fn zo_state_to_host(&self, s: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(s.clone())
+    }
+
+    fn weight_shape(w: &HostTensor) -> &[usize] {
+        &w.shape
+    }
+
+    fn weight_bytes(w: &HostTensor) -> usize {
+        w.bytes().len()
+    }
+
+    fn memory(&self) -> MemReport {
+        self.mem.report()
+    }
+
+    fn zo_threshold(&self, w: &HostTensor, sparsity: f32) -> Result<f32> {
+        Ok(abs_percentile(w.to_f32_vec(), sparsity))
+    }
+
+    fn zo_pass(
+        &self,
+        w: &mut HostTensor,
+        id: ParamId,
+        key: StepKey,
+        z: ZSpec,
+        offset: f32,
+        rule: Rule,
+        moments: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
+    ) -> Result<()> {
+        let tz = match z {
+            ZSpec::Dense => TensorZ::Dense(key.stream(id)),
+            ZSpec::Sparse { threshold } => TensorZ::Sparse(key.stream(id), threshold),
+            ZSpec::LowRank { coef } => {
+                if w.shape.len() != 2 {
+                    bail!("{}: a low-rank direction needs a matrix", w.name);
+                }
+                let fac = Factors::generate(key.seed, id, w.shape[0], w.shape[1], coef.len());
+                TensorZ::LowRank(fac, coef)
+            }
+        };
+        match (rule, moments) {
+            (Rule::Adam(_), Some((m, v))) => {
+                if m.len() != w.numel() || v.len() != w.numel() {
+                    bail!("{}: Adam moments do not match the tensor", w.name);
+                }
+                let (ms, vs) = (
+                    super::direction::ElemState::new(m),
+                    super::direction::ElemState::new(v),
+                );
+                tz.pass(w, offset, |j, w0, z| {
+                    // SAFETY: each element index j belongs to exactly one chunk of the pass.
+                    let mv = unsafe { (ms.get(j), vs.get(j)) };
+                    rule.apply(w0, z, Some(mv))
+                });
+            }
+            (Rule::Adam(_), None) => bail!("{}: an Adam pass needs its moments", w.name),
+            _ => tz.pass(w, offset, |_, w0, z| rule.apply(w0, z, None)),
+        }
+        Ok(())
+    }
+
+    fn zo_decay(&self, w: &mut HostTensor, factor: f32) -> Result<()> {
+        super::direction::for_each_chunk(w, |_, w| w.iter_mut().for_each(|x| *x -= factor * *x));
+        Ok(())
+    }
+
+    fn fused_hook<'a>(
+        opt: &'a super::ZoOptimizer<Self>,
+        model: &'a Llama<Self>,
+        key: StepKey,
+        scale: f32,
+    ) -> Result<Box<dyn LinearHook<Self> + 'a>> {
+        Ok(Box::new(super::hook::FusedHook::new(
+            opt,
+            key,
+            scale,
+            &model.backend,
+        )))
+    }
+
+    fn save_weights(&self, weights: &LlamaWeights<HostTensor>, dir: &Path) -> Result<()> {
+        weights.save(dir)
+    }
+}
