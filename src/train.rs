@@ -61,22 +61,40 @@ pub struct TrainSummary {
     pub stopped_early: Option<String>,
 }
 
-/// The inputs a model needs for a batch: ids, layout and (row, token) requests.
-pub fn model_inputs(b: &Batch) -> (SeqLayout, Vec<(u32, u32)>) {
+/// The inputs a model needs for a batch: ids, layout and (row, token) requests. With
+/// `packed`, padding is dropped and the sequences sit back to back (rows renumbered).
+pub fn model_inputs(b: &Batch, packed: bool) -> (Vec<u32>, SeqLayout, Vec<(u32, u32)>) {
     let lens: Vec<usize> = b.lens.iter().map(|&l| l as usize).collect();
-    let layout = SeqLayout::full(b.batch, b.seq, &lens);
-    let requests = b.requests.iter().map(|r| (r.row, r.token)).collect();
-    (layout, requests)
+    if !packed {
+        let layout = SeqLayout::full(b.batch, b.seq, &lens);
+        let requests = b.requests.iter().map(|r| (r.row, r.token)).collect();
+        return (b.ids.clone(), layout, requests);
+    }
+    let layout = SeqLayout::packed(&lens);
+    let starts = layout.starts.as_ref().expect("a packed layout");
+    let mut ids = Vec::with_capacity(layout.rows());
+    for (i, &l) in lens.iter().enumerate() {
+        ids.extend_from_slice(&b.ids[i * b.seq..i * b.seq + l]);
+    }
+    let requests = b
+        .requests
+        .iter()
+        .map(|r| {
+            let (seq, t) = (r.row as usize / b.seq, r.row as usize % b.seq);
+            ((starts[seq] + t) as u32, r.token)
+        })
+        .collect();
+    (ids, layout, requests)
 }
 
-/// Log-probabilities of a batch's requests.
+/// Log-probabilities of a batch's requests (packed when the backend takes packed layouts).
 pub fn batch_logprobs<B: Backend>(
     model: &Llama<B>,
     b: &Batch,
     hook: &mut dyn LinearHook<B>,
 ) -> Result<Vec<f32>> {
-    let (layout, requests) = model_inputs(b);
-    model.request_logprobs(&b.ids, &layout, &requests, hook)
+    let (ids, layout, requests) = model_inputs(b, model.backend.supports_packed());
+    model.request_logprobs(&ids, &layout, &requests, hook)
 }
 
 /// Evaluates `examples` (every candidate scored; the best log-likelihood wins).

@@ -235,6 +235,7 @@ fn rope_parity() {
             kv_len: q_len + q_offset,
             kv_valid: vec![q_len + q_offset; batch],
             q_offset,
+            starts: None,
         };
         let rows = batch * q_len;
         let cols = n_heads * hd;
@@ -346,6 +347,7 @@ fn attention_parity_decode() {
             kv_len: capacity,
             kv_valid: vec![past + q_len; batch],
             q_offset: past,
+            starts: None,
         };
         attention_case(
             &g,

@@ -45,6 +45,36 @@ fn batched_with_padding_equals_unbatched() {
 }
 
 #[test]
+fn packed_sequences_equal_padded_ones() {
+    let cfg = tiny_config();
+    let m = tiny_model(&cfg, 5);
+    let lens = [4usize, 11, 1, 7];
+    let seq = 11;
+    let seqs: Vec<Vec<u32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| tokens(n, cfg.vocab_size, 20 + i as u64))
+        .collect();
+    let mut padded = vec![3u32; lens.len() * seq];
+    for (b, s) in seqs.iter().enumerate() {
+        padded[b * seq..b * seq + s.len()].copy_from_slice(s);
+    }
+    let packed: Vec<u32> = seqs.concat();
+    let layout = SeqLayout::packed(&lens);
+    assert_eq!(layout.rows(), packed.len());
+    let mut start = 0;
+    for (b, s) in seqs.iter().enumerate() {
+        let padded_rows: Vec<usize> = (0..s.len()).map(|t| b * seq + t).collect();
+        let packed_rows: Vec<usize> = (0..s.len()).map(|t| start + t).collect();
+        let want = all_logits(&m, &padded, &SeqLayout::full(4, seq, &lens), &padded_rows);
+        let got = all_logits(&m, &packed, &layout, &packed_rows);
+        let e = rel_err(&got, &want);
+        assert!(e < 1e-5, "sequence {b}: packed vs padded rel err {e}");
+        start += s.len();
+    }
+}
+
+#[test]
 fn padding_tokens_do_not_change_results() {
     let cfg = tiny_config();
     let m = tiny_model(&cfg, 2);

@@ -132,6 +132,10 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads)", self.threads)
     }
 
+    fn supports_packed(&self) -> bool {
+        true
+    }
+
     fn alloc(&self, rows: usize, cols: usize, tag: Tag) -> Result<CpuAct> {
         self.mem.add(tag, rows * cols * 4);
         Ok(CpuAct {
@@ -258,12 +262,17 @@ impl Backend for CpuBackend {
             "rope: {} frequencies for head_dim {hd}",
             inv_freq.len()
         );
-        let q_len = layout.q_len;
+        ensure!(
+            x.rows == layout.rows(),
+            "rope: {} rows for a layout of {}",
+            x.rows,
+            layout.rows()
+        );
         x.data
             .par_chunks_mut(x.cols)
             .enumerate()
             .for_each(|(r, row)| {
-                let pos = (layout.q_offset + r % q_len) as f32;
+                let pos = (layout.q_offset + layout.query_row(r).1) as f32;
                 for (i, &f) in inv_freq.iter().enumerate() {
                     let (s, c) = (pos * f).sin_cos();
                     for h in 0..n_heads {
@@ -297,13 +306,18 @@ impl Backend for CpuBackend {
             q.cols == qc && k.cols == kc && v.cols == kc && out.cols == qc,
             "attention: shapes"
         );
+        ensure!(
+            q.rows == layout.rows(),
+            "attention: {} query rows for a layout of {}",
+            q.rows,
+            layout.rows()
+        );
         let scale = 1.0 / (hd as f32).sqrt();
-        let (tq, tk) = (layout.q_len, layout.kv_len);
         out.data
             .par_chunks_mut(qc)
             .enumerate()
             .for_each(|(r, orow)| {
-                let (b, t) = (r / tq, r % tq);
+                let (b, t) = layout.query_row(r);
                 let visible = (t + layout.q_offset + 1).min(layout.kv_valid[b]);
                 let mut scores = vec![0.0f32; visible];
                 for h in 0..n_heads {
@@ -311,7 +325,7 @@ impl Backend for CpuBackend {
                     let qh = &q.data[r * qc + h * hd..r * qc + (h + 1) * hd];
                     let mut m = f32::NEG_INFINITY;
                     for (j, s) in scores.iter_mut().enumerate() {
-                        let kr = &k.data[(b * tk + j) * kc + kh * hd..][..hd];
+                        let kr = &k.data[layout.key_row(b, j) * kc + kh * hd..][..hd];
                         *s = qh.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
                         m = m.max(*s);
                     }
@@ -323,7 +337,7 @@ impl Backend for CpuBackend {
                     let o = &mut orow[h * hd..(h + 1) * hd];
                     o.fill(0.0);
                     for (j, &p) in scores.iter().enumerate() {
-                        let vr = &v.data[(b * tk + j) * kc + kh * hd..][..hd];
+                        let vr = &v.data[layout.key_row(b, j) * kc + kh * hd..][..hd];
                         for (o, &vv) in o.iter_mut().zip(vr) {
                             *o += p * vv;
                         }

@@ -9,11 +9,12 @@ pub mod mem;
 
 use anyhow::Result;
 
-/// Shape of a batch of right-padded sequences laid out row-major as [batch * seq, features].
+/// Shape of a batch of sequences laid out row-major as [rows, features]: right-padded blocks
+/// of q_len rows per sequence, or packed back to back with no padding at all.
 #[derive(Clone, Debug)]
 pub struct SeqLayout {
     pub batch: usize,
-    /// Rows per sequence in the query tensor.
+    /// Rows per sequence in the query tensor (padded layouts; the longest length when packed).
     pub q_len: usize,
     /// Rows per sequence in the key/value tensors (== q_len except when decoding from a cache).
     pub kv_len: usize,
@@ -21,6 +22,9 @@ pub struct SeqLayout {
     pub kv_valid: Vec<usize>,
     /// Absolute position of query row 0 (the number of cached tokens when decoding).
     pub q_offset: usize,
+    /// Packed sequences: sequence b holds rows [starts[b], starts[b] + kv_valid[b]) of q, k
+    /// and v. Padding rows cost as much as real ones in every GEMM; packing skips them.
+    pub starts: Option<Vec<usize>>,
 }
 
 impl SeqLayout {
@@ -33,11 +37,53 @@ impl SeqLayout {
             kv_len: seq,
             kv_valid: lens.to_vec(),
             q_offset: 0,
+            starts: None,
+        }
+    }
+
+    /// Full sequences of lengths `lens`, packed back to back.
+    pub fn packed(lens: &[usize]) -> Self {
+        let mut starts = Vec::with_capacity(lens.len());
+        let mut at = 0;
+        for &l in lens {
+            starts.push(at);
+            at += l;
+        }
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        SeqLayout {
+            batch: lens.len(),
+            q_len: longest,
+            kv_len: longest,
+            kv_valid: lens.to_vec(),
+            q_offset: 0,
+            starts: Some(starts),
         }
     }
 
     pub fn rows(&self) -> usize {
-        self.batch * self.q_len
+        match &self.starts {
+            Some(_) => self.kv_valid.iter().sum(),
+            None => self.batch * self.q_len,
+        }
+    }
+
+    /// (sequence, position within it) of query row `r`.
+    pub fn query_row(&self, r: usize) -> (usize, usize) {
+        match &self.starts {
+            Some(starts) => {
+                let b = starts.partition_point(|&s| s <= r) - 1;
+                (b, r - starts[b])
+            }
+            None => (r / self.q_len, r % self.q_len),
+        }
+    }
+
+    /// Row of key/value `j` of sequence `b`.
+    pub fn key_row(&self, b: usize, j: usize) -> usize {
+        match &self.starts {
+            Some(starts) => starts[b] + j,
+            None => b * self.kv_len + j,
+        }
     }
 }
 
@@ -61,6 +107,10 @@ pub trait Backend: Sized {
     type Weight;
 
     fn name(&self) -> String;
+    /// Whether `rope` and `attention` take packed layouts (`SeqLayout::packed`).
+    fn supports_packed(&self) -> bool {
+        false
+    }
     /// A buffer of `rows * cols` elements, accounted under `tag`. Contents are unspecified.
     fn alloc(&self, rows: usize, cols: usize, tag: mem::Tag) -> Result<Self::Act>;
     fn act_rows(&self, a: &Self::Act) -> usize;

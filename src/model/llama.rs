@@ -99,6 +99,12 @@ impl<B: Backend> Llama<B> {
             layout.batch,
             layout.q_len
         );
+        if let Some(starts) = &layout.starts {
+            ensure!(
+                layout.q_offset == 0 && starts.len() == layout.batch,
+                "a packed layout holds whole sequences"
+            );
+        }
         let needed = layout.q_offset + layout.q_len;
         ensure!(
             needed <= self.cfg.max_position_embeddings,
@@ -293,6 +299,7 @@ impl<B: Backend> Llama<B> {
             kv_len: cache.capacity,
             kv_valid: vec![past + ids.len()],
             q_offset: past,
+            starts: None,
         };
         let h = self.run(ids, &layout, &mut crate::backend::NoHook, Some(cache))?;
         cache.len = past + ids.len();

@@ -564,6 +564,10 @@ impl Backend for CudaBackend {
             inv_freq.len()
         );
         ensure!(layout.q_len > 0, "rope: empty layout");
+        ensure!(
+            layout.starts.is_none(),
+            "rope: packed layouts are not supported by the CUDA backend"
+        );
         if x.rows == 0 {
             return Ok(());
         }
@@ -602,6 +606,10 @@ impl Backend for CudaBackend {
         ensure!(
             q.cols == qc && k.cols == kc && v.cols == kc && out.cols == qc,
             "attention: shapes"
+        );
+        ensure!(
+            layout.starts.is_none(),
+            "attention: packed layouts are not supported by the CUDA backend"
         );
         ensure!(
             q.rows == layout.batch * layout.q_len
