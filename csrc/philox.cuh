@@ -172,6 +172,28 @@ __device__ __forceinline__ float philox_normal(const PhiloxKey& key, uint64_t i)
   return (lane & 1) ? __fmul_rn(r, s) : __fmul_rn(r, c);
 }
 
+// Calls apply(e - start, z(e)) for every element e of [start, start + n), generating whole
+// Philox blocks of four: worker `worker` of `workers` takes blocks worker, worker + workers, ...
+// (a grid-stride loop with the global thread index, or a block-stride one with threadIdx.x).
+template <typename F>
+__device__ __forceinline__ void philox_for_each_normal(const PhiloxKey& key, uint64_t start,
+                                                       uint64_t n, uint64_t worker,
+                                                       uint64_t workers, F apply) {
+  const uint64_t end = start + n;
+  const uint64_t first = start >> 2;
+  const uint64_t blocks = ((end + 3) >> 2) - first;
+  for (uint64_t g = worker; g < blocks; g += workers) {
+    const uint64_t b = first + g;
+    float z[4];
+    philox_normal4(key, b, z);
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      const uint64_t e = 4 * b + l;
+      if (e >= start && e < end) apply(e - start, z[l]);
+    }
+  }
+}
+
 // +1 or -1 for element i (the top bit of its word).
 __device__ __forceinline__ float philox_rademacher(const PhiloxKey& key, uint64_t i) {
   uint32_t w[4];

@@ -7,20 +7,8 @@
 // written to out[0 .. n). `apply(out_index, z)` consumes the value.
 template <typename F>
 __device__ __forceinline__ void for_each_normal(uint64_t n, PhiloxKey key, uint64_t start, F apply) {
-  const uint64_t end = start + n;
-  const uint64_t first = start >> 2;
-  const uint64_t blocks = ((end + 3) >> 2) - first;
-  const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
-  for (uint64_t g = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; g < blocks; g += stride) {
-    const uint64_t b = first + g;
-    float z[4];
-    philox_normal4(key, b, z);
-#pragma unroll
-    for (int l = 0; l < 4; ++l) {
-      const uint64_t e = 4 * b + l;
-      if (e >= start && e < end) apply(e - start, z[l]);
-    }
-  }
+  philox_for_each_normal(key, start, n, (uint64_t)blockIdx.x * blockDim.x + threadIdx.x,
+                         (uint64_t)gridDim.x * blockDim.x, apply);
 }
 
 // out[i] = shift + scale * z(start + i), as two rounded ops (no fma); shift == 0 skips the add

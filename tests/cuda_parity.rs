@@ -1,16 +1,22 @@
 //! Every CUDA kernel against its CPU twin, on fresh random inputs with outputs poisoned first,
 //! compared by relative norm error (f32 < 1e-5, bf16 < 1e-2), plus bit-identity of the Philox
-//! generator with src/rng.rs and whole-model parity. Without a CUDA device every test prints
+//! generator with src/rng.rs and of the ZO weight passes with their CPU twins, and whole-model
+//! parity. Without a CUDA device every test prints
 //! "skipped: ..." and passes.
 #![cfg(feature = "cuda")]
 
 use half::bf16;
 use zoft::backend::cpu::CpuBackend;
-use zoft::backend::cuda::{cuda_available, kernels_embedded, CudaAct, CudaBackend, PhiloxKey};
+use zoft::backend::cuda::{
+    cuda_available, kernels_embedded, CudaAct, CudaBackend, CudaWeight, PhiloxKey,
+};
 use zoft::backend::mem::Tag;
 use zoft::backend::{AttnShape, Backend, NoHook, SeqLayout};
 use zoft::model::{DType, HostTensor, Llama, LlamaConfig, LlamaWeights};
 use zoft::rng::{philox4x32_10, Philox};
+use zoft::zo::direction::StepKey;
+use zoft::zo::passes::{AdamArgs, Rule, ZSpec, ZoBackend};
+use zoft::zo::{Method, Perturb, ZoConfig, ZoOptimizer};
 
 const F32_TOL: f64 = 1e-5;
 const BF16_TOL: f64 = 1e-2;
@@ -730,6 +736,362 @@ fn whole_model_parity() {
                 let got = gm.forward_cached(&tok, &mut gc).unwrap();
                 assert_close(&format!("{what} decode {step}"), &got, &want, tol);
             }
+        }
+    }
+}
+
+// The ZO weight passes (ZoBackend) against the CPU implementation: bit for bit, for f32 and bf16
+// weights, on fresh random weights.
+
+const ZO_KEY: StepKey = StepKey {
+    seed: 0x5EED_0F2E_400D_0E77,
+    step: 41,
+};
+const ZO_ID: usize = 7;
+
+/// Random weights as a host tensor and their device copy in the same dtype.
+fn zo_tensor(
+    g: &CudaBackend,
+    shape: &[usize],
+    dtype: DType,
+    seed: u64,
+) -> (HostTensor, CudaWeight) {
+    let n: usize = shape.iter().product();
+    let t = host("zo.weight", shape.to_vec(), &randn(n, seed, 0.05), dtype);
+    let w = g.upload_tensor(&t, dtype).unwrap();
+    (t, w)
+}
+
+fn assert_same_bits(what: &str, g: &CudaBackend, got: &CudaWeight, want: &HostTensor) {
+    assert_eq!(got.dtype, want.dtype, "{what}: dtype");
+    let bytes: Vec<u8> = g.buf_to_host(got.buf(), want.bytes().len()).unwrap();
+    if bytes != want.bytes() {
+        let es = want.dtype.size();
+        let i = bytes
+            .chunks(es)
+            .zip(want.bytes().chunks(es))
+            .position(|(a, b)| a != b)
+            .unwrap();
+        let (gv, wv) = (g.weight_to_host(got).unwrap()[i], want.to_f32_vec()[i]);
+        panic!("{what}: element {i} differs: GPU {gv:e}, CPU {wv:e}");
+    }
+}
+
+fn assert_same_f32(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+        panic!(
+            "{what}: element {i} differs: GPU {:e}, CPU {:e}",
+            got[i], want[i]
+        );
+    }
+}
+
+fn adam_args() -> AdamArgs {
+    AdamArgs {
+        g: 3.7,
+        lr: 5e-4,
+        wd: 0.01,
+        beta1: 0.9,
+        beta2: 0.999,
+        c1: 1.0 - 0.9f32.powi(3),
+        c2: 1.0 - 0.999f32.powi(3),
+        eps: 1e-8,
+    }
+}
+
+#[test]
+fn zo_element_passes_bit_identical() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let rules = [
+        ("move", Rule::Move { to: -1e-3 }),
+        (
+            "sgd",
+            Rule::Sgd {
+                lr: 1e-2,
+                g: -2.5,
+                wd: 0.1,
+            },
+        ),
+        ("adam", Rule::Adam(adam_args())),
+    ];
+    // More elements than one CPU chunk (2^14), an odd matrix, a vector.
+    for (si, shape) in [vec![300, 71], vec![37, 53], vec![101]]
+        .into_iter()
+        .enumerate()
+    {
+        let n: usize = shape.iter().product();
+        for dtype in [DType::F32, DType::BF16] {
+            for sparse in [false, true] {
+                for (ri, (rname, rule)) in rules.iter().enumerate() {
+                    let seed = 20 + (si * 12 + ri * 4 + 2 * sparse as usize) as u64;
+                    let (mut t, mut w) = zo_tensor(&g, &shape, dtype, seed);
+                    let offset = if sparse { -1e-3 } else { 1e-3 };
+                    let z = if sparse {
+                        // The median of |w|: half the elements take each branch of the mask.
+                        let h = cpu.zo_threshold(&t, 0.5).unwrap();
+                        let hg = g.zo_threshold(&w, 0.5).unwrap();
+                        assert_eq!(h.to_bits(), hg.to_bits(), "threshold {shape:?} {dtype:?}");
+                        let p = ZO_KEY.stream(ZO_ID);
+                        let wv = t.to_f32_vec();
+                        let inside = (0..n)
+                            .filter(|&j| (wv[j] - offset * p.normal(j as u64)).abs() <= h)
+                            .count();
+                        assert!(
+                            inside > n / 4 && inside < 3 * n / 4,
+                            "{inside} of {n} inside the mask"
+                        );
+                        ZSpec::Sparse { threshold: h }
+                    } else {
+                        ZSpec::Dense
+                    };
+                    let what = format!(
+                        "{} {rname} {shape:?} {dtype:?}",
+                        if sparse { "sparse" } else { "dense" }
+                    );
+                    if let Rule::Adam(_) = rule {
+                        let m0 = randn(n, seed + 1, 1e-3);
+                        let v0: Vec<f32> = randn(n, seed + 2, 1e-3).iter().map(|x| x * x).collect();
+                        let (mut mc, mut vc) = (m0.clone(), v0.clone());
+                        cpu.zo_pass(
+                            &mut t,
+                            ZO_ID,
+                            ZO_KEY,
+                            z,
+                            offset,
+                            *rule,
+                            Some((&mut mc, &mut vc)),
+                        )
+                        .unwrap();
+                        let mut mg = g.zo_state(&m0).unwrap();
+                        let mut vg = g.zo_state(&v0).unwrap();
+                        assert_eq!(mg.tag(), Tag::Optimizer);
+                        g.zo_pass(
+                            &mut w,
+                            ZO_ID,
+                            ZO_KEY,
+                            z,
+                            offset,
+                            *rule,
+                            Some((&mut mg, &mut vg)),
+                        )
+                        .unwrap();
+                        assert_same_f32(
+                            &format!("{what} m"),
+                            &g.zo_state_to_host(&mg).unwrap(),
+                            &mc,
+                        );
+                        assert_same_f32(
+                            &format!("{what} v"),
+                            &g.zo_state_to_host(&vg).unwrap(),
+                            &vc,
+                        );
+                        // Moments of another tensor, or none, are refused.
+                        let mut short = g.zo_state(&m0[1..]).unwrap();
+                        let err = g
+                            .zo_pass(
+                                &mut w,
+                                ZO_ID,
+                                ZO_KEY,
+                                z,
+                                offset,
+                                *rule,
+                                Some((&mut short, &mut vg)),
+                            )
+                            .unwrap_err();
+                        assert!(err.to_string().contains("moments"), "{err}");
+                        let err = g
+                            .zo_pass(&mut w, ZO_ID, ZO_KEY, z, offset, *rule, None)
+                            .unwrap_err();
+                        assert!(err.to_string().contains("moments"), "{err}");
+                    } else {
+                        cpu.zo_pass(&mut t, ZO_ID, ZO_KEY, z, offset, *rule, None)
+                            .unwrap();
+                        g.zo_pass(&mut w, ZO_ID, ZO_KEY, z, offset, *rule, None)
+                            .unwrap();
+                    }
+                    assert_same_bits(&what, &g, &w, &t);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn zo_low_rank_pass_bit_identical() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    // An odd shape; several row tiles and column blocks at the largest rank; a single row;
+    // rank 1 on exactly one column block.
+    for (ci, (rows, cols, rank)) in [(37, 53, 8), (70, 300, 64), (1, 130, 5), (33, 128, 1)]
+        .into_iter()
+        .enumerate()
+    {
+        for dtype in [DType::F32, DType::BF16] {
+            let seed = 60 + 2 * ci as u64 + (dtype == DType::BF16) as u64;
+            let (mut t, mut w) = zo_tensor(&g, &[rows, cols], dtype, seed);
+            let coef = randn(rank, seed + 100, 1e-3);
+            let z = ZSpec::LowRank { coef: &coef };
+            let (offset, rule) = (2e-3, Rule::Move { to: -1e-3 });
+            cpu.zo_pass(&mut t, ZO_ID, ZO_KEY, z, offset, rule, None)
+                .unwrap();
+            g.zo_pass(&mut w, ZO_ID, ZO_KEY, z, offset, rule, None)
+                .unwrap();
+            assert_same_bits(
+                &format!("low rank {rank} {rows}x{cols} {dtype:?}"),
+                &g,
+                &w,
+                &t,
+            );
+        }
+    }
+    // What the kernel does not do is refused with a reason.
+    let (_, mut w) = zo_tensor(&g, &[8, 8], DType::F32, 90);
+    let big = vec![1e-3f32; 65];
+    let err = g
+        .zo_pass(
+            &mut w,
+            0,
+            ZO_KEY,
+            ZSpec::LowRank { coef: &big },
+            0.0,
+            Rule::Move { to: 1.0 },
+            None,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("rank 65"), "{err}");
+    let sgd = Rule::Sgd {
+        lr: 1e-2,
+        g: 1.0,
+        wd: 0.0,
+    };
+    let err = g
+        .zo_pass(
+            &mut w,
+            0,
+            ZO_KEY,
+            ZSpec::LowRank { coef: &big[..4] },
+            0.0,
+            sgd,
+            None,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("Move"), "{err}");
+    let (_, mut v) = zo_tensor(&g, &[8], DType::F32, 91);
+    let err = g
+        .zo_pass(
+            &mut v,
+            0,
+            ZO_KEY,
+            ZSpec::LowRank { coef: &big[..4] },
+            0.0,
+            Rule::Move { to: 1.0 },
+            None,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("matrix"), "{err}");
+}
+
+#[test]
+fn zo_decay_bit_identical() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    for (i, dtype) in [DType::F32, DType::BF16].into_iter().enumerate() {
+        let (mut t, mut w) = zo_tensor(&g, &[300, 71], dtype, 95 + i as u64);
+        let factor = 5e-4 * 0.37;
+        cpu.zo_decay(&mut t, factor).unwrap();
+        g.zo_decay(&mut w, factor).unwrap();
+        assert_same_bits(&format!("decay {dtype:?}"), &g, &w, &t);
+    }
+}
+
+#[test]
+fn zo_save_weights_matches_host_save() {
+    let Some(g) = gpu() else { return };
+    let cfg = tiny_config(false);
+    let dir = std::env::temp_dir().join(format!("zoft-cuda-save-{}", std::process::id()));
+    for dtype in [DType::F32, DType::BF16] {
+        // Matrices in `dtype` and gains in f32 on both sides, as the device stores them.
+        let dev_w = g.random_weights(&cfg, 12, dtype).unwrap();
+        let host_w = dev_w
+            .try_map(|_, w| {
+                let v = g.weight_to_host(w)?;
+                Ok(HostTensor::from_f32_as(
+                    w.name.clone(),
+                    w.shape.clone(),
+                    &v,
+                    w.dtype,
+                ))
+            })
+            .unwrap();
+        let (a, b) = (dir.join("gpu"), dir.join("cpu"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        g.save_weights(&dev_w, &a).unwrap();
+        CpuBackend::new().save_weights(&host_w, &b).unwrap();
+        let (fa, fb) = (
+            std::fs::read(a.join("model.safetensors")).unwrap(),
+            std::fs::read(b.join("model.safetensors")).unwrap(),
+        );
+        assert!(fa == fb, "saved files differ ({dtype:?})");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn zo_optimizer_steps_bit_identical() {
+    let Some(g) = gpu() else { return };
+    let cfg = tiny_config(false);
+    for dtype in [DType::F32, DType::BF16] {
+        for (mi, method) in [
+            Method::Mezo,
+            Method::MezoAdam,
+            Method::SparseMezo,
+            Method::Tezo,
+            Method::TezoAdam,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            // The same tensors in the same dtypes on both sides (gains stay f32 on the device).
+            let dev_w = g.random_weights(&cfg, 30 + mi as u64, dtype).unwrap();
+            let host_w = dev_w.try_map(|_, w| g.weight_to_host_tensor(w)).unwrap();
+            let mut cm = Llama::new(cfg.clone(), host_w, CpuBackend::new());
+            let mut gm = Llama::new(cfg.clone(), dev_w, g.clone());
+            let zc = ZoConfig {
+                method,
+                lr: 1e-3,
+                weight_decay: 0.1,
+                seed: 77 + mi as u64,
+                ..Default::default()
+            };
+            let mut co = ZoOptimizer::new(zc.clone(), &cm).unwrap();
+            let mut go = ZoOptimizer::new(zc.clone(), &gm).unwrap();
+            for s in 0..3u64 {
+                // Losses that need no forward: every other operation of a step is a weight pass,
+                // so the two backends must end on the same bits.
+                let fake = |i: &mut u32| {
+                    *i += 1;
+                    Ok(2.0 + 0.125 * ((*i as u64 + s) % 3) as f32)
+                };
+                let (mut i, mut j) = (0u32, 0u32);
+                let rc = co.step(&mut cm, s, &mut |_, _| fake(&mut i)).unwrap();
+                let rg = go.step(&mut gm, s, &mut |_, _| fake(&mut j)).unwrap();
+                assert_eq!(rc.projected_grad.to_bits(), rg.projected_grad.to_bits());
+            }
+            for (c, w) in cm.weights.tensors().iter().zip(gm.weights.tensors()) {
+                let what = format!("{} {dtype:?} after 3 steps: {}", method.name(), c.name);
+                assert_same_bits(&what, &g, w, c);
+            }
+            let fused = ZoConfig {
+                perturb: Perturb::Fused,
+                weight_decay: 0.0,
+                ..zc
+            };
+            let mut fo = ZoOptimizer::new(fused, &gm).unwrap();
+            let err = fo.step(&mut gm, 0, &mut |_, _| Ok(1.0)).unwrap_err();
+            assert!(err.to_string().contains("--perturb inplace"), "{err}");
         }
     }
 }

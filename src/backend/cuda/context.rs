@@ -42,6 +42,14 @@ pub(crate) const KERNELS: &[&str] = &[
     "axpy_normal_f32",
     "axpy_normal_bf16",
     "philox_words",
+    "zo_pass_f32",
+    "zo_pass_bf16",
+    "zo_adam_pass_f32",
+    "zo_adam_pass_bf16",
+    "zo_low_rank_move_f32",
+    "zo_low_rank_move_bf16",
+    "zo_decay_f32",
+    "zo_decay_bf16",
 ];
 
 /// Whether the kernels were compiled into this build, and if not, why and how to get them.

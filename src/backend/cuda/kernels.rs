@@ -399,3 +399,184 @@ pub(crate) fn philox_words(
         args,
     )
 }
+
+/// The z of an element pass: dense, or dense zeroed where |w0| > threshold.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ElemZ {
+    Dense,
+    Sparse { threshold: f32 },
+}
+
+impl ElemZ {
+    /// The kernels' (sparse, threshold) arguments; a dense pass ignores the threshold.
+    fn args(self, args: Args) -> Args {
+        match self {
+            ElemZ::Dense => args.i32(0).f32(0.0),
+            ElemZ::Sparse { threshold } => args.i32(1).f32(threshold),
+        }
+    }
+}
+
+/// The rules of the element kernel (csrc/zo.cu ZF_RULE_*).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ElemRule {
+    /// w0 + to z.
+    Move { to: f32 },
+    /// w0 - lr (g z + wd w0), w0 where z == 0.
+    Sgd { lr: f32, g: f32, wd: f32 },
+}
+
+/// w (n elements of `dtype`, holding w0 + offset z) <- rule(w0, z), z the normals of `key`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn zo_pass(
+    dev: &Device,
+    w: u64,
+    dtype: DType,
+    n: usize,
+    key: PhiloxKey,
+    z: ElemZ,
+    offset: f32,
+    rule: ElemRule,
+) -> Result<()> {
+    let name = match dtype {
+        DType::F32 => "zo_pass_f32",
+        DType::BF16 => "zo_pass_bf16",
+        DType::F16 => bail!("zo_pass: f16 weights are not supported"),
+    };
+    let (code, p) = match rule {
+        ElemRule::Move { to } => (0, [to, 0.0, 0.0]),
+        ElemRule::Sgd { lr, g, wd } => (1, [lr, g, wd]),
+    };
+    let args = key_args(Args::new().ptr(w).u64(n as u64), key).f32(offset);
+    let args = z.args(args).i32(code).f32(p[0]).f32(p[1]).f32(p[2]);
+    dev.launch(
+        name,
+        (philox_grid(0, n as u64), 1, 1),
+        (THREADS, 1, 1),
+        0,
+        args,
+    )
+}
+
+/// The Adam element pass: like `zo_pass`, with the f32 moments `m`, `v` (n each) updated in
+/// place and `a` the step's hyperparameters.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn zo_adam_pass(
+    dev: &Device,
+    w: u64,
+    dtype: DType,
+    m: u64,
+    v: u64,
+    n: usize,
+    key: PhiloxKey,
+    z: ElemZ,
+    offset: f32,
+    a: &crate::zo::passes::AdamArgs,
+) -> Result<()> {
+    let name = match dtype {
+        DType::F32 => "zo_adam_pass_f32",
+        DType::BF16 => "zo_adam_pass_bf16",
+        DType::F16 => bail!("zo_adam_pass: f16 weights are not supported"),
+    };
+    let args = key_args(Args::new().ptr(w).ptr(m).ptr(v).u64(n as u64), key).f32(offset);
+    let args = z
+        .args(args)
+        .f32(a.g)
+        .f32(a.lr)
+        .f32(a.wd)
+        .f32(a.beta1)
+        .f32(a.beta2)
+        .f32(a.c1)
+        .f32(a.c2)
+        .f32(a.eps);
+    dev.launch(
+        name,
+        (philox_grid(0, n as u64), 1, 1),
+        (THREADS, 1, 1),
+        0,
+        args,
+    )
+}
+
+/// Columns (= threads) per block and rows per tile of the low-rank kernel (csrc/zo.cu).
+const LR_COLS: usize = 128;
+const LR_ROWS: usize = 32;
+/// The largest rank whose factor tiles fit in the default 48 KB of shared memory.
+pub(crate) const LR_MAX_RANK: usize = 64;
+/// Blocks to aim for: enough to fill a large GPU, few enough that each block reuses its V tile
+/// over several row tiles.
+const LR_TARGET_BLOCKS: usize = 1024;
+
+/// Dynamic shared memory of the low-rank kernel: V [128 x (r | 1)], uc [32 x r], coef [r].
+pub(crate) fn low_rank_smem(rank: usize) -> usize {
+    4 * (LR_COLS * (rank | 1) + LR_ROWS * rank + rank)
+}
+
+/// w [rows x cols] (holding w0 + offset z) <- w0 + to z for the low-rank z of the fixed factors
+/// of tensor `key.tensor` (Philox steps `factor_u`, `factor_v`) and the f32 coefficients at
+/// `coef` (`rank` of them), with norm = 1 / sqrt(rank) as the host computes it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn zo_low_rank_move(
+    dev: &Device,
+    w: u64,
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    coef: u64,
+    rank: usize,
+    seed: u64,
+    tensor: u32,
+    (factor_u, factor_v): (u32, u32),
+    offset: f32,
+    to: f32,
+) -> Result<()> {
+    let name = match dtype {
+        DType::F32 => "zo_low_rank_move_f32",
+        DType::BF16 => "zo_low_rank_move_bf16",
+        DType::F16 => bail!("zo_low_rank_move: f16 weights are not supported"),
+    };
+    if rank > LR_MAX_RANK {
+        bail!(
+            "low-rank directions of rank {rank} are not supported on the CUDA backend \
+             (at most {LR_MAX_RANK}); use --rank {LR_MAX_RANK} or less"
+        );
+    }
+    let norm = 1.0 / (rank as f32).sqrt();
+    let args = Args::new()
+        .ptr(w)
+        .ptr(coef)
+        .i32(check_i32("rows", rows)?)
+        .i32(check_i32("cols", cols)?)
+        .i32(rank as i32)
+        .u32(seed as u32)
+        .u32((seed >> 32) as u32)
+        .u32(factor_u)
+        .u32(factor_v)
+        .u32(tensor)
+        .f32(norm)
+        .f32(offset)
+        .f32(to);
+    let gx = cols.div_ceil(LR_COLS);
+    let gy = rows
+        .div_ceil(LR_ROWS)
+        .min(LR_TARGET_BLOCKS.div_ceil(gx.max(1)))
+        .clamp(1, 65535);
+    dev.launch(
+        name,
+        (gx as u32, gy as u32, 1),
+        (LR_COLS as u32, 1, 1),
+        low_rank_smem(rank),
+        args,
+    )
+}
+
+/// w <- w - factor w over n elements of `dtype`.
+pub(crate) fn zo_decay(dev: &Device, w: u64, dtype: DType, n: usize, factor: f32) -> Result<()> {
+    let name = match dtype {
+        DType::F32 => "zo_decay_f32",
+        DType::BF16 => "zo_decay_bf16",
+        DType::F16 => bail!("zo_decay: f16 weights are not supported"),
+    };
+    let args = Args::new().ptr(w).u64(n as u64).f32(factor);
+    dev.launch(name, (grid_1d(n as u64), 1, 1), (THREADS, 1, 1), 0, args)
+}

@@ -19,6 +19,7 @@ pub mod context;
 pub mod gemm;
 pub mod kernels;
 mod weights;
+mod zo;
 
 pub use alloc::DevBuf;
 pub use context::{cuda_available, driver_version, kernels_embedded};

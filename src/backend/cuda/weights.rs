@@ -169,6 +169,25 @@ impl CudaBackend {
         }
     }
 
+    /// A weight as a host tensor in its device dtype (bf16 stays bf16, bit for bit).
+    pub fn weight_to_host_tensor(&self, w: &CudaWeight) -> Result<HostTensor> {
+        let n = w.numel();
+        Ok(match w.dtype {
+            DType::F32 => HostTensor::from_f32(
+                w.name.clone(),
+                w.shape.clone(),
+                &self.buf_to_host::<f32>(&w.buf, n)?,
+            ),
+            DType::BF16 => HostTensor::from_bytes(
+                w.name.clone(),
+                w.shape.clone(),
+                DType::BF16,
+                bytemuck::cast_slice(&self.buf_to_host::<u16>(&w.buf, n)?),
+            ),
+            DType::F16 => bail!("{}: f16 device weights are not supported", w.name),
+        })
+    }
+
     /// A model of `cfg`'s shape with random weights made on the device (for `zoft init` and
     /// benchmarks): the same values as `LlamaWeights::random(cfg, seed, _)` (normal(0, 0.05)
     /// matrices, gains 1 + 0.1 z, Philox keyed by (seed, 0xC0FFEE, tensor id)), matrices stored

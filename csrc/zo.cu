@@ -1,0 +1,225 @@
+// Zeroth-order weight passes, the CUDA twins of the CPU passes (src/zo/passes.rs, ZoBackend for
+// CpuBackend, over src/zo/direction.rs). A pass finds a tensor at w0 + offset * z and writes
+// rule(w0, z) in one read and one write of each element, regenerating z from Philox keys.
+//
+// The results must equal the CPU's bit for bit: z comes from the same normals, and every float op
+// is an explicitly rounded intrinsic nested exactly like the Rust expression it mirrors (Rust never
+// contracts a * b + c into an fma; nvcc would, unless told not to by the intrinsics). bf16 weights
+// are widened to f32, updated, and rounded back to nearest even, which is what for_each_chunk does
+// on the host.
+#include "common.cuh"
+#include "philox.cuh"
+
+// The non-Adam rules of passes.rs `Rule` (Adam has its own kernel: it carries moments).
+#define ZF_RULE_MOVE 0
+#define ZF_RULE_SGD 1
+
+// Columns of a low-rank block (one thread each), rows per pass over them, and the largest rank
+// whose factor tiles fit in 48 KB of shared memory (src/backend/cuda/kernels.rs mirrors these).
+#define ZF_LR_COLS 128
+#define ZF_LR_ROWS 32
+#define ZF_LR_MAX_RANK 64
+static_assert(4 * (ZF_LR_COLS * (ZF_LR_MAX_RANK | 1) + (ZF_LR_ROWS + 1) * ZF_LR_MAX_RANK) <=
+                  48 * 1024,
+              "the low-rank tiles of the largest rank must fit the default shared memory");
+
+// The w0 and z a rule sees (TensorZ::pass). Sparse: where |w0| > h the perturbation was never
+// applied, so the stored w is w0 and z is 0. A NaN w0 fails that test too, which is why dense
+// passes carry a flag rather than h = +inf.
+__device__ __forceinline__ void zo_unperturb(float w, float z, float offset, bool sparse, float h,
+                                             float* w0, float* zr) {
+  const float u = __fsub_rn(w, __fmul_rn(offset, z));
+  if (!sparse || fabsf(u) <= h) {
+    *w0 = u;
+    *zr = z;
+  } else {
+    *w0 = w;
+    *zr = 0.0f;
+  }
+}
+
+// Rule::Move (p0 = to) and Rule::Sgd (p0 = lr, p1 = g, p2 = wd).
+__device__ __forceinline__ float zo_rule(int rule, float w0, float z, float p0, float p1,
+                                         float p2) {
+  if (rule == ZF_RULE_MOVE) return __fadd_rn(w0, __fmul_rn(p0, z));
+  // Elements outside a sparse mask (z == 0, either sign) keep w0 exactly, decay included.
+  if (z == 0.0f) return w0;
+  return __fsub_rn(w0, __fmul_rn(p0, __fadd_rn(__fmul_rn(p1, z), __fmul_rn(p2, w0))));
+}
+
+struct ZoAdam {
+  float g, lr, wd, beta1, beta2, c1, c2, eps;
+};
+
+// Rule::Adam; updates the moments in place.
+__device__ __forceinline__ float zo_adam(const ZoAdam& a, float w0, float z, float* m, float* v) {
+  const float ge = __fmul_rn(a.g, z);
+  const float mn = __fadd_rn(__fmul_rn(a.beta1, *m), __fmul_rn(__fsub_rn(1.0f, a.beta1), ge));
+  // (1 - beta2) * ge * ge associates to the left in Rust.
+  const float vn =
+      __fadd_rn(__fmul_rn(a.beta2, *v), __fmul_rn(__fmul_rn(__fsub_rn(1.0f, a.beta2), ge), ge));
+  *m = mn;
+  *v = vn;
+  const float dir =
+      __fdiv_rn(__fdiv_rn(mn, a.c1), __fadd_rn(__fsqrt_rn(__fdiv_rn(vn, a.c2)), a.eps));
+  return __fsub_rn(w0, __fmul_rn(a.lr, __fadd_rn(dir, __fmul_rn(a.wd, w0))));
+}
+
+__device__ __forceinline__ uint64_t zo_thread() {
+  return (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ uint64_t zo_threads() { return (uint64_t)gridDim.x * blockDim.x; }
+
+// Dense or sparse z with Move or Sgd: one thread per Philox block of four elements.
+template <typename T>
+__device__ __forceinline__ void zo_pass(T* w, uint64_t n, PhiloxKey key, float offset, int sparse,
+                                        float h, int rule, float p0, float p1, float p2) {
+  philox_for_each_normal(key, 0, n, zo_thread(), zo_threads(), [&](uint64_t j, float z) {
+    float w0, zr;
+    zo_unperturb(to_f32(w[j]), z, offset, sparse != 0, h, &w0, &zr);
+    store_f32(w + j, zo_rule(rule, w0, zr, p0, p1, p2));
+  });
+}
+
+// Dense or sparse z with Adam; m and v are f32 per element.
+template <typename T>
+__device__ __forceinline__ void zo_adam_pass(T* w, float* m, float* v, uint64_t n, PhiloxKey key,
+                                             float offset, int sparse, float h, const ZoAdam& a) {
+  philox_for_each_normal(key, 0, n, zo_thread(), zo_threads(), [&](uint64_t j, float z) {
+    float w0, zr;
+    zo_unperturb(to_f32(w[j]), z, offset, sparse != 0, h, &w0, &zr);
+    store_f32(w + j, zo_adam(a, w0, zr, m + j, v + j));
+  });
+}
+
+// Low-rank z with Move: w <- (w - offset z) + to z for the [rows x cols] matrix w, where
+// z(a, b) = sum_k V[b, k] uc[a, k] (k ascending from +0, as Factors::row adds) and
+// uc[a, k] = (U[a, k] coef[k]) norm. U [rows x r] and V [cols x r] are the normals of keys ku, kv
+// at element a r + k and b r + k; they are regenerated here rather than stored.
+//
+// Block (x, y) owns columns [128 x, 128 x + 128), one per thread, and fills their V rows (a
+// contiguous range of the V stream) into shared memory once; it then walks row tiles y, y +
+// gridDim.y, ... of 32 rows, filling each tile's uc rows (again a contiguous range of U) and
+// updating the 32 x 128 elements with coalesced row-wise accesses.
+//
+// Shared memory: V with an odd row stride (r | 1) so that the 32 threads of a warp, reading
+// V[b, k] for 32 consecutive b, hit 32 different banks; uc with stride r (every thread reads the
+// same uc[a, k], a broadcast); coef. That is 4 (128 (r | 1) + 32 r + r) bytes.
+template <typename T>
+__device__ __forceinline__ void zo_low_rank_move(T* w, const float* coef, int rows, int cols,
+                                                 int r, PhiloxKey ku, PhiloxKey kv, float norm,
+                                                 float offset, float to) {
+  extern __shared__ float zo_smem[];
+  const int rv = r | 1;
+  float* vs = zo_smem;                  // [ZF_LR_COLS][rv]
+  float* us = vs + ZF_LR_COLS * rv;     // [ZF_LR_ROWS][r]
+  float* cs = us + ZF_LR_ROWS * r;      // [r]
+  const int b0 = blockIdx.x * ZF_LR_COLS;
+  const int nb = min(ZF_LR_COLS, cols - b0);
+  const int b = threadIdx.x;
+
+  for (int k = threadIdx.x; k < r; k += blockDim.x) cs[k] = coef[k];
+  philox_for_each_normal(kv, (uint64_t)b0 * r, (uint64_t)nb * r, threadIdx.x, blockDim.x,
+                         [&](uint64_t i, float x) {
+                           const unsigned li = (unsigned)i;
+                           vs[(li / r) * rv + li % r] = x;
+                         });
+
+  for (int a0 = blockIdx.y * ZF_LR_ROWS; a0 < rows; a0 += gridDim.y * ZF_LR_ROWS) {
+    const int na = min(ZF_LR_ROWS, rows - a0);
+    __syncthreads();  // coef and V are in place; the previous tile's uc has been read
+    philox_for_each_normal(ku, (uint64_t)a0 * r, (uint64_t)na * r, threadIdx.x, blockDim.x,
+                           [&](uint64_t i, float x) {
+                             const unsigned li = (unsigned)i;
+                             us[li] = __fmul_rn(__fmul_rn(x, cs[li % r]), norm);
+                           });
+    // Rows past the matrix are computed (the row loop below is unrolled) but never stored.
+    for (int i = na * r + threadIdx.x; i < ZF_LR_ROWS * r; i += blockDim.x) us[i] = 0.0f;
+    __syncthreads();
+    if (b < nb) {
+      // k outside, rows inside: each V[b, k] is loaded once, and every row's sum still runs over
+      // k in ascending order.
+      float acc[ZF_LR_ROWS];
+#pragma unroll
+      for (int a = 0; a < ZF_LR_ROWS; ++a) acc[a] = 0.0f;
+      for (int k = 0; k < r; ++k) {
+        const float vk = vs[b * rv + k];
+#pragma unroll
+        for (int a = 0; a < ZF_LR_ROWS; ++a) acc[a] = __fadd_rn(acc[a], __fmul_rn(vk, us[a * r + k]));
+      }
+#pragma unroll
+      for (int a = 0; a < ZF_LR_ROWS; ++a) {
+        if (a < na) {
+          T* p = w + (size_t)(a0 + a) * cols + b0 + b;
+          const float z = acc[a];
+          store_f32(p, __fadd_rn(__fsub_rn(to_f32(*p), __fmul_rn(offset, z)), __fmul_rn(to, z)));
+        }
+      }
+    }
+  }
+}
+
+// w <- w - factor w (`*x -= factor * *x`), grid-stride.
+template <typename T>
+__device__ __forceinline__ void zo_decay(T* w, uint64_t n, float factor) {
+  for (uint64_t i = zo_thread(); i < n; i += zo_threads()) {
+    const float x = to_f32(w[i]);
+    store_f32(w + i, __fsub_rn(x, __fmul_rn(factor, x)));
+  }
+}
+
+extern "C" __global__ void zo_pass_f32(float* w, uint64_t n, uint32_t k0, uint32_t k1,
+                                       uint32_t step, uint32_t tensor, float offset, int sparse,
+                                       float threshold, int rule, float p0, float p1, float p2) {
+  zo_pass(w, n, PhiloxKey{k0, k1, step, tensor}, offset, sparse, threshold, rule, p0, p1, p2);
+}
+
+extern "C" __global__ void zo_pass_bf16(bf16* w, uint64_t n, uint32_t k0, uint32_t k1,
+                                        uint32_t step, uint32_t tensor, float offset, int sparse,
+                                        float threshold, int rule, float p0, float p1, float p2) {
+  zo_pass(w, n, PhiloxKey{k0, k1, step, tensor}, offset, sparse, threshold, rule, p0, p1, p2);
+}
+
+extern "C" __global__ void zo_adam_pass_f32(float* w, float* m, float* v, uint64_t n, uint32_t k0,
+                                            uint32_t k1, uint32_t step, uint32_t tensor,
+                                            float offset, int sparse, float threshold, float g,
+                                            float lr, float wd, float beta1, float beta2,
+                                            float c1, float c2, float eps) {
+  zo_adam_pass(w, m, v, n, PhiloxKey{k0, k1, step, tensor}, offset, sparse, threshold,
+               ZoAdam{g, lr, wd, beta1, beta2, c1, c2, eps});
+}
+
+extern "C" __global__ void zo_adam_pass_bf16(bf16* w, float* m, float* v, uint64_t n, uint32_t k0,
+                                             uint32_t k1, uint32_t step, uint32_t tensor,
+                                             float offset, int sparse, float threshold, float g,
+                                             float lr, float wd, float beta1, float beta2,
+                                             float c1, float c2, float eps) {
+  zo_adam_pass(w, m, v, n, PhiloxKey{k0, k1, step, tensor}, offset, sparse, threshold,
+               ZoAdam{g, lr, wd, beta1, beta2, c1, c2, eps});
+}
+
+// U and V keep the step words FACTOR_U and FACTOR_V of src/zo/direction.rs (passed in, so that
+// the Rust constants stay the only definition).
+extern "C" __global__ void __launch_bounds__(ZF_LR_COLS)
+    zo_low_rank_move_f32(float* w, const float* coef, int rows, int cols, int rank, uint32_t k0,
+                         uint32_t k1, uint32_t step_u, uint32_t step_v, uint32_t tensor,
+                         float norm, float offset, float to) {
+  zo_low_rank_move(w, coef, rows, cols, rank, PhiloxKey{k0, k1, step_u, tensor},
+                   PhiloxKey{k0, k1, step_v, tensor}, norm, offset, to);
+}
+
+extern "C" __global__ void __launch_bounds__(ZF_LR_COLS)
+    zo_low_rank_move_bf16(bf16* w, const float* coef, int rows, int cols, int rank, uint32_t k0,
+                          uint32_t k1, uint32_t step_u, uint32_t step_v, uint32_t tensor,
+                          float norm, float offset, float to) {
+  zo_low_rank_move(w, coef, rows, cols, rank, PhiloxKey{k0, k1, step_u, tensor},
+                   PhiloxKey{k0, k1, step_v, tensor}, norm, offset, to);
+}
+
+extern "C" __global__ void zo_decay_f32(float* w, uint64_t n, float factor) {
+  zo_decay(w, n, factor);
+}
+
+extern "C" __global__ void zo_decay_bf16(bf16* w, uint64_t n, float factor) {
+  zo_decay(w, n, factor);
+}

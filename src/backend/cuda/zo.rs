@@ -1,0 +1,157 @@
+//! ZO passes on the device: `ZoBackend` for `CudaBackend`, the twin of the CPU implementation in
+//! src/zo/passes.rs. The kernels (csrc/zo.cu) regenerate z from the same Philox keys and repeat
+//! the CPU arithmetic operation for operation, so both backends write the same bits
+//! (tests/cuda_parity.rs checks every pass).
+
+use super::kernels::{self, ElemRule, ElemZ, PhiloxKey};
+use super::{CudaBackend, CudaWeight, DevBuf};
+use crate::backend::mem::{MemReport, Tag};
+use crate::backend::{LinearHook, ParamId};
+use crate::model::{Llama, LlamaWeights};
+use crate::zo::direction::{StepKey, FACTOR_U, FACTOR_V};
+use crate::zo::passes::{abs_percentile, Rule, ZSpec, ZoBackend};
+use crate::zo::ZoOptimizer;
+use anyhow::{bail, Result};
+use std::path::Path;
+
+impl CudaBackend {
+    /// The low-rank pass: w <- (w - offset z) + to z with z = U diag(coef) V^T / sqrt(r).
+    fn zo_low_rank_move(
+        &self,
+        w: &mut CudaWeight,
+        id: ParamId,
+        seed: u64,
+        coef: &[f32],
+        offset: f32,
+        to: f32,
+    ) -> Result<()> {
+        if w.shape.len() != 2 {
+            bail!("{}: a low-rank direction needs a matrix", w.name);
+        }
+        // Freed stream-ordered after the launch that reads it.
+        let c = self.buf_from_host(coef, Tag::Scratch, "low-rank coefficients")?;
+        kernels::zo_low_rank_move(
+            &self.dev,
+            w.ptr(),
+            w.dtype,
+            w.shape[0],
+            w.shape[1],
+            c.ptr(),
+            coef.len(),
+            seed,
+            id as u32,
+            (FACTOR_U, FACTOR_V),
+            offset,
+            to,
+        )
+    }
+}
+
+impl ZoBackend for CudaBackend {
+    type State = DevBuf;
+
+    fn zo_state(&self, values: &[f32]) -> Result<DevBuf> {
+        self.buf_from_host(values, Tag::Optimizer, "ZO optimizer state")
+    }
+
+    fn zo_state_to_host(&self, s: &DevBuf) -> Result<Vec<f32>> {
+        self.buf_to_host(s, s.bytes() / 4)
+    }
+
+    fn weight_shape(w: &CudaWeight) -> &[usize] {
+        &w.shape
+    }
+
+    fn weight_bytes(w: &CudaWeight) -> usize {
+        w.buf.bytes()
+    }
+
+    fn memory(&self) -> MemReport {
+        self.mem().report()
+    }
+
+    fn zo_threshold(&self, w: &CudaWeight, sparsity: f32) -> Result<f32> {
+        // Once per run and tensor: a host selection over the downloaded values is simple and
+        // gives exactly the CPU's threshold.
+        Ok(abs_percentile(self.weight_to_host(w)?, sparsity))
+    }
+
+    fn zo_pass(
+        &self,
+        w: &mut CudaWeight,
+        id: ParamId,
+        key: StepKey,
+        z: ZSpec,
+        offset: f32,
+        rule: Rule,
+        moments: Option<(&mut DevBuf, &mut DevBuf)>,
+    ) -> Result<()> {
+        let ez = match z {
+            ZSpec::Dense => ElemZ::Dense,
+            ZSpec::Sparse { threshold } => ElemZ::Sparse { threshold },
+            ZSpec::LowRank { coef } => {
+                let Rule::Move { to } = rule else {
+                    bail!(
+                        "{}: the CUDA backend runs low-rank passes with the Move rule only \
+                         (got {rule:?})",
+                        w.name
+                    );
+                };
+                return self.zo_low_rank_move(w, id, key.seed, coef, offset, to);
+            }
+        };
+        let pkey = PhiloxKey {
+            seed: key.seed,
+            step: key.step,
+            tensor: id as u32,
+        };
+        let n = w.numel();
+        let elem = |rule| kernels::zo_pass(&self.dev, w.ptr(), w.dtype, n, pkey, ez, offset, rule);
+        match (rule, moments) {
+            (Rule::Move { to }, _) => elem(ElemRule::Move { to }),
+            (Rule::Sgd { lr, g, wd }, _) => elem(ElemRule::Sgd { lr, g, wd }),
+            (Rule::Adam(a), Some((m, v))) => {
+                if m.bytes() != n * 4 || v.bytes() != n * 4 {
+                    bail!(
+                        "{}: Adam moments do not match the tensor ({} and {} values for {n})",
+                        w.name,
+                        m.bytes() / 4,
+                        v.bytes() / 4
+                    );
+                }
+                kernels::zo_adam_pass(
+                    &self.dev,
+                    w.ptr(),
+                    w.dtype,
+                    m.ptr(),
+                    v.ptr(),
+                    n,
+                    pkey,
+                    ez,
+                    offset,
+                    &a,
+                )
+            }
+            (Rule::Adam(_), None) => bail!("{}: an Adam pass needs its moments", w.name),
+        }
+    }
+
+    fn zo_decay(&self, w: &mut CudaWeight, factor: f32) -> Result<()> {
+        kernels::zo_decay(&self.dev, w.ptr(), w.dtype, w.numel(), factor)
+    }
+
+    fn fused_hook<'a>(
+        _opt: &'a ZoOptimizer<Self>,
+        _model: &'a Llama<Self>,
+        _key: StepKey,
+        _scale: f32,
+    ) -> Result<Box<dyn LinearHook<Self> + 'a>> {
+        bail!("--perturb fused is not implemented on the CUDA backend in this version; use --perturb inplace")
+    }
+
+    fn save_weights(&self, weights: &LlamaWeights<CudaWeight>, dir: &Path) -> Result<()> {
+        weights
+            .try_map(|_, w| self.weight_to_host_tensor(w))?
+            .save(dir)
+    }
+}
