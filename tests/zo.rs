@@ -6,8 +6,9 @@ mod common;
 use common::*;
 use zoft::backend::cpu::CpuBackend;
 use zoft::backend::{LinearHook, NoHook, SeqLayout};
-use zoft::model::{DType, Llama, LlamaConfig, LlamaWeights};
+use zoft::model::{DType, HostTensor, Llama, LlamaConfig, LlamaWeights};
 use zoft::zo::direction::{is_matrix, Factors, StepKey};
+use zoft::zo::passes::ZoBackend;
 use zoft::zo::{Method, Perturb, ZoConfig, ZoOptimizer};
 
 fn micro_config() -> LlamaConfig {
@@ -261,6 +262,61 @@ fn fused_mode_leaves_weights_bit_identical_when_lr_is_zero() {
                 losses.iter().any(|(a, b)| a != b),
                 "{method:?}: no perturbation seen"
             );
+        }
+    }
+}
+
+#[test]
+fn fused_forward_sees_the_inplace_perturbed_weights() {
+    // The fused hook perturbs the embedding's gathered rows and the LM head a block of rows at
+    // a time: it must see exactly the weights an in-place pass writes, tied head or not.
+    for tied in [false, true] {
+        let mut cfg = tiny_config();
+        cfg.tie_word_embeddings = tied;
+        for method in [Method::Mezo, Method::SparseMezo, Method::Tezo] {
+            for dtype in [DType::F32, DType::BF16] {
+                // The hook perturbs in f32 whatever the storage, so the in-place reference
+                // runs on the same values widened to f32.
+                let w = LlamaWeights::random(&cfg, 8, dtype);
+                let widened = w
+                    .try_map(|_, t| {
+                        Ok(HostTensor::from_f32(
+                            t.name.clone(),
+                            t.shape.clone(),
+                            &t.to_f32_vec(),
+                        ))
+                    })
+                    .unwrap();
+                let fused_model = Llama::new(cfg.clone(), w, CpuBackend::new());
+                let mut inplace_model = Llama::new(cfg.clone(), widened, CpuBackend::new());
+                let bt = batch(&cfg, 2);
+                let zc = |perturb| ZoConfig {
+                    method,
+                    perturb,
+                    sparsity: 0.5,
+                    seed: 6,
+                    ..Default::default()
+                };
+                let fused = ZoOptimizer::new(zc(Perturb::Fused), &fused_model).unwrap();
+                let inplace = ZoOptimizer::new(zc(Perturb::Inplace), &inplace_model).unwrap();
+                let (key, eps) = (fused.key(3), 5e-2);
+                let mut hook = CpuBackend::fused_hook(&fused, &fused_model, key, eps).unwrap();
+                let via_hook = loss_of(&fused_model, &bt, &mut *hook);
+                inplace
+                    .perturb_all(&mut inplace_model, key, 0.0, eps)
+                    .unwrap();
+                let via_weights = loss_of(&inplace_model, &bt, &mut NoHook);
+                let unperturbed = loss_of(&fused_model, &bt, &mut NoHook);
+                let tol = 1e-5 * via_weights.abs();
+                assert!(
+                    (via_hook - via_weights).abs() < tol,
+                    "{method:?} {dtype:?} tied={tied}: fused {via_hook} vs in-place {via_weights}"
+                );
+                assert!(
+                    (via_hook - unperturbed).abs() > 10.0 * tol,
+                    "{method:?}: the perturbation did not change the loss"
+                );
+            }
         }
     }
 }

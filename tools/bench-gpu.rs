@@ -5,7 +5,9 @@
 //! Measures: device-to-device copy bandwidth (bytes read + written), the bf16 GEMM rate at
 //! 8192^3, each elementwise / norm kernel's bandwidth as a fraction of copy, attention time,
 //! the LM head + loss, and the forward of a LLaMA-7B-shaped random model at 16 x 512 in model
-//! TFLOP/s as a fraction of the GEMM rate. `--quick` shrinks every shape (a smoke run).
+//! TFLOP/s as a fraction of the GEMM rate, then one in-place ZO step of each memory-lean method
+//! on that model as a multiple of the forward's time and peak memory. `--quick` shrinks every
+//! shape (a smoke run).
 
 use anyhow::Result;
 use serde_json::json;
@@ -13,6 +15,7 @@ use zoft::backend::cuda::{cuda_available, driver_version, CudaBackend, GemmArgs,
 use zoft::backend::mem::Tag;
 use zoft::backend::{AttnShape, Backend, NoHook, SeqLayout};
 use zoft::model::{DType, Llama, LlamaConfig};
+use zoft::zo::{Method, Perturb, ZoConfig, ZoOptimizer};
 
 fn key(tensor: u32) -> PhiloxKey {
     PhiloxKey {
@@ -220,6 +223,7 @@ fn main() -> Result<()> {
             .target_logprobs(&ids, &layout, &targets, &mut NoHook)
             .map(|_| ())
     })?;
+    let (fwd_ms, fwd_peak) = (ms, g.mem().report().total_peak);
     let (dd, l) = (cfg.hidden_size as f64, cfg.num_hidden_layers as f64);
     let per_layer =
         2.0 * dd * (cfg.q_dim() + cfg.kv_dim()) as f64 + 3.0 * dd * cfg.intermediate_size as f64;
@@ -241,5 +245,40 @@ fn main() -> Result<()> {
         json!({"bench": "lm_head_loss", "rows": lm_rows, "vocab": cfg.vocab_size, "ms": ms,
         "TFLOP_per_s": 2.0 * tokens * cfg.vocab_size as f64 * dd / (ms * 1e-3) / 1e12}),
     );
+
+    // ZO steps: two forwards plus three passes over the weights (+eps z, -2 eps z, restore and
+    // update). The floor is 2.0x the forward; the memory goal is the forward's peak.
+    let mut model = model;
+    for method in [
+        Method::Mezo,
+        Method::SparseMezo,
+        Method::Tezo,
+        Method::TezoAdam,
+    ] {
+        let zc = ZoConfig {
+            method,
+            perturb: Perturb::Inplace,
+            lr: 1e-6,
+            ..Default::default()
+        };
+        let mut opt = ZoOptimizer::new(zc, &model)?;
+        g.mem().reset_peaks();
+        let mut step = 0u64;
+        let ms = time(&g, fwd_iters, || {
+            let r = opt.step(&mut model, step, &mut |m, hook| {
+                let lp = m.target_logprobs(&ids, &layout, &targets, hook)?;
+                Ok(-lp.iter().sum::<f32>() / lp.len() as f32)
+            });
+            step += 1;
+            r.map(|_| ())
+        })?;
+        // Device moments are in the tracked peak already (optimizer tag).
+        let peak = g.mem().report().total_peak;
+        emit(
+            json!({"bench": "zo_step", "method": method.name(), "ms": ms,
+            "step_over_forward": ms / fwd_ms, "peak_over_forward": peak as f64 / fwd_peak as f64,
+            "optimizer_state_bytes": opt.method.state_bytes()}),
+        );
+    }
     Ok(())
 }

@@ -181,8 +181,8 @@ pub trait Backend: Sized {
 /// know which one runs.
 pub trait LinearHook<B: Backend> {
     /// The tensor to use in place of parameter `id` (e.g. a perturbed scratch copy). The model
-    /// calls it for every parameter that is not a linear layer's weight (embedding, norms, LM
-    /// head), and the default `linear` calls it too.
+    /// calls it for the norm gains, and the default `linear`, `embed` and head methods call it
+    /// too; a hook that overrides those can avoid materializing whole tensors.
     fn param<'a>(
         &'a mut self,
         backend: &B,
@@ -191,6 +191,45 @@ pub trait LinearHook<B: Backend> {
     ) -> Result<&'a B::Weight> {
         let _ = (backend, id);
         Ok(w)
+    }
+
+    /// out[r] = row ids[r] of the embedding table, parameter `id`.
+    fn embed(
+        &mut self,
+        backend: &B,
+        table: &B::Weight,
+        ids: &[u32],
+        id: ParamId,
+        out: &mut B::Act,
+    ) -> Result<()> {
+        let t = self.param(backend, table, id)?;
+        backend.embed(t, ids, out)
+    }
+
+    /// `Backend::target_logprobs` through the LM head, parameter `id`.
+    fn head_target_logprobs(
+        &mut self,
+        backend: &B,
+        hidden: &B::Act,
+        head: &B::Weight,
+        id: ParamId,
+        targets: &[i32],
+    ) -> Result<Vec<f32>> {
+        let h = self.param(backend, head, id)?;
+        backend.target_logprobs(hidden, h, targets)
+    }
+
+    /// `Backend::logits_rows` through the LM head, parameter `id`.
+    fn head_logits_rows(
+        &mut self,
+        backend: &B,
+        hidden: &B::Act,
+        head: &B::Weight,
+        id: ParamId,
+        rows: &[usize],
+    ) -> Result<Vec<f32>> {
+        let h = self.param(backend, head, id)?;
+        backend.logits_rows(hidden, h, rows)
     }
 
     /// out = x w^T for the linear layer whose weight is parameter `id`.

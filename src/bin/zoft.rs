@@ -2,17 +2,19 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use zoft::backend::cpu::CpuBackend;
-use zoft::backend::NoHook;
+use zoft::backend::{Backend, NoHook};
 use zoft::data::batch::LossKind;
 use zoft::model::generate::{generate, Sampling};
 use zoft::model::load::{load_dir, ModelFiles};
 use zoft::model::{DType, Llama, LlamaConfig, LlamaWeights};
 use zoft::tokenizer::Message;
+use zoft::zo::passes::ZoBackend;
 use zoft::zo::{Method, Perturb, ZoConfig};
 
 #[derive(Parser)]
@@ -50,7 +52,7 @@ struct ModelArg {
     /// Model directory (HF layout). Default: the default model, fetched on first use.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Where to run: cpu, cuda or auto (cuda when available, else cpu with the reason).
+    /// Where to run: cpu, cuda or auto (cpu, saying whether cuda is available).
     #[arg(long, default_value = "auto")]
     device: String,
 }
@@ -215,20 +217,33 @@ fn model_dir(arg: &Option<PathBuf>) -> Result<PathBuf> {
     }
 }
 
-/// Resolves --device. Training and evaluation run on the CPU backend in this build; a CUDA
-/// request says why it cannot be served instead of silently falling back.
-fn resolve_device(device: &str) -> Result<()> {
+/// Where a command runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DeviceChoice {
+    Cpu,
+    Cuda,
+}
+
+/// Resolves --device. `cuda` fails with the reason rather than silently falling back. `auto`
+/// stays on the CPU backend, the validated one, and says whether CUDA could be asked for: the
+/// CUDA backend's kernels have not yet been checked against the CPU on a GPU
+/// (tests/cuda_parity.rs), so it is opt-in until they are.
+fn resolve_device(device: &str) -> Result<DeviceChoice> {
     match device {
-        "cpu" => Ok(()),
+        "cpu" => Ok(DeviceChoice::Cpu),
         "auto" => {
-            if let Err(reason) = zoft::device::cuda_status() {
-                eprintln!("device auto: using cpu ({reason})");
+            match zoft::device::cuda_status() {
+                Ok(()) => eprintln!(
+                    "device auto: using cpu; a CUDA device is present: --device cuda uses it \
+                     (that backend is not yet validated on a GPU)"
+                ),
+                Err(reason) => eprintln!("device auto: using cpu ({reason})"),
             }
-            Ok(())
+            Ok(DeviceChoice::Cpu)
         }
         "cuda" => match zoft::device::cuda_status() {
             Err(reason) => bail!("--device cuda: {reason}"),
-            Ok(()) => bail!("--device cuda: this command runs on the CPU backend in this version; use --device cpu"),
+            Ok(()) => Ok(DeviceChoice::Cuda),
         },
         other => bail!("unknown device {other:?}: expected cpu, cuda or auto"),
     }
@@ -241,6 +256,35 @@ fn load_cpu(dir: &Path) -> Result<(Llama<CpuBackend>, zoft::tokenizer::Tokenizer
         tokenizer,
     } = load_dir(dir)?;
     Ok((Llama::new(cfg, weights, CpuBackend::new()), tokenizer))
+}
+
+/// Loads a model onto GPU 0. Matrices keep the file's precision when it is f32 and are bf16
+/// otherwise; norm gains are always f32 (see the CUDA backend's notes).
+#[cfg(feature = "cuda")]
+fn load_cuda(
+    dir: &Path,
+) -> Result<(
+    Llama<zoft::backend::cuda::CudaBackend>,
+    zoft::tokenizer::Tokenizer,
+)> {
+    let ModelFiles {
+        cfg,
+        weights,
+        tokenizer,
+    } = load_dir(dir)?;
+    let backend = zoft::backend::cuda::CudaBackend::new(0)?;
+    let dtype = match weights.matrix_dtype() {
+        zoft::model::DType::F32 => zoft::model::DType::F32,
+        _ => zoft::model::DType::BF16,
+    };
+    let on_device = backend.upload_weights(&weights, dtype)?;
+    drop(weights);
+    Ok((Llama::new(cfg, on_device, backend), tokenizer))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda() -> anyhow::Error {
+    anyhow::anyhow!("this zoft was built without the cuda feature")
 }
 
 fn pad_id(cfg: &LlamaConfig, tok: &zoft::tokenizer::Tokenizer) -> u32 {
@@ -259,7 +303,7 @@ fn default_lr(method: Method) -> f32 {
 }
 
 fn cmd_train(a: TrainArgs) -> Result<()> {
-    resolve_device(&a.model.device)?;
+    let device = resolve_device(&a.model.device)?;
     let method = Method::parse(&a.method)?;
     let loss: LossKind = a.loss.parse()?;
     let zo = ZoConfig {
@@ -288,7 +332,32 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
             );
         }
     }
-    let (mut model, tok) = load_cpu(&src)?;
+    match device {
+        DeviceChoice::Cpu => {
+            let (model, tok) = load_cpu(&src)?;
+            train_on(model, tok, &a, zo, loss, &src, resume)
+        }
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda => {
+            let (model, tok) = load_cuda(&src)?;
+            train_on(model, tok, &a, zo, loss, &src, resume)
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda => Err(no_cuda()),
+    }
+}
+
+/// The training run of `zoft train` on a loaded model, whichever backend holds it.
+fn train_on<B: ZoBackend + 'static>(
+    mut model: Llama<B>,
+    tok: zoft::tokenizer::Tokenizer,
+    a: &TrainArgs,
+    zo: ZoConfig,
+    loss: LossKind,
+    src: &Path,
+    resume: Option<(zoft::train::TrainState, HashMap<String, Vec<f32>>)>,
+) -> Result<()> {
+    let method = zo.method;
     let task = a.task.load(&tok, &model.cfg)?;
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -316,7 +385,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         progress: !a.json,
     };
     let pad = pad_id(&model.cfg, &tok);
-    let s = zoft::train::train(&mut model, &src, &task, pad, &opts, resume, &stop, |m| {
+    let s = zoft::train::train(&mut model, src, &task, pad, &opts, resume, &stop, |m| {
         eprintln!("{m}")
     })?;
     if a.json {
@@ -365,9 +434,28 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
 }
 
 fn cmd_eval(a: EvalArgs) -> Result<()> {
-    resolve_device(&a.model.device)?;
+    let device = resolve_device(&a.model.device)?;
     let dir = model_dir(&a.model.model)?;
-    let (model, tok) = load_cpu(&dir)?;
+    match device {
+        DeviceChoice::Cpu => {
+            let (model, tok) = load_cpu(&dir)?;
+            eval_on(model, tok, &a)
+        }
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda => {
+            let (model, tok) = load_cuda(&dir)?;
+            eval_on(model, tok, &a)
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda => Err(no_cuda()),
+    }
+}
+
+fn eval_on<B: Backend>(
+    model: Llama<B>,
+    tok: zoft::tokenizer::Tokenizer,
+    a: &EvalArgs,
+) -> Result<()> {
     let task = a.task.load(&tok, &model.cfg)?;
     let Some(examples) = task.split(&a.split) else {
         bail!("unknown split {:?}: expected train, dev or test", a.split);
@@ -407,9 +495,28 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    resolve_device(&a.model.device)?;
+    let device = resolve_device(&a.model.device)?;
     let dir = model_dir(&a.model.model)?;
-    let (model, tok) = load_cpu(&dir)?;
+    match device {
+        DeviceChoice::Cpu => {
+            let (model, tok) = load_cpu(&dir)?;
+            generate_on(model, tok, &a)
+        }
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda => {
+            let (model, tok) = load_cuda(&dir)?;
+            generate_on(model, tok, &a)
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda => Err(no_cuda()),
+    }
+}
+
+fn generate_on<B: Backend>(
+    model: Llama<B>,
+    tok: zoft::tokenizer::Tokenizer,
+    a: &GenerateArgs,
+) -> Result<()> {
     let text = if a.chat {
         let mut msgs = vec![];
         if let Some(s) = &a.system {

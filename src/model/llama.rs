@@ -139,7 +139,7 @@ impl<B: Backend> Llama<B> {
         let rows = layout.rows();
         let shape = self.attn_shape();
         let mut x = b.alloc(rows, cfg.hidden_size, Tag::Activations)?;
-        b.embed(hook.param(b, &self.weights.embed, EMBED_ID)?, ids, &mut x)?;
+        hook.embed(b, &self.weights.embed, ids, EMBED_ID, &mut x)?;
         let mut ws = self.workspace(rows)?;
         // The first norm has no residual to add; later ones fuse the add of the previous
         // block's output into the norm.
@@ -196,8 +196,8 @@ impl<B: Backend> Llama<B> {
         hook: &mut dyn LinearHook<B>,
     ) -> Result<Vec<f32>> {
         let h = self.hidden(ids, layout, hook)?;
-        let head = hook.param(&self.backend, self.weights.lm_head(), self.lm_head_id())?;
-        self.backend.target_logprobs(&h, head, targets)
+        let (head, id) = (self.weights.lm_head(), self.lm_head_id());
+        hook.head_target_logprobs(&self.backend, &h, head, id, targets)
     }
 
     /// log p(token | row) for each (row, token) request, in order. Rows may repeat (several
@@ -211,7 +211,7 @@ impl<B: Backend> Llama<B> {
         hook: &mut dyn LinearHook<B>,
     ) -> Result<Vec<f32>> {
         let h = self.hidden(ids, layout, hook)?;
-        let head = hook.param(&self.backend, self.weights.lm_head(), self.lm_head_id())?;
+        let (head, head_id) = (self.weights.lm_head(), self.lm_head_id());
         let rows = layout.rows();
         let mut targets = vec![-1i32; rows];
         let mut one_per_row = true;
@@ -224,7 +224,7 @@ impl<B: Backend> Llama<B> {
             targets[r as usize] = t as i32;
         }
         if one_per_row {
-            let lp = self.backend.target_logprobs(&h, head, &targets)?;
+            let lp = hook.head_target_logprobs(&self.backend, &h, head, head_id, &targets)?;
             return Ok(requests.iter().map(|&(r, _)| lp[r as usize]).collect());
         }
         let mut distinct: Vec<usize> = requests.iter().map(|&(r, _)| r as usize).collect();
@@ -234,7 +234,7 @@ impl<B: Backend> Llama<B> {
         let mut row_lse = std::collections::HashMap::new();
         let mut row_logits = std::collections::HashMap::new();
         for chunk in distinct.chunks(crate::backend::cpu::LOGIT_CHUNK_ROWS) {
-            let logits = self.backend.logits_rows(&h, head, chunk)?;
+            let logits = hook.head_logits_rows(&self.backend, &h, head, head_id, chunk)?;
             for (i, &r) in chunk.iter().enumerate() {
                 let row = &logits[i * vocab..(i + 1) * vocab];
                 row_lse.insert(r, crate::backend::cpu::logsumexp(row));
@@ -263,8 +263,8 @@ impl<B: Backend> Llama<B> {
         hook: &mut dyn LinearHook<B>,
     ) -> Result<Vec<f32>> {
         let h = self.hidden(ids, layout, hook)?;
-        let head = hook.param(&self.backend, self.weights.lm_head(), self.lm_head_id())?;
-        self.backend.logits_rows(&h, head, rows)
+        let (head, id) = (self.weights.lm_head(), self.lm_head_id());
+        hook.head_logits_rows(&self.backend, &h, head, id, rows)
     }
 
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache<B>> {

@@ -89,45 +89,43 @@ pub fn is_matrix(t: &HostTensor) -> bool {
     t.shape.len() == 2
 }
 
-/// Runs `f(j, w, z)` over every element of `t` with its dense normal z, in parallel chunks,
-/// converting through f32 for f16/bf16 tensors. `f` returns the new weight.
-pub fn dense_pass(t: &mut HostTensor, stream: Philox, f: impl Fn(usize, f32, f32) -> f32 + Sync) {
-    let run = |start: usize, w: &mut [f32]| {
-        let mut z = [0.0f32; CHUNK];
-        let z = &mut z[..w.len()];
-        stream.fill_normal(start as u64, z);
+/// Runs `f(j, w, z)` over elements [start, start + w.len()) of a tensor, held in `w`, with
+/// their dense normal z. `f` returns the new weight.
+fn dense_slice(stream: Philox, start: usize, w: &mut [f32], f: impl Fn(usize, f32, f32) -> f32) {
+    let mut buf = [0.0f32; CHUNK];
+    for (c, w) in w.chunks_mut(CHUNK).enumerate() {
+        let first = start + c * CHUNK;
+        let z = &mut buf[..w.len()];
+        stream.fill_normal(first as u64, z);
         for (k, (w, &z)) in w.iter_mut().zip(z.iter()).enumerate() {
-            *w = f(start + k, *w, z);
+            *w = f(first + k, *w, z);
         }
-    };
-    for_each_chunk(t, run);
+    }
 }
 
-/// Runs `f(j, w, z)` with z from the low-rank factors and coefficients `c` (length r).
-pub fn low_rank_pass(
-    t: &mut HostTensor,
+/// Runs `f(j, w, z)` over elements [start, start + w.len()) of an [m x n] matrix, held in
+/// `w`, with z from the low-rank factors and coefficients `c` (length r).
+fn low_rank_slice(
     fac: &Factors,
     c: &[f32],
-    f: impl Fn(usize, f32, f32) -> f32 + Sync,
+    n: usize,
+    start: usize,
+    w: &mut [f32],
+    f: impl Fn(usize, f32, f32) -> f32,
 ) {
-    let n = t.shape[1];
-    let run = |start: usize, w: &mut [f32]| {
-        // Chunks are whole rows when n divides CHUNK; otherwise rows are cut, so build the
-        // z values row by row over the covered range.
-        let mut zrow = vec![0.0f32; n];
-        let mut k = 0;
-        while k < w.len() {
-            let j = start + k;
-            let (a, b0) = (j / n, j % n);
-            fac.row(a, c, &mut zrow);
-            let take = (n - b0).min(w.len() - k);
-            for q in 0..take {
-                w[k + q] = f(j + q, w[k + q], zrow[b0 + q]);
-            }
-            k += take;
+    // The range may start and end inside a row, so z is built row by row over it.
+    let mut zrow = vec![0.0f32; n];
+    let mut k = 0;
+    while k < w.len() {
+        let j = start + k;
+        let (a, b0) = (j / n, j % n);
+        fac.row(a, c, &mut zrow);
+        let take = (n - b0).min(w.len() - k);
+        for q in 0..take {
+            w[k + q] = f(j + q, w[k + q], zrow[b0 + q]);
         }
-    };
-    for_each_chunk(t, run);
+        k += take;
+    }
 }
 
 /// Splits a tensor into chunks of CHUNK elements and runs `run(start, values)` on each in
@@ -198,9 +196,23 @@ impl<'a> TensorZ<'a> {
     /// Runs `f(j, w0, z)` -> new weight over tensor `t`, where the tensor currently holds
     /// w0 + offset * z. For sparse directions z is already zeroed where |w0| > h.
     pub fn pass(&self, t: &mut HostTensor, offset: f32, f: impl Fn(usize, f32, f32) -> f32 + Sync) {
+        let cols = *t.shape.last().unwrap_or(&1);
+        for_each_chunk(t, |start, w| self.pass_slice(start, w, cols, offset, &f));
+    }
+
+    /// `pass` over elements [start, start + w.len()) of a tensor with rows of `cols`
+    /// elements, held in `w` as f32 (e.g. a few gathered rows).
+    pub fn pass_slice(
+        &self,
+        start: usize,
+        w: &mut [f32],
+        cols: usize,
+        offset: f32,
+        f: impl Fn(usize, f32, f32) -> f32,
+    ) {
         match self {
-            TensorZ::Dense(s) => dense_pass(t, *s, |j, w, z| f(j, w - offset * z, z)),
-            TensorZ::Sparse(s, h) => dense_pass(t, *s, |j, w, z| {
+            TensorZ::Dense(s) => dense_slice(*s, start, w, |j, w, z| f(j, w - offset * z, z)),
+            TensorZ::Sparse(s, h) => dense_slice(*s, start, w, |j, w, z| {
                 let w0 = w - offset * z;
                 // Undo the perturbation only where it was applied: the mask is a function of
                 // w0, recomputed here rather than stored.
@@ -210,7 +222,9 @@ impl<'a> TensorZ<'a> {
                     f(j, w, 0.0)
                 }
             }),
-            TensorZ::LowRank(fac, c) => low_rank_pass(t, fac, c, |j, w, z| f(j, w - offset * z, z)),
+            TensorZ::LowRank(fac, c) => {
+                low_rank_slice(fac, c, cols, start, w, |j, w, z| f(j, w - offset * z, z))
+            }
         }
     }
 }

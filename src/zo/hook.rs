@@ -1,22 +1,30 @@
 //! The fused perturbation: weights stay as the update left them and every parameter use sees
 //! w + scale * z (plus any virtual low-rank update), built on the fly. Restore is exact by
 //! construction because nothing is ever subtracted back.
+//!
+//! Scratch stays at one layer's largest matrix: linear layers get a perturbed copy of their
+//! weight (or, for low-rank z, a side product beside the GEMM); the embedding perturbs only the
+//! rows it gathers, and the LM head is perturbed and applied a block of vocabulary rows at a
+//! time.
 
 use super::direction::{is_matrix, Direction, Factors, StepKey, TensorZ};
 use super::ZoOptimizer;
-use crate::backend::cpu::{CpuAct, CpuBackend};
+use crate::backend::cpu::{logsumexp, CpuAct, CpuBackend, LOGIT_CHUNK_ROWS};
 use crate::backend::mem::{MemCounters, Tag};
 use crate::backend::{Backend, LinearHook, ParamId};
 use crate::model::HostTensor;
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use std::sync::Arc;
+
+/// Vocabulary rows of the LM head perturbed and multiplied at once.
+const HEAD_BLOCK_ROWS: usize = 4096;
 
 pub struct FusedHook<'a> {
     opt: &'a ZoOptimizer,
     key: StepKey,
     /// The signed perturbation size (+eps, -eps, or 0 for evaluation).
     scale: f32,
-    /// One tensor's perturbed copy, kept so a tied LM head reuses the embedding's.
+    /// The perturbed copy of the tensor in use.
     scratch: Option<(ParamId, HostTensor)>,
     mem: Arc<MemCounters>,
 }
@@ -46,6 +54,41 @@ impl<'a> FusedHook<'a> {
         (0..rank)
             .map(|k| virt.map_or(0.0, |v| v[k]) + self.scale * tau[k])
             .collect()
+    }
+
+    /// Whether parameter `id` differs from the stored weights in this forward.
+    fn moves(&self, id: ParamId) -> bool {
+        self.scale != 0.0 || self.opt.method.virtual_coefficients(id).is_some()
+    }
+
+    /// Replaces `values` (rows [row0, ..) of matrix `w`, parameter `id`, as f32) by what this
+    /// forward sees there: the same arithmetic as a whole perturbed copy, on those rows only.
+    fn perturb_rows(&self, w: &HostTensor, id: ParamId, row0: usize, values: &mut [f32]) {
+        let cols = w.shape[1];
+        let dir = self.opt.method.direction();
+        let start = row0 * cols;
+        match self.low_rank(w) {
+            Some(rank) => {
+                let c = self.coefficients(id, rank);
+                TensorZ::of(w, id, self.key, dir, &c).pass_slice(
+                    start,
+                    values,
+                    cols,
+                    0.0,
+                    |_, w, z| w + z,
+                );
+            }
+            None => {
+                let scale = self.scale;
+                TensorZ::of(w, id, self.key, dir, &[]).pass_slice(
+                    start,
+                    values,
+                    cols,
+                    0.0,
+                    |_, w0, z| w0 + scale * z,
+                );
+            }
+        }
     }
 
     fn drop_scratch(&mut self) {
@@ -89,6 +132,104 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
             self.scratch = Some((id, t));
         }
         Ok(&self.scratch.as_ref().unwrap().1)
+    }
+
+    fn embed(
+        &mut self,
+        b: &CpuBackend,
+        table: &HostTensor,
+        ids: &[u32],
+        id: ParamId,
+        out: &mut CpuAct,
+    ) -> Result<()> {
+        b.embed(table, ids, out)?;
+        if !self.moves(id) {
+            return Ok(());
+        }
+        let cols = table.shape[1];
+        for (row, &t) in out.data.chunks_mut(cols).zip(ids) {
+            self.perturb_rows(table, id, t as usize, row);
+        }
+        Ok(())
+    }
+
+    fn head_logits_rows(
+        &mut self,
+        b: &CpuBackend,
+        hidden: &CpuAct,
+        head: &HostTensor,
+        id: ParamId,
+        rows: &[usize],
+    ) -> Result<Vec<f32>> {
+        if !self.moves(id) {
+            return b.logits_rows(hidden, head, rows);
+        }
+        let (vocab, d) = (head.shape[0], head.shape[1]);
+        let mut x = Vec::with_capacity(rows.len() * d);
+        for &r in rows {
+            ensure!(r < hidden.rows, "logits_rows: row {r} out of range");
+            x.extend_from_slice(&hidden.data[r * d..(r + 1) * d]);
+        }
+        let block = HEAD_BLOCK_ROWS.min(vocab);
+        let scratch = (block * d + rows.len() * block) * 4;
+        self.mem.add(Tag::Scratch, scratch);
+        let mut out = vec![0.0f32; rows.len() * vocab];
+        let mut w = vec![0.0f32; block * d];
+        let mut part = vec![0.0f32; rows.len() * block];
+        let es = head.dtype.size();
+        for v0 in (0..vocab).step_by(block) {
+            let nv = block.min(vocab - v0);
+            let w = &mut w[..nv * d];
+            match head.f32s() {
+                Some(all) => w.copy_from_slice(&all[v0 * d..(v0 + nv) * d]),
+                None => crate::model::tensor::decode_into(
+                    head.dtype,
+                    &head.bytes()[v0 * d * es..(v0 + nv) * d * es],
+                    w,
+                ),
+            }
+            self.perturb_rows(head, id, v0, w);
+            let part = &mut part[..rows.len() * nv];
+            b.matmul_slices(&x, w, part, rows.len(), nv, d);
+            for (o, p) in out.chunks_mut(vocab).zip(part.chunks(nv)) {
+                o[v0..v0 + nv].copy_from_slice(p);
+            }
+        }
+        self.mem.sub(Tag::Scratch, scratch);
+        Ok(out)
+    }
+
+    fn head_target_logprobs(
+        &mut self,
+        b: &CpuBackend,
+        hidden: &CpuAct,
+        head: &HostTensor,
+        id: ParamId,
+        targets: &[i32],
+    ) -> Result<Vec<f32>> {
+        if !self.moves(id) {
+            return b.target_logprobs(hidden, head, targets);
+        }
+        ensure!(
+            targets.len() == hidden.rows,
+            "target_logprobs: one target per row"
+        );
+        let vocab = head.shape[0];
+        let rows: Vec<usize> = (0..targets.len()).filter(|&r| targets[r] >= 0).collect();
+        if let Some(&r) = rows.iter().find(|&&r| targets[r] as usize >= vocab) {
+            anyhow::bail!(
+                "target id {} is outside the vocabulary of {vocab} tokens",
+                targets[r]
+            );
+        }
+        let mut out = vec![0.0f32; targets.len()];
+        for rs in rows.chunks(LOGIT_CHUNK_ROWS) {
+            let logits = self.head_logits_rows(b, hidden, head, id, rs)?;
+            for (row, &r) in logits.chunks(vocab).zip(rs) {
+                out[r] = row[targets[r] as usize] - logsumexp(row);
+            }
+        }
+        Ok(out)
     }
 
     fn linear(
