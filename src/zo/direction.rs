@@ -91,6 +91,7 @@ pub fn is_matrix(t: &HostTensor) -> bool {
 
 /// Runs `f(j, w, z)` over elements [start, start + w.len()) of a tensor, held in `w`, with
 /// their dense normal z. `f` returns the new weight.
+#[inline(always)]
 fn dense_slice(stream: Philox, start: usize, w: &mut [f32], f: impl Fn(usize, f32, f32) -> f32) {
     let mut buf = [0.0f32; CHUNK];
     for (c, w) in w.chunks_mut(CHUNK).enumerate() {
@@ -105,6 +106,7 @@ fn dense_slice(stream: Philox, start: usize, w: &mut [f32], f: impl Fn(usize, f3
 
 /// Runs `f(j, w, z)` over elements [start, start + w.len()) of an [m x n] matrix, held in
 /// `w`, with z from the low-rank factors and coefficients `c` (length r).
+#[inline(always)]
 fn low_rank_slice(
     fac: &Factors,
     c: &[f32],
@@ -202,6 +204,7 @@ impl<'a> TensorZ<'a> {
 
     /// `pass` over elements [start, start + w.len()) of a tensor with rows of `cols`
     /// elements, held in `w` as f32 (e.g. a few gathered rows).
+    #[inline(always)]
     pub fn pass_slice(
         &self,
         start: usize,

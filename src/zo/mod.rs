@@ -203,6 +203,14 @@ pub fn new_method<B: ZoBackend + 'static>(
     weights: &LlamaWeights<B::Weight>,
 ) -> Result<Box<dyn ZoMethod<B>>> {
     cfg.validate()?;
+    if let (Method::Tezo | Method::TezoAdam, Some(max)) = (cfg.method, backend.max_low_rank()) {
+        if cfg.rank > max {
+            bail!(
+                "rank {} is above {max}, the largest this backend's low-rank pass takes",
+                cfg.rank
+            );
+        }
+    }
     let shapes: Vec<&[usize]> = weights.tensors().into_iter().map(B::weight_shape).collect();
     Ok(match cfg.method {
         Method::Mezo => Box::new(mezo::Mezo),

@@ -76,6 +76,11 @@ pub trait ZoBackend: Backend {
     /// Per-element optimizer state (Adam moments), f32, accounted as optimizer memory.
     type State;
 
+    /// The largest TeZO rank this backend's low-rank pass takes, if it has a limit.
+    fn max_low_rank(&self) -> Option<usize> {
+        None
+    }
+
     /// A state vector holding `values`.
     fn zo_state(&self, values: &[f32]) -> Result<Self::State>;
     fn zo_state_to_host(&self, s: &Self::State) -> Result<Vec<f32>>;
@@ -190,7 +195,14 @@ impl ZoBackend for CpuBackend {
                 });
             }
             (Rule::Adam(_), None) => bail!("{}: an Adam pass needs its moments", w.name),
-            _ => tz.pass(w, offset, |_, w0, z| rule.apply(w0, z, None)),
+            // One closure per rule, so that the per-element match folds away and the loop
+            // over a chunk stays a tight one.
+            (Rule::Move { to }, _) => {
+                tz.pass(w, offset, |_, w0, z| Rule::Move { to }.apply(w0, z, None))
+            }
+            (Rule::Sgd { lr, g, wd }, _) => tz.pass(w, offset, |_, w0, z| {
+                Rule::Sgd { lr, g, wd }.apply(w0, z, None)
+            }),
         }
         Ok(())
     }

@@ -50,6 +50,10 @@ impl CudaBackend {
 impl ZoBackend for CudaBackend {
     type State = DevBuf;
 
+    fn max_low_rank(&self) -> Option<usize> {
+        Some(kernels::LR_MAX_RANK)
+    }
+
     fn zo_state(&self, values: &[f32]) -> Result<DevBuf> {
         self.buf_from_host(values, Tag::Optimizer, "ZO optimizer state")
     }
