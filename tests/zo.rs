@@ -455,6 +455,48 @@ fn tezo_virtual_weights_equal_materialized() {
 }
 
 #[test]
+fn failed_forward_restores_the_weights() {
+    let cfg = tiny_config();
+    let w = LlamaWeights::random(&cfg, 3, DType::F32);
+    let mut m = Llama::new(cfg.clone(), w, CpuBackend::new());
+    let bt = batch(&cfg, 1);
+    let flat = |m: &Llama<CpuBackend>| -> Vec<f32> {
+        m.weights
+            .tensors()
+            .iter()
+            .flat_map(|t| t.to_f32_vec())
+            .collect()
+    };
+    let before = flat(&m);
+    let zc = ZoConfig {
+        method: Method::Mezo,
+        lr: 1e-3,
+        seed: 2,
+        ..Default::default()
+    };
+    let mut opt = ZoOptimizer::new(zc, &m).unwrap();
+    // Fail the first (+eps) and then the second (-eps) forward of a step.
+    for fail_on in [1, 2] {
+        let mut calls = 0;
+        let err = opt
+            .step(&mut m, 0, &mut |mm, h| {
+                calls += 1;
+                if calls == fail_on {
+                    return Err(zoft::Error::msg("forward failed"));
+                }
+                Ok(loss_of(mm, &bt, h))
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("forward failed"), "{err}");
+        let e = rel_err(&flat(&m), &before);
+        assert!(
+            e < 1e-6,
+            "failure at forward {fail_on} left the weights perturbed: {e}"
+        );
+    }
+}
+
+#[test]
 fn non_finite_loss_stops_and_restores_weights() {
     let cfg = tiny_config();
     let mut m = tiny_model(&cfg, 8);

@@ -112,6 +112,22 @@ impl CpuBackend {
     }
 }
 
+/// Dot product over 16 partial sums: a single running sum is a dependency chain the compiler
+/// may not reorder, so it would stay scalar; 16 lanes map onto vector registers.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let n = a.len().min(b.len()) / LANES * LANES;
+    let mut acc = [0.0f32; LANES];
+    for (x, y) in a[..n].chunks_exact(LANES).zip(b[..n].chunks_exact(LANES)) {
+        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    let tail: f32 = a[n..].iter().zip(&b[n..]).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 fn rms_scale(x: &[f32], eps: f32) -> f32 {
     let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
     1.0 / (ss + eps).sqrt()
@@ -326,7 +342,7 @@ impl Backend for CpuBackend {
                     let mut m = f32::NEG_INFINITY;
                     for (j, s) in scores.iter_mut().enumerate() {
                         let kr = &k.data[layout.key_row(b, j) * kc + kh * hd..][..hd];
-                        *s = qh.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
+                        *s = dot(qh, kr) * scale;
                         m = m.max(*s);
                     }
                     let mut denom = 0.0f32;

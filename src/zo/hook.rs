@@ -61,32 +61,31 @@ impl<'a> FusedHook<'a> {
         self.scale != 0.0 || self.opt.method.virtual_coefficients(id).is_some()
     }
 
-    /// Replaces `values` (rows [row0, ..) of matrix `w`, parameter `id`, as f32) by what this
-    /// forward sees there: the same arithmetic as a whole perturbed copy, on those rows only.
-    fn perturb_rows(&self, w: &HostTensor, id: ParamId, row0: usize, values: &mut [f32]) {
+    /// Replaces each `(row0, values)` (rows [row0, ..) of matrix `w`, parameter `id`, as f32)
+    /// by what this forward sees there: the arithmetic of a whole perturbed copy, on those
+    /// rows only. z is set up once for all of them (low-rank factors are drawn per call).
+    fn perturb_rows<'v>(
+        &self,
+        w: &HostTensor,
+        id: ParamId,
+        blocks: impl Iterator<Item = (usize, &'v mut [f32])>,
+    ) {
         let cols = w.shape[1];
         let dir = self.opt.method.direction();
-        let start = row0 * cols;
         match self.low_rank(w) {
             Some(rank) => {
                 let c = self.coefficients(id, rank);
-                TensorZ::of(w, id, self.key, dir, &c).pass_slice(
-                    start,
-                    values,
-                    cols,
-                    0.0,
-                    |_, w, z| w + z,
-                );
+                let tz = TensorZ::of(w, id, self.key, dir, &c);
+                for (row0, values) in blocks {
+                    tz.pass_slice(row0 * cols, values, cols, 0.0, |_, w, z| w + z);
+                }
             }
             None => {
                 let scale = self.scale;
-                TensorZ::of(w, id, self.key, dir, &[]).pass_slice(
-                    start,
-                    values,
-                    cols,
-                    0.0,
-                    |_, w0, z| w0 + scale * z,
-                );
+                let tz = TensorZ::of(w, id, self.key, dir, &[]);
+                for (row0, values) in blocks {
+                    tz.pass_slice(row0 * cols, values, cols, 0.0, |_, w0, z| w0 + scale * z);
+                }
             }
         }
     }
@@ -147,9 +146,11 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
             return Ok(());
         }
         let cols = table.shape[1];
-        for (row, &t) in out.data.chunks_mut(cols).zip(ids) {
-            self.perturb_rows(table, id, t as usize, row);
-        }
+        let rows = ids
+            .iter()
+            .map(|&t| t as usize)
+            .zip(out.data.chunks_mut(cols));
+        self.perturb_rows(table, id, rows);
         Ok(())
     }
 
@@ -188,7 +189,7 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
                     w,
                 ),
             }
-            self.perturb_rows(head, id, v0, w);
+            self.perturb_rows(head, id, std::iter::once((v0, &mut w[..])));
             let part = &mut part[..rows.len() * nv];
             b.matmul_slices(&x, w, part, rows.len(), nv, d);
             for (o, p) in out.chunks_mut(vocab).zip(part.chunks(nv)) {
