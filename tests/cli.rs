@@ -1,0 +1,42 @@
+//! The command line's device choice: errors that say what was wrong, before any model is read.
+
+use std::process::Command;
+
+fn zoft(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_zoft"))
+        .args(args)
+        .env("ZOFT_HOME", std::env::temp_dir().join("zoft-cli-test-home"))
+        .output()
+        .expect("running zoft");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn unknown_device_is_a_clear_error() {
+    for cmd in ["train", "eval", "generate"] {
+        let mut args = vec![cmd, "--device", "tpu"];
+        if cmd == "generate" {
+            args.push("hello");
+        }
+        let (ok, err) = zoft(&args);
+        assert!(!ok, "{cmd} accepted --device tpu");
+        assert!(
+            err.contains("unknown device \"tpu\": expected cpu, cuda or auto"),
+            "{cmd}: {err}"
+        );
+    }
+}
+
+#[test]
+fn cuda_without_a_usable_device_says_why() {
+    let Err(reason) = zoft::device::cuda_status() else {
+        eprintln!("skipped: a CUDA device is present here");
+        return;
+    };
+    let (ok, err) = zoft(&["eval", "--device", "cuda"]);
+    assert!(!ok, "--device cuda succeeded without a device");
+    assert!(err.contains(&format!("--device cuda: {reason}")), "{err}");
+}
