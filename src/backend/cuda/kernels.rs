@@ -23,6 +23,20 @@ fn rows_grid(rows: usize) -> Result<u32> {
     Ok(rows as u32)
 }
 
+/// The variant of kernel `op` for weights or outputs stored as `dtype` (the GPU keeps no f16).
+fn for_storage(
+    op: &str,
+    dtype: DType,
+    f32_kernel: &'static str,
+    bf16_kernel: &'static str,
+) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok(f32_kernel),
+        DType::BF16 => Ok(bf16_kernel),
+        DType::F16 => bail!("{op}: f16 storage is not supported on the GPU"),
+    }
+}
+
 fn check_i32(what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| anyhow::anyhow!("{what} = {v} exceeds 32 bits"))
 }
@@ -59,11 +73,12 @@ pub(crate) fn gather_rows(
     n_rows: usize,
     cols: usize,
 ) -> Result<()> {
-    let name = match out_dtype {
-        DType::F32 => "gather_rows_f32",
-        DType::BF16 => "gather_rows_bf16",
-        DType::F16 => bail!("gather_rows: f16 output is not supported"),
-    };
+    let name = for_storage(
+        "gather_rows",
+        out_dtype,
+        "gather_rows_f32",
+        "gather_rows_bf16",
+    )?;
     let args = Args::new()
         .ptr(src)
         .ptr(rows)
@@ -87,11 +102,7 @@ pub(crate) fn embed(
     rows: usize,
     d: usize,
 ) -> Result<()> {
-    let name = match table_dtype {
-        DType::F32 => "embed_f32",
-        DType::BF16 => "embed_bf16",
-        DType::F16 => bail!("embed: f16 tables are not supported on the GPU"),
-    };
+    let name = for_storage("embed", table_dtype, "embed_f32", "embed_bf16")?;
     let args = Args::new()
         .ptr(table)
         .ptr(ids)
@@ -123,11 +134,7 @@ pub(crate) fn rmsnorm(
     d: usize,
     eps: f32,
 ) -> Result<()> {
-    let name = match w_dtype {
-        DType::F32 => "rmsnorm_f32w",
-        DType::BF16 => "rmsnorm_bf16w",
-        DType::F16 => bail!("rmsnorm: f16 weights are not supported on the GPU"),
-    };
+    let name = for_storage("rmsnorm", w_dtype, "rmsnorm_f32w", "rmsnorm_bf16w")?;
     let args = Args::new()
         .ptr(x)
         .ptr(w)
@@ -155,11 +162,12 @@ pub(crate) fn add_rmsnorm(
     d: usize,
     eps: f32,
 ) -> Result<()> {
-    let name = match w_dtype {
-        DType::F32 => "add_rmsnorm_f32w",
-        DType::BF16 => "add_rmsnorm_bf16w",
-        DType::F16 => bail!("add_rmsnorm: f16 weights are not supported on the GPU"),
-    };
+    let name = for_storage(
+        "add_rmsnorm",
+        w_dtype,
+        "add_rmsnorm_f32w",
+        "add_rmsnorm_bf16w",
+    )?;
     let args = Args::new()
         .ptr(residual)
         .ptr(delta)
@@ -317,11 +325,7 @@ pub(crate) fn fill_normal(
     scale: f32,
     shift: f32,
 ) -> Result<()> {
-    let name = match dtype {
-        DType::F32 => "fill_normal_f32",
-        DType::BF16 => "fill_normal_bf16",
-        DType::F16 => bail!("fill_normal: f16 is not supported"),
-    };
+    let name = for_storage("fill_normal", dtype, "fill_normal_f32", "fill_normal_bf16")?;
     let args = key_args(Args::new().ptr(out).u64(n as u64), key)
         .u64(start)
         .f32(scale)
@@ -345,11 +349,7 @@ pub(crate) fn axpy_normal(
     start: u64,
     scale: f32,
 ) -> Result<()> {
-    let name = match dtype {
-        DType::F32 => "axpy_normal_f32",
-        DType::BF16 => "axpy_normal_bf16",
-        DType::F16 => bail!("axpy_normal: f16 is not supported"),
-    };
+    let name = for_storage("axpy_normal", dtype, "axpy_normal_f32", "axpy_normal_bf16")?;
     let args = key_args(Args::new().ptr(w).u64(n as u64), key)
         .u64(start)
         .f32(scale);
@@ -438,11 +438,7 @@ pub(crate) fn zo_pass(
     offset: f32,
     rule: ElemRule,
 ) -> Result<()> {
-    let name = match dtype {
-        DType::F32 => "zo_pass_f32",
-        DType::BF16 => "zo_pass_bf16",
-        DType::F16 => bail!("zo_pass: f16 weights are not supported"),
-    };
+    let name = for_storage("zo_pass", dtype, "zo_pass_f32", "zo_pass_bf16")?;
     let (code, p) = match rule {
         ElemRule::Move { to } => (0, [to, 0.0, 0.0]),
         ElemRule::Sgd { lr, g, wd } => (1, [lr, g, wd]),
@@ -473,11 +469,12 @@ pub(crate) fn zo_adam_pass(
     offset: f32,
     a: &crate::zo::passes::AdamArgs,
 ) -> Result<()> {
-    let name = match dtype {
-        DType::F32 => "zo_adam_pass_f32",
-        DType::BF16 => "zo_adam_pass_bf16",
-        DType::F16 => bail!("zo_adam_pass: f16 weights are not supported"),
-    };
+    let name = for_storage(
+        "zo_adam_pass",
+        dtype,
+        "zo_adam_pass_f32",
+        "zo_adam_pass_bf16",
+    )?;
     let args = key_args(Args::new().ptr(w).ptr(m).ptr(v).u64(n as u64), key).f32(offset);
     let args = z
         .args(args)
@@ -530,11 +527,12 @@ pub(crate) fn zo_low_rank_move(
     offset: f32,
     to: f32,
 ) -> Result<()> {
-    let name = match dtype {
-        DType::F32 => "zo_low_rank_move_f32",
-        DType::BF16 => "zo_low_rank_move_bf16",
-        DType::F16 => bail!("zo_low_rank_move: f16 weights are not supported"),
-    };
+    let name = for_storage(
+        "zo_low_rank_move",
+        dtype,
+        "zo_low_rank_move_f32",
+        "zo_low_rank_move_bf16",
+    )?;
     if rank > LR_MAX_RANK {
         bail!(
             "low-rank directions of rank {rank} are not supported on the CUDA backend \
@@ -572,11 +570,7 @@ pub(crate) fn zo_low_rank_move(
 
 /// w <- w - factor w over n elements of `dtype`.
 pub(crate) fn zo_decay(dev: &Device, w: u64, dtype: DType, n: usize, factor: f32) -> Result<()> {
-    let name = match dtype {
-        DType::F32 => "zo_decay_f32",
-        DType::BF16 => "zo_decay_bf16",
-        DType::F16 => bail!("zo_decay: f16 weights are not supported"),
-    };
+    let name = for_storage("zo_decay", dtype, "zo_decay_f32", "zo_decay_bf16")?;
     let args = Args::new().ptr(w).u64(n as u64).f32(factor);
     dev.launch(name, (grid_1d(n as u64), 1, 1), (THREADS, 1, 1), 0, args)
 }
