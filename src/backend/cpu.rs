@@ -133,6 +133,34 @@ fn rms_scale(x: &[f32], eps: f32) -> f32 {
     1.0 / (ss + eps).sqrt()
 }
 
+/// The rows that carry a target (>= 0), checking there is one target per row of a
+/// `hidden_rows`-row batch and that every target is inside the vocabulary.
+pub fn target_rows(targets: &[i32], hidden_rows: usize, vocab: usize) -> Result<Vec<usize>> {
+    ensure!(
+        targets.len() == hidden_rows,
+        "target_logprobs: one target per row"
+    );
+    let rows: Vec<usize> = (0..targets.len()).filter(|&r| targets[r] >= 0).collect();
+    if let Some(&r) = rows.iter().find(|&&r| targets[r] as usize >= vocab) {
+        anyhow::bail!(
+            "target id {} is outside the vocabulary of {vocab} tokens",
+            targets[r]
+        );
+    }
+    Ok(rows)
+}
+
+/// The listed rows of an activation, back to back.
+pub fn gather_rows(a: &CpuAct, rows: &[usize]) -> Result<Vec<f32>> {
+    let d = a.cols;
+    let mut x = Vec::with_capacity(rows.len() * d);
+    for &r in rows {
+        ensure!(r < a.rows, "logits_rows: row {r} out of range");
+        x.extend_from_slice(&a.data[r * d..(r + 1) * d]);
+    }
+    Ok(x)
+}
+
 /// log-sum-exp of a row and its maximum, in f32 with an f64 sum for stability.
 pub fn logsumexp(row: &[f32]) -> f32 {
     let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -384,18 +412,8 @@ impl Backend for CpuBackend {
         head: &HostTensor,
         targets: &[i32],
     ) -> Result<Vec<f32>> {
-        ensure!(
-            targets.len() == hidden.rows,
-            "target_logprobs: one target per row"
-        );
         let (vocab, d) = (head.shape[0], head.shape[1]);
-        let rows: Vec<usize> = (0..targets.len()).filter(|&r| targets[r] >= 0).collect();
-        if let Some(&r) = rows.iter().find(|&&r| targets[r] as usize >= vocab) {
-            anyhow::bail!(
-                "target id {} is outside the vocabulary of {vocab} tokens",
-                targets[r]
-            );
-        }
+        let rows = target_rows(targets, hidden.rows, vocab)?;
         let mut out = vec![0.0f32; targets.len()];
         self.with_f32(head, |w| {
             let chunk = LOGIT_CHUNK_ROWS.min(rows.len().max(1));
@@ -424,11 +442,7 @@ impl Backend for CpuBackend {
 
     fn logits_rows(&self, hidden: &CpuAct, head: &HostTensor, rows: &[usize]) -> Result<Vec<f32>> {
         let (vocab, d) = (head.shape[0], head.shape[1]);
-        let mut x = Vec::with_capacity(rows.len() * d);
-        for &r in rows {
-            ensure!(r < hidden.rows, "logits_rows: row {r} out of range");
-            x.extend_from_slice(&hidden.data[r * d..(r + 1) * d]);
-        }
+        let x = gather_rows(hidden, rows)?;
         let mut out = vec![0.0f32; rows.len() * vocab];
         self.with_f32(head, |w| {
             self.matmul_slices(&x, w, &mut out, rows.len(), vocab, d)

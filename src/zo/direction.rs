@@ -173,26 +173,28 @@ impl ElemState {
     }
 }
 
-/// The z of one tensor at one step.
-pub enum TensorZ<'a> {
+/// The z of one tensor at one step, ready to be generated on the CPU.
+pub enum TensorZ {
     Dense(Philox),
     Sparse(Philox, f32),
-    LowRank(Factors, &'a [f32]),
+    /// The matrix's fixed factors and the coefficients of this pass.
+    LowRank(Factors, Vec<f32>),
 }
 
-impl<'a> TensorZ<'a> {
-    /// How tensor `id` is perturbed under `dir`; `coef` are the low-rank coefficients to use
-    /// (tau, or a combination of tau and update terms).
-    pub fn of(t: &HostTensor, id: usize, key: StepKey, dir: &Direction, coef: &'a [f32]) -> Self {
-        match dir {
-            Direction::Dense => TensorZ::Dense(key.stream(id)),
-            Direction::Sparse { thresholds } => TensorZ::Sparse(key.stream(id), thresholds[id]),
-            Direction::LowRank { rank } if is_matrix(t) => TensorZ::LowRank(
-                Factors::generate(key.seed, id, t.shape[0], t.shape[1], *rank),
-                coef,
-            ),
-            Direction::LowRank { .. } => TensorZ::Dense(key.stream(id)),
-        }
+impl TensorZ {
+    /// The z that `z` describes for tensor `t`, parameter `id`, at `key`.
+    pub fn from_spec(t: &HostTensor, id: usize, key: StepKey, z: ZSpec) -> Result<Self> {
+        Ok(match z {
+            ZSpec::Dense => TensorZ::Dense(key.stream(id)),
+            ZSpec::Sparse { threshold } => TensorZ::Sparse(key.stream(id), threshold),
+            ZSpec::LowRank { coef } => {
+                if !is_matrix(t) {
+                    anyhow::bail!("{}: a low-rank direction needs a matrix", t.name);
+                }
+                let fac = Factors::generate(key.seed, id, t.shape[0], t.shape[1], coef.len());
+                TensorZ::LowRank(fac, coef.to_vec())
+            }
+        })
     }
 
     /// Runs `f(j, w0, z)` -> new weight over tensor `t`, where the tensor currently holds

@@ -8,12 +8,15 @@
 //! time.
 
 use super::direction::{is_matrix, Direction, Factors, StepKey, TensorZ};
-use super::ZoOptimizer;
-use crate::backend::cpu::{logsumexp, CpuAct, CpuBackend, LOGIT_CHUNK_ROWS};
+use super::passes::ZSpec;
+use super::{elem_spec, ZoOptimizer};
+use crate::backend::cpu::{
+    gather_rows, logsumexp, target_rows, CpuAct, CpuBackend, LOGIT_CHUNK_ROWS,
+};
 use crate::backend::mem::{MemCounters, Tag};
 use crate::backend::{Backend, LinearHook, ParamId};
 use crate::model::HostTensor;
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use std::sync::Arc;
 
 /// Vocabulary rows of the LM head perturbed and multiplied at once.
@@ -61,6 +64,22 @@ impl<'a> FusedHook<'a> {
         self.scale != 0.0 || self.opt.method.virtual_coefficients(id).is_some()
     }
 
+    /// What this forward adds to parameter `id`: multiple `s` of the returned z. Low-rank z
+    /// carries its multiple in its coefficients (virtual update included), so s = 1 there.
+    fn perturbation(&self, w: &HostTensor, id: ParamId) -> Result<(TensorZ, f32)> {
+        match self.low_rank(w) {
+            Some(rank) => {
+                let coef = self.coefficients(id, rank);
+                let z = ZSpec::LowRank { coef: &coef };
+                Ok((TensorZ::from_spec(w, id, self.key, z)?, 1.0))
+            }
+            None => {
+                let z = elem_spec(self.opt.method.direction(), id);
+                Ok((TensorZ::from_spec(w, id, self.key, z)?, self.scale))
+            }
+        }
+    }
+
     /// Replaces each `(row0, values)` (rows [row0, ..) of matrix `w`, parameter `id`, as f32)
     /// by what this forward sees there: the arithmetic of a whole perturbed copy, on those
     /// rows only. z is set up once for all of them (low-rank factors are drawn per call).
@@ -69,25 +88,13 @@ impl<'a> FusedHook<'a> {
         w: &HostTensor,
         id: ParamId,
         blocks: impl Iterator<Item = (usize, &'v mut [f32])>,
-    ) {
+    ) -> Result<()> {
         let cols = w.shape[1];
-        let dir = self.opt.method.direction();
-        match self.low_rank(w) {
-            Some(rank) => {
-                let c = self.coefficients(id, rank);
-                let tz = TensorZ::of(w, id, self.key, dir, &c);
-                for (row0, values) in blocks {
-                    tz.pass_slice(row0 * cols, values, cols, 0.0, |_, w, z| w + z);
-                }
-            }
-            None => {
-                let scale = self.scale;
-                let tz = TensorZ::of(w, id, self.key, dir, &[]);
-                for (row0, values) in blocks {
-                    tz.pass_slice(row0 * cols, values, cols, 0.0, |_, w0, z| w0 + scale * z);
-                }
-            }
+        let (tz, s) = self.perturbation(w, id)?;
+        for (row0, values) in blocks {
+            tz.pass_slice(row0 * cols, values, cols, 0.0, |_, w0, z| w0 + s * z);
         }
+        Ok(())
     }
 
     fn drop_scratch(&mut self) {
@@ -118,16 +125,8 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
             self.drop_scratch();
             let mut t = HostTensor::from_f32(w.name.clone(), w.shape.clone(), &w.to_f32_vec());
             self.mem.add(Tag::Scratch, t.bytes().len());
-            let dir = self.opt.method.direction();
-            let scale = self.scale;
-            match self.low_rank(w) {
-                Some(rank) => {
-                    let c = self.coefficients(id, rank);
-                    TensorZ::of(&t, id, self.key, dir, &c).pass(&mut t, 0.0, |_, w, z| w + z);
-                }
-                None => TensorZ::of(&t, id, self.key, dir, &[])
-                    .pass(&mut t, 0.0, |_, w0, z| w0 + scale * z),
-            }
+            let (tz, s) = self.perturbation(w, id)?;
+            tz.pass(&mut t, 0.0, |_, w0, z| w0 + s * z);
             self.scratch = Some((id, t));
         }
         Ok(&self.scratch.as_ref().unwrap().1)
@@ -150,8 +149,7 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
             .iter()
             .map(|&t| t as usize)
             .zip(out.data.chunks_mut(cols));
-        self.perturb_rows(table, id, rows);
-        Ok(())
+        self.perturb_rows(table, id, rows)
     }
 
     fn head_logits_rows(
@@ -166,11 +164,7 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
             return b.logits_rows(hidden, head, rows);
         }
         let (vocab, d) = (head.shape[0], head.shape[1]);
-        let mut x = Vec::with_capacity(rows.len() * d);
-        for &r in rows {
-            ensure!(r < hidden.rows, "logits_rows: row {r} out of range");
-            x.extend_from_slice(&hidden.data[r * d..(r + 1) * d]);
-        }
+        let x = gather_rows(hidden, rows)?;
         let block = HEAD_BLOCK_ROWS.min(vocab);
         let scratch = (block * d + rows.len() * block) * 4;
         self.mem.add(Tag::Scratch, scratch);
@@ -189,7 +183,7 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
                     w,
                 ),
             }
-            self.perturb_rows(head, id, std::iter::once((v0, &mut w[..])));
+            self.perturb_rows(head, id, std::iter::once((v0, &mut w[..])))?;
             let part = &mut part[..rows.len() * nv];
             b.matmul_slices(&x, w, part, rows.len(), nv, d);
             for (o, p) in out.chunks_mut(vocab).zip(part.chunks(nv)) {
@@ -211,18 +205,8 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
         if !self.moves(id) {
             return b.target_logprobs(hidden, head, targets);
         }
-        ensure!(
-            targets.len() == hidden.rows,
-            "target_logprobs: one target per row"
-        );
         let vocab = head.shape[0];
-        let rows: Vec<usize> = (0..targets.len()).filter(|&r| targets[r] >= 0).collect();
-        if let Some(&r) = rows.iter().find(|&&r| targets[r] as usize >= vocab) {
-            anyhow::bail!(
-                "target id {} is outside the vocabulary of {vocab} tokens",
-                targets[r]
-            );
-        }
+        let rows = target_rows(targets, hidden.rows, vocab)?;
         let mut out = vec![0.0f32; targets.len()];
         for rs in rows.chunks(LOGIT_CHUNK_ROWS) {
             let logits = self.head_logits_rows(b, hidden, head, id, rs)?;

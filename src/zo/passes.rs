@@ -3,7 +3,7 @@
 //! that as one pass over the tensor. The CPU implementation below is the oracle; the CUDA one
 //! (src/backend/cuda/zo.rs) mirrors its arithmetic operation for operation.
 
-use super::direction::{Factors, StepKey, TensorZ};
+use super::direction::{StepKey, TensorZ};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::mem::MemReport;
 use crate::backend::{Backend, LinearHook, ParamId};
@@ -168,17 +168,7 @@ impl ZoBackend for CpuBackend {
         rule: Rule,
         moments: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
     ) -> Result<()> {
-        let tz = match z {
-            ZSpec::Dense => TensorZ::Dense(key.stream(id)),
-            ZSpec::Sparse { threshold } => TensorZ::Sparse(key.stream(id), threshold),
-            ZSpec::LowRank { coef } => {
-                if w.shape.len() != 2 {
-                    bail!("{}: a low-rank direction needs a matrix", w.name);
-                }
-                let fac = Factors::generate(key.seed, id, w.shape[0], w.shape[1], coef.len());
-                TensorZ::LowRank(fac, coef)
-            }
-        };
+        let tz = TensorZ::from_spec(w, id, key, z)?;
         match (rule, moments) {
             (Rule::Adam(_), Some((m, v))) => {
                 if m.len() != w.numel() || v.len() != w.numel() {
