@@ -287,6 +287,26 @@ fn no_cuda() -> anyhow::Error {
     anyhow::anyhow!("this zoft was built without the cuda feature")
 }
 
+/// Loads the model in `dir` onto the chosen backend and calls `run(model, tokenizer, args...)`,
+/// a function generic over the backend.
+macro_rules! on_device {
+    ($device:expr, $dir:expr, $run:ident($($arg:expr),*)) => {
+        match $device {
+            DeviceChoice::Cpu => {
+                let (model, tok) = load_cpu($dir)?;
+                $run(model, tok, $($arg),*)
+            }
+            #[cfg(feature = "cuda")]
+            DeviceChoice::Cuda => {
+                let (model, tok) = load_cuda($dir)?;
+                $run(model, tok, $($arg),*)
+            }
+            #[cfg(not(feature = "cuda"))]
+            DeviceChoice::Cuda => Err(no_cuda()),
+        }
+    };
+}
+
 fn pad_id(cfg: &LlamaConfig, tok: &zoft::tokenizer::Tokenizer) -> u32 {
     cfg.pad_token_id
         .or_else(|| tok.eos_id())
@@ -332,19 +352,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
             );
         }
     }
-    match device {
-        DeviceChoice::Cpu => {
-            let (model, tok) = load_cpu(&src)?;
-            train_on(model, tok, &a, zo, loss, &src, resume)
-        }
-        #[cfg(feature = "cuda")]
-        DeviceChoice::Cuda => {
-            let (model, tok) = load_cuda(&src)?;
-            train_on(model, tok, &a, zo, loss, &src, resume)
-        }
-        #[cfg(not(feature = "cuda"))]
-        DeviceChoice::Cuda => Err(no_cuda()),
-    }
+    on_device!(device, &src, train_on(&a, zo, loss, &src, resume))
 }
 
 /// The training run of `zoft train` on a loaded model, whichever backend holds it.
@@ -436,19 +444,7 @@ fn train_on<B: ZoBackend + 'static>(
 fn cmd_eval(a: EvalArgs) -> Result<()> {
     let device = resolve_device(&a.model.device)?;
     let dir = model_dir(&a.model.model)?;
-    match device {
-        DeviceChoice::Cpu => {
-            let (model, tok) = load_cpu(&dir)?;
-            eval_on(model, tok, &a)
-        }
-        #[cfg(feature = "cuda")]
-        DeviceChoice::Cuda => {
-            let (model, tok) = load_cuda(&dir)?;
-            eval_on(model, tok, &a)
-        }
-        #[cfg(not(feature = "cuda"))]
-        DeviceChoice::Cuda => Err(no_cuda()),
-    }
+    on_device!(device, &dir, eval_on(&a))
 }
 
 fn eval_on<B: Backend>(
@@ -497,19 +493,7 @@ fn eval_on<B: Backend>(
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let device = resolve_device(&a.model.device)?;
     let dir = model_dir(&a.model.model)?;
-    match device {
-        DeviceChoice::Cpu => {
-            let (model, tok) = load_cpu(&dir)?;
-            generate_on(model, tok, &a)
-        }
-        #[cfg(feature = "cuda")]
-        DeviceChoice::Cuda => {
-            let (model, tok) = load_cuda(&dir)?;
-            generate_on(model, tok, &a)
-        }
-        #[cfg(not(feature = "cuda"))]
-        DeviceChoice::Cuda => Err(no_cuda()),
-    }
+    on_device!(device, &dir, generate_on(&a))
 }
 
 fn generate_on<B: Backend>(
