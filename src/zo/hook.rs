@@ -80,23 +80,6 @@ impl<'a> FusedHook<'a> {
         }
     }
 
-    /// Replaces each `(row0, values)` (rows [row0, ..) of matrix `w`, parameter `id`, as f32)
-    /// by what this forward sees there: the arithmetic of a whole perturbed copy, on those
-    /// rows only. z is set up once for all of them (low-rank factors are drawn per call).
-    fn perturb_rows<'v>(
-        &self,
-        w: &HostTensor,
-        id: ParamId,
-        blocks: impl Iterator<Item = (usize, &'v mut [f32])>,
-    ) -> Result<()> {
-        let cols = w.shape[1];
-        let (tz, s) = self.perturbation(w, id)?;
-        for (row0, values) in blocks {
-            tz.pass_slice(row0 * cols, values, cols, 0.0, |_, w0, z| w0 + s * z);
-        }
-        Ok(())
-    }
-
     fn drop_scratch(&mut self) {
         if let Some((_, t)) = self.scratch.take() {
             self.mem.sub(Tag::Scratch, t.bytes().len());
@@ -117,8 +100,7 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
         w: &'b HostTensor,
         id: ParamId,
     ) -> Result<&'b HostTensor> {
-        let virt = self.opt.method.virtual_coefficients(id).is_some();
-        if self.scale == 0.0 && !virt {
+        if !self.moves(id) {
             return Ok(w);
         }
         if self.scratch.as_ref().map(|s| s.0) != Some(id) {
@@ -144,12 +126,13 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
         if !self.moves(id) {
             return Ok(());
         }
+        // Only the gathered rows, with the arithmetic of a whole perturbed copy.
         let cols = table.shape[1];
-        let rows = ids
-            .iter()
-            .map(|&t| t as usize)
-            .zip(out.data.chunks_mut(cols));
-        self.perturb_rows(table, id, rows)
+        let (tz, s) = self.perturbation(table, id)?;
+        for (row, &t) in out.data.chunks_mut(cols).zip(ids) {
+            tz.pass_slice(t as usize * cols, row, cols, 0.0, |_, w0, z| w0 + s * z);
+        }
+        Ok(())
     }
 
     fn head_logits_rows(
@@ -168,6 +151,8 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
         let block = HEAD_BLOCK_ROWS.min(vocab);
         let scratch = (block * d + rows.len() * block) * 4;
         self.mem.add(Tag::Scratch, scratch);
+        // z is set up once per call (low-rank factors are drawn here), not once per block.
+        let (tz, s) = self.perturbation(head, id)?;
         let mut out = vec![0.0f32; rows.len() * vocab];
         let mut w = vec![0.0f32; block * d];
         let mut part = vec![0.0f32; rows.len() * block];
@@ -183,7 +168,7 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
                     w,
                 ),
             }
-            self.perturb_rows(head, id, std::iter::once((v0, &mut w[..])))?;
+            tz.pass_slice(v0 * d, w, d, 0.0, |_, w0, z| w0 + s * z);
             let part = &mut part[..rows.len() * nv];
             b.matmul_slices(&x, w, part, rows.len(), nv, d);
             for (o, p) in out.chunks_mut(vocab).zip(part.chunks(nv)) {
