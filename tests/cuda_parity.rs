@@ -1095,3 +1095,30 @@ fn zo_optimizer_steps_bit_identical() {
         }
     }
 }
+
+#[test]
+fn zo_rank_above_the_low_rank_kernel_limit_is_refused_up_front() {
+    let Some(g) = gpu() else { return };
+    let cfg = tiny_config(false);
+    let gm = Llama::new(
+        cfg.clone(),
+        g.random_weights(&cfg, 5, DType::F32).unwrap(),
+        g.clone(),
+    );
+    for method in [Method::Tezo, Method::TezoAdam] {
+        let zc = |rank| ZoConfig {
+            method,
+            rank,
+            ..Default::default()
+        };
+        let err = ZoOptimizer::new(zc(65), &gm)
+            .err()
+            .expect("rank 65 accepted");
+        assert!(
+            err.to_string()
+                .contains("rank 65 is above 64, the largest this backend's low-rank pass takes"),
+            "{err}"
+        );
+        assert!(ZoOptimizer::new(zc(64), &gm).is_ok());
+    }
+}

@@ -497,6 +497,34 @@ fn failed_forward_restores_the_weights() {
 }
 
 #[test]
+fn low_rank_pass_on_a_vector_is_an_error() {
+    use zoft::zo::passes::{Rule, ZSpec};
+    let cfg = tiny_config();
+    let mut m = Llama::new(
+        cfg.clone(),
+        LlamaWeights::random(&cfg, 3, DType::F32),
+        CpuBackend::new(),
+    );
+    let backend = CpuBackend::new();
+    let id = m.final_norm_id();
+    let norm = &mut m.weights.tensors_mut()[id];
+    let before = norm.to_f32_vec();
+    let key = StepKey { seed: 1, step: 0 };
+    let z = ZSpec::LowRank { coef: &[1.0; 4] };
+    let err = backend
+        .zo_pass(norm, id, key, z, 0.0, Rule::Move { to: 1.0 }, None)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(&format!(
+            "{}: a low-rank direction needs a matrix",
+            norm.name
+        )),
+        "{err}"
+    );
+    assert_eq!(norm.to_f32_vec(), before, "a refused pass wrote the tensor");
+}
+
+#[test]
 fn non_finite_loss_stops_and_restores_weights() {
     let cfg = tiny_config();
     let mut m = tiny_model(&cfg, 8);
