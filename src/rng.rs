@@ -78,7 +78,7 @@ impl Philox {
     /// calling `normal` per element; the bulk runs 64 elements at a time in SIMD-friendly form.
     pub fn fill_normal(&self, start: u64, out: &mut [f32]) {
         let mut i = 0usize;
-        while i < out.len() && (start + i as u64) % 4 != 0 {
+        while i < out.len() && !(start + i as u64).is_multiple_of(4) {
             out[i] = self.normal(start + i as u64);
             i += 1;
         }
@@ -176,7 +176,9 @@ pub fn sincos_2pi(u: f32) -> (f32, f32) {
     cp = cp.mul_add(x2, -0.5);
     let cos_r = x2.mul_add(cp, 1.0);
     // Quadrant k: (sin, cos) of x + k pi/2 = (s, c), (c, -s), (-s, -c), (-c, s), branch-free.
-    let k = (q as i32) & 3;
+    // q is an integer in [0, 4], so q + 2^23 is exact and its low mantissa bits are q's; a
+    // float -> int cast would saturate, which compiles to scalar code per lane.
+    let k = ((q + 8_388_608.0).to_bits() & 3) as i32;
     let (a, b) = if k & 1 == 1 {
         (cos_r, sin_r)
     } else {

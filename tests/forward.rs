@@ -215,3 +215,38 @@ fn bf16_weights_track_f32_weights() {
     );
     assert!(e < 2e-2 && e > 0.0, "bf16 vs f32 rel err {e}");
 }
+
+/// bf16 GEMM inputs (f32 accumulation) stay close to the f32 reference over a whole forward,
+/// and differ from it: the option really changes the GEMMs.
+#[test]
+fn bf16_matmul_tracks_f32_matmul() {
+    use zoft::backend::cpu::{gemm_bf16, CpuBackend, Matmul};
+    if !gemm_bf16::available() {
+        eprintln!("skipped: this CPU lacks AVX512-BF16");
+        return;
+    }
+    let cfg = tiny_config();
+    let m32 = tiny_model(&cfg, 12);
+    let w = LlamaWeights::random(&cfg, 12, zoft::model::DType::F32);
+    let mb = Llama::new(
+        cfg.clone(),
+        w,
+        CpuBackend::with_matmul(Matmul::Bf16).unwrap(),
+    );
+    let s = tokens(24, cfg.vocab_size, 4);
+    let layout = SeqLayout::full(2, 12, &[12, 9]);
+    let rows: Vec<usize> = (0..9).chain(12..21).collect();
+    let e = rel_err(
+        &all_logits(&mb, &s, &layout, &rows),
+        &all_logits(&m32, &s, &layout, &rows),
+    );
+    assert!(e < 2e-2 && e > 1e-5, "bf16 vs f32 matmul rel err {e}");
+}
+
+#[test]
+fn unknown_matmul_precision_is_an_error() {
+    let e = zoft::backend::cpu::Matmul::parse("fp8")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("fp8") && e.contains("f32 or bf16"), "{e}");
+}

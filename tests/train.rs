@@ -21,7 +21,7 @@ fn task(cfg: &LlamaConfig) -> Task {
         (0..n)
             .map(|i| {
                 let prompt = tokens(6, cfg.vocab_size, salt * 1000 + i as u64);
-                let gold = (prompt[0] % 5 != 0) as usize;
+                let gold = !prompt[0].is_multiple_of(5) as usize;
                 Example {
                     origin: Origin {
                         file: PathBuf::from("synthetic"),

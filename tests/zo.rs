@@ -152,13 +152,14 @@ fn estimator_vs_expected(method: Method, samples: u32) -> (f64, usize) {
                     let mut c = 0.0;
                     for a in 0..rows {
                         for b in 0..cols {
-                            c += f.u[a * r + k] as f64 * g[a * cols + b] * f.v[b * r + k] as f64;
+                            c +=
+                                f.u[a * r + k] as f64 * g[a * cols + b] * f.vt[k * cols + b] as f64;
                         }
                     }
                     for a in 0..rows {
                         for b in 0..cols {
                             p[a * cols + b] +=
-                                c * f.u[a * r + k] as f64 * f.v[b * r + k] as f64 / r as f64;
+                                c * f.u[a * r + k] as f64 * f.vt[k * cols + b] as f64 / r as f64;
                         }
                     }
                 }

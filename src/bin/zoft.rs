@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use zoft::backend::cpu::CpuBackend;
+use zoft::backend::cpu::{CpuBackend, Matmul};
 use zoft::backend::{Backend, NoHook};
 use zoft::data::batch::LossKind;
 use zoft::model::generate::{generate, Sampling};
@@ -55,6 +55,10 @@ struct ModelArg {
     /// Where to run: cpu, cuda or auto (cpu, saying whether cuda is available).
     #[arg(long, default_value = "auto")]
     device: String,
+    /// GEMM precision on the CPU: f32 (the reference) or bf16 (inputs rounded to bf16, f32
+    /// accumulation, as on the GPU; needs AVX512-BF16).
+    #[arg(long, default_value = "f32")]
+    matmul: String,
 }
 
 #[derive(Args)]
@@ -220,7 +224,7 @@ fn model_dir(arg: &Option<PathBuf>) -> Result<PathBuf> {
 /// Where a command runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum DeviceChoice {
-    Cpu,
+    Cpu(Matmul),
     Cuda,
 }
 
@@ -228,9 +232,10 @@ enum DeviceChoice {
 /// stays on the CPU backend, the validated one, and says whether CUDA could be asked for: the
 /// CUDA backend's kernels have not yet been checked against the CPU on a GPU
 /// (tests/cuda_parity.rs), so it is opt-in until they are.
-fn resolve_device(device: &str) -> Result<DeviceChoice> {
-    match device {
-        "cpu" => Ok(DeviceChoice::Cpu),
+fn resolve_device(m: &ModelArg) -> Result<DeviceChoice> {
+    let matmul = Matmul::parse(&m.matmul)?;
+    match m.device.as_str() {
+        "cpu" => Ok(DeviceChoice::Cpu(matmul)),
         "auto" => {
             match zoft::device::cuda_status() {
                 Ok(()) => eprintln!(
@@ -239,7 +244,7 @@ fn resolve_device(device: &str) -> Result<DeviceChoice> {
                 ),
                 Err(reason) => eprintln!("device auto: using cpu ({reason})"),
             }
-            Ok(DeviceChoice::Cpu)
+            Ok(DeviceChoice::Cpu(matmul))
         }
         "cuda" => match zoft::device::cuda_status() {
             Err(reason) => bail!("--device cuda: {reason}"),
@@ -249,13 +254,14 @@ fn resolve_device(device: &str) -> Result<DeviceChoice> {
     }
 }
 
-fn load_cpu(dir: &Path) -> Result<(Llama<CpuBackend>, zoft::tokenizer::Tokenizer)> {
+fn load_cpu(dir: &Path, matmul: Matmul) -> Result<(Llama<CpuBackend>, zoft::tokenizer::Tokenizer)> {
+    let backend = CpuBackend::with_matmul(matmul)?;
     let ModelFiles {
         cfg,
         weights,
         tokenizer,
     } = load_dir(dir)?;
-    Ok((Llama::new(cfg, weights, CpuBackend::new()), tokenizer))
+    Ok((Llama::new(cfg, weights, backend), tokenizer))
 }
 
 /// Loads a model onto GPU 0. Matrices keep the file's precision when it is f32 and are bf16
@@ -292,8 +298,8 @@ fn no_cuda() -> anyhow::Error {
 macro_rules! on_device {
     ($device:expr, $dir:expr, $run:ident($($arg:expr),*)) => {
         match $device {
-            DeviceChoice::Cpu => {
-                let (model, tok) = load_cpu($dir)?;
+            DeviceChoice::Cpu(matmul) => {
+                let (model, tok) = load_cpu($dir, matmul)?;
                 $run(model, tok, $($arg),*)
             }
             #[cfg(feature = "cuda")]
@@ -323,7 +329,7 @@ fn default_lr(method: Method) -> f32 {
 }
 
 fn cmd_train(a: TrainArgs) -> Result<()> {
-    let device = resolve_device(&a.model.device)?;
+    let device = resolve_device(&a.model)?;
     let method = Method::parse(&a.method)?;
     let loss: LossKind = a.loss.parse()?;
     let zo = ZoConfig {
@@ -442,7 +448,7 @@ fn train_on<B: ZoBackend + 'static>(
 }
 
 fn cmd_eval(a: EvalArgs) -> Result<()> {
-    let device = resolve_device(&a.model.device)?;
+    let device = resolve_device(&a.model)?;
     let dir = model_dir(&a.model.model)?;
     on_device!(device, &dir, eval_on(&a))
 }
@@ -491,7 +497,7 @@ fn eval_on<B: Backend>(
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let device = resolve_device(&a.model.device)?;
+    let device = resolve_device(&a.model)?;
     let dir = model_dir(&a.model.model)?;
     on_device!(device, &dir, generate_on(&a))
 }

@@ -112,21 +112,21 @@ impl LlamaConfig {
         if self.num_attention_heads == 0 || self.num_hidden_layers == 0 || self.vocab_size == 0 {
             bail!("num_attention_heads, num_hidden_layers and vocab_size must be positive");
         }
-        if self.num_attention_heads % self.n_kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.n_kv_heads()) {
             bail!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
                 self.n_kv_heads()
             );
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             bail!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size,
                 self.num_attention_heads
             );
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             bail!("head_dim {} must be even for RoPE", self.head_dim());
         }
         if let Some(s) = &self.rope_scaling {

@@ -77,7 +77,7 @@ impl HostTensor {
     ) -> Self {
         let byte_len = shape.iter().product::<usize>() * dtype.size();
         assert!(offset + byte_len <= map.len());
-        if (map.as_ptr() as usize + offset) % dtype.size() != 0 {
+        if !(map.as_ptr() as usize + offset).is_multiple_of(dtype.size()) {
             // Unaligned in the file: fall back to an owned copy.
             let bytes = &map[offset..offset + byte_len];
             return Self::from_bytes(name, shape, dtype, bytes);

@@ -46,8 +46,11 @@ impl StepKey {
 
 /// Fixed factors of a low-rank direction for one matrix: U [m x r], V [n x r] row-major.
 pub struct Factors {
+    /// U, [m][r].
     pub u: Vec<f32>,
-    pub v: Vec<f32>,
+    /// V transposed, [r][n]: V is drawn as [n][r] (element b * r + k), stored k-major so a row
+    /// of z is r contiguous axpys.
+    pub vt: Vec<f32>,
     pub rank: usize,
 }
 
@@ -57,7 +60,13 @@ impl Factors {
         let mut v = vec![0.0; n * rank];
         Philox::new(seed, FACTOR_U, id as u32).fill_normal(0, &mut u);
         Philox::new(seed, FACTOR_V, id as u32).fill_normal(0, &mut v);
-        Factors { u, v, rank }
+        let mut vt = vec![0.0; rank * n];
+        for (b, vb) in v.chunks_exact(rank).enumerate() {
+            for (k, &x) in vb.iter().enumerate() {
+                vt[k * n + b] = x;
+            }
+        }
+        Factors { u, vt, rank }
     }
 
     /// The step's coefficients tau (length r).
@@ -70,16 +79,18 @@ impl Factors {
     /// Row `a` of U diag(c) V^T / sqrt(r) into `out` (length n).
     pub fn row(&self, a: usize, c: &[f32], out: &mut [f32]) {
         let r = self.rank;
+        let n = out.len();
         let norm = 1.0 / (r as f32).sqrt();
-        let uc: Vec<f32> = (0..r).map(|k| self.u[a * r + k] * c[k] * norm).collect();
-        for (b, o) in out.iter_mut().enumerate() {
-            let vb = &self.v[b * r..(b + 1) * r];
-            // An explicit in-order sum: the CUDA twin adds in exactly this order.
-            let mut acc = 0.0f32;
-            for (x, y) in vb.iter().zip(&uc) {
-                acc += x * y;
+        // Each element is the in-order sum over k of v[b][k] * (u[a][k] c[k] / sqrt(r)),
+        // multiply then add, exactly as the CUDA twin adds; running k outermost keeps that
+        // order per element while the loop over b vectorizes.
+        out.fill(0.0);
+        let u_row = &self.u[a * r..(a + 1) * r];
+        for ((&u, &ck), vk) in u_row.iter().zip(c).zip(self.vt.chunks_exact(n)) {
+            let y = u * ck * norm;
+            for (o, &x) in out.iter_mut().zip(vk) {
+                *o += x * y;
             }
-            *o = acc;
         }
     }
 }

@@ -223,14 +223,8 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
         let (m, n) = (w.shape[0], w.shape[1]);
         let fac = Factors::generate(self.key.seed, id, m, n, rank);
         let rows = x.rows;
-        let mut vt = vec![0.0f32; rank * n];
-        for bi in 0..n {
-            for k in 0..rank {
-                vt[k * n + bi] = fac.v[bi * rank + k];
-            }
-        }
         let mut xv = vec![0.0f32; rows * rank];
-        b.matmul_slices(&x.data, &vt, &mut xv, rows, rank, n);
+        b.matmul_slices(&x.data, &fac.vt, &mut xv, rows, rank, n);
         let norm = 1.0 / (rank as f32).sqrt();
         for row in xv.chunks_mut(rank) {
             for (v, ck) in row.iter_mut().zip(&c) {

@@ -107,7 +107,7 @@ impl GgufWriter {
             offsets.push(rel);
             rel = (rel + bytes.len() as u64).div_ceil(32) * 32;
         }
-        while o.len() % 32 != 0 {
+        while !o.len().is_multiple_of(32) {
             o.push(0);
         }
         let start = o.len();

@@ -2,14 +2,14 @@
 //! peak memory of a step against that of an inference forward on the same batch.
 //! Prints one JSON line per (method, perturb); `tools/bench-speed` runs it beside PyTorch MeZO.
 //!
-//! cargo run --release --example bench_speed -- [--model DIR | --random smollm2-135m] [--batch 16] [--seq 64] [--iters 2] [--methods mezo,tezo]
+//! cargo run --release --example bench_speed -- [--model DIR | --random smollm2-135m] [--batch 16] [--seq 64] [--iters 2] [--methods mezo,tezo] [--perturb inplace,fused] [--matmul f32|bf16]
 
 #[path = "common.rs"]
 mod common;
 
 use common::{arg, load_model, median};
 use std::time::Instant;
-use zoft::backend::cpu::CpuBackend;
+use zoft::backend::cpu::{CpuBackend, Matmul};
 use zoft::backend::{LinearHook, NoHook, SeqLayout};
 use zoft::model::Llama;
 use zoft::zo::{Method, Perturb, ZoConfig, ZoOptimizer};
@@ -26,8 +26,9 @@ fn main() -> anyhow::Result<()> {
         .split(',')
         .map(Perturb::parse)
         .collect::<anyhow::Result<_>>()?;
+    let matmul = Matmul::parse(&arg("--matmul", "f32"))?;
     let (cfg, weights) = load_model()?;
-    let mut model = Llama::new(cfg.clone(), weights, CpuBackend::new());
+    let mut model = Llama::new(cfg.clone(), weights, CpuBackend::with_matmul(matmul)?);
     let ids: Vec<u32> = (0..batch * seq)
         .map(|i| ((i * 7919) % cfg.vocab_size) as u32)
         .collect();
@@ -75,6 +76,17 @@ fn main() -> anyhow::Result<()> {
                 ..Default::default()
             };
             let mut opt = ZoOptimizer::new(zc, &model)?;
+            // One in-place perturbation pass over every tensor, timed apart from the step (a
+            // step in place runs three such passes, the last with the update folded in).
+            let mut passes = vec![];
+            for s in 0..iters + 1 {
+                let t0 = Instant::now();
+                let key = opt.key(1000 + s as u64);
+                opt.perturb_all(&mut model, key, 0.0, 1e-3)?;
+                passes.push(t0.elapsed().as_secs_f64());
+                opt.perturb_all(&mut model, key, 1e-3, 0.0)?;
+            }
+            let pass_s = median(passes[1..].to_vec());
             mem.reset_peaks();
             let mut steps = vec![];
             for s in 0..iters + 1 {
@@ -89,8 +101,8 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "{}",
                 serde_json::json!({"bench": "zoft_zo_step", "device": "cpu", "threads": rayon::current_num_threads(),
-                    "method": method.name(), "perturb": perturb, "batch": batch, "seq": seq,
-                    "forward_s": fwd_s, "step_s": step_s, "step_over_forward": step_s / fwd_s,
+                    "method": method.name(), "perturb": perturb, "matmul": matmul.name(), "batch": batch, "seq": seq,
+                    "forward_s": fwd_s, "step_s": step_s, "pass_s": pass_s, "step_over_forward": step_s / fwd_s,
                     "peak_forward_bytes": fwd_peak, "peak_step_bytes": step_peak,
                     "peak_step_over_forward": step_peak as f64 / fwd_peak as f64,
                     "optimizer_state_bytes": opt.method.state_bytes()})

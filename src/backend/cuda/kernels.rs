@@ -119,7 +119,7 @@ pub(crate) fn embed(
 
 fn norm_threads(d: usize) -> u32 {
     // Vectorized rows move 4 elements per thread.
-    let per = if d % 4 == 0 { d / 4 } else { d };
+    let per = if d.is_multiple_of(4) { d / 4 } else { d };
     row_threads(per).min(1024)
 }
 

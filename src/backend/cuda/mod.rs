@@ -554,13 +554,13 @@ impl Backend for CudaBackend {
         inv_freq: &[f32],
     ) -> Result<()> {
         ensure!(
-            n_heads > 0 && x.cols % n_heads == 0,
+            n_heads > 0 && x.cols.is_multiple_of(n_heads),
             "rope: {} columns for {n_heads} heads",
             x.cols
         );
         let hd = x.cols / n_heads;
         ensure!(
-            inv_freq.len() == hd / 2 && hd % 2 == 0,
+            inv_freq.len() == hd / 2 && hd.is_multiple_of(2),
             "rope: {} frequencies for head_dim {hd}",
             inv_freq.len()
         );

@@ -1,6 +1,10 @@
 //! The CPU reference backend: f32 math over f32/f16/bf16 weights, GEMMs through the `gemm`
 //! crate, everything else plain Rust over rows (rayon). This is the oracle every CUDA kernel is
 //! checked against, so it favours clarity; it is still fast enough to be a product on its own.
+//! Opt-in, `Matmul::Bf16` runs the GEMMs with bf16 inputs and f32 accumulation (the GPU's
+//! contract) at twice the f32 rate on CPUs with AVX512-BF16.
+
+pub mod gemm_bf16;
 
 use super::mem::{MemCounters, Tag};
 use super::{AttnShape, Backend, SeqLayout};
@@ -27,9 +31,36 @@ impl Drop for CpuAct {
     }
 }
 
+/// The precision of the CPU's GEMMs (every linear layer and the LM head).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Matmul {
+    /// f32 inputs, f32 accumulation: the reference.
+    F32,
+    /// Inputs rounded to bf16, f32 accumulation; needs AVX512-BF16.
+    Bf16,
+}
+
+impl Matmul {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Matmul::F32),
+            "bf16" => Ok(Matmul::Bf16),
+            _ => anyhow::bail!("unknown matmul precision {s:?}: expected f32 or bf16"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Matmul::F32 => "f32",
+            Matmul::Bf16 => "bf16",
+        }
+    }
+}
+
 pub struct CpuBackend {
     pub mem: Arc<MemCounters>,
     threads: usize,
+    matmul: Matmul,
 }
 
 impl Default for CpuBackend {
@@ -43,7 +74,25 @@ impl CpuBackend {
         CpuBackend {
             mem: Arc::new(MemCounters::default()),
             threads: rayon::current_num_threads(),
+            matmul: Matmul::F32,
         }
+    }
+
+    /// A backend whose GEMMs run at `matmul` precision; bf16 is refused on a CPU without
+    /// AVX512-BF16 rather than emulated slowly.
+    pub fn with_matmul(matmul: Matmul) -> Result<Self> {
+        ensure!(
+            matmul != Matmul::Bf16 || gemm_bf16::available(),
+            "--matmul bf16 needs a CPU with AVX512-BF16 (this one lacks it); use --matmul f32"
+        );
+        Ok(CpuBackend {
+            matmul,
+            ..Self::new()
+        })
+    }
+
+    pub fn matmul_precision(&self) -> Matmul {
+        self.matmul
     }
 
     fn parallelism(&self, m: usize, n: usize, k: usize) -> gemm::Parallelism {
@@ -85,6 +134,9 @@ impl CpuBackend {
         if m == 0 || n == 0 {
             return;
         }
+        if self.matmul == Matmul::Bf16 {
+            return self.matmul_bf16(x, w, out, m, n, k);
+        }
         // SAFETY: the strides describe exactly the asserted slice sizes.
         unsafe {
             gemm::gemm(
@@ -109,6 +161,17 @@ impl CpuBackend {
                 self.parallelism(m, n, k),
             );
         }
+    }
+}
+
+impl CpuBackend {
+    fn matmul_bf16(&self, x: &[f32], w: &[f32], out: &mut [f32], m: usize, n: usize, k: usize) {
+        let scratch = gemm_bf16::scratch_bytes(m, k, self.threads);
+        self.mem.add(Tag::Scratch, scratch);
+        let mut pairs = Vec::new();
+        gemm_bf16::to_pairs(x, m, k, &mut pairs);
+        gemm_bf16::matmul(&pairs, w, out, m, n, k, self.threads);
+        self.mem.sub(Tag::Scratch, scratch);
     }
 }
 
@@ -173,7 +236,11 @@ impl Backend for CpuBackend {
     type Weight = HostTensor;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", self.threads)
+        format!(
+            "cpu ({} threads, {} matmul)",
+            self.threads,
+            self.matmul.name()
+        )
     }
 
     fn supports_packed(&self) -> bool {
