@@ -1,4 +1,5 @@
-//! The command line's device choice: errors that say what was wrong, before any model is read.
+//! The command line's device and precision choices: errors that say what was wrong, before any
+//! model is read.
 
 use std::process::Command;
 
@@ -39,4 +40,25 @@ fn cuda_without_a_usable_device_says_why() {
     let (ok, err) = zoft(&["eval", "--device", "cuda"]);
     assert!(!ok, "--device cuda succeeded without a device");
     assert!(err.contains(&format!("--device cuda: {reason}")), "{err}");
+}
+
+#[test]
+fn unknown_matmul_precision_is_a_clear_error() {
+    let (ok, err) = zoft(&["eval", "--matmul", "fp8"]);
+    assert!(!ok, "eval accepted --matmul fp8");
+    assert!(
+        err.contains("unknown matmul precision \"fp8\": expected f32, bf16 or auto"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bf16_matmul_without_avx512_bf16_says_why() {
+    if zoft::backend::cpu::gemm_bf16::available() {
+        eprintln!("skipped: this CPU has AVX512-BF16");
+        return;
+    }
+    let (ok, err) = zoft(&["eval", "--matmul", "bf16"]);
+    assert!(!ok, "--matmul bf16 ran on a CPU without AVX512-BF16");
+    assert!(err.contains("needs a CPU with AVX512-BF16"), "{err}");
 }

@@ -248,5 +248,5 @@ fn unknown_matmul_precision_is_an_error() {
     let e = zoft::backend::cpu::Matmul::parse("fp8")
         .unwrap_err()
         .to_string();
-    assert!(e.contains("fp8") && e.contains("f32 or bf16"), "{e}");
+    assert!(e.contains("fp8") && e.contains("f32, bf16 or auto"), "{e}");
 }

@@ -55,9 +55,9 @@ struct ModelArg {
     /// Where to run: cpu, cuda or auto (cpu, saying whether cuda is available).
     #[arg(long, default_value = "auto")]
     device: String,
-    /// GEMM precision on the CPU: f32 (the reference) or bf16 (inputs rounded to bf16, f32
-    /// accumulation, as on the GPU; needs AVX512-BF16).
-    #[arg(long, default_value = "f32")]
+    /// GEMM precision on the CPU: f32 (the reference), bf16 (inputs rounded to bf16, f32
+    /// accumulation, as on the GPU; needs AVX512-BF16), or auto (bf16 where the CPU has it).
+    #[arg(long, default_value = "auto")]
     matmul: String,
 }
 
@@ -95,7 +95,7 @@ struct TrainArgs {
     /// mezo, mezo-adam, sparse-mezo, tezo or tezo-adam.
     #[arg(long, default_value = "mezo")]
     method: String,
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = 300)]
     steps: u64,
     /// Learning rate (default: 3e-5 for mezo and tezo, 1e-4 for sparse-mezo, 5e-4 for the Adam variants).
     #[arg(long)]
@@ -234,6 +234,7 @@ enum DeviceChoice {
 /// (tests/cuda_parity.rs), so it is opt-in until they are.
 fn resolve_device(m: &ModelArg) -> Result<DeviceChoice> {
     let matmul = Matmul::parse(&m.matmul)?;
+    matmul.check_supported()?;
     match m.device.as_str() {
         "cpu" => Ok(DeviceChoice::Cpu(matmul)),
         "auto" => {
@@ -383,8 +384,9 @@ fn train_on<B: ZoBackend + 'static>(
         .context("installing the Ctrl-C handler")?;
     }
     eprintln!(
-        "training {} on {} ({} train / {} dev / {} test examples), {} steps, batch {}, lr {:e}, eps {:e}, perturb {:?}",
-        method.name(), task.name, task.train.len(), task.dev.len(), task.test.len(), a.steps, a.batch_size, zo.lr, zo.eps, zo.perturb
+        "training {} on {} ({} train / {} dev / {} test examples), {} steps, batch {}, lr {:e}, eps {:e}, perturb {:?}, on {}",
+        method.name(), task.name, task.train.len(), task.dev.len(), task.test.len(), a.steps, a.batch_size, zo.lr, zo.eps, zo.perturb,
+        model.backend.name()
     );
     let opts = zoft::train::TrainOptions {
         zo,

@@ -5,6 +5,7 @@
 //! contract) at twice the f32 rate on CPUs with AVX512-BF16.
 
 pub mod gemm_bf16;
+pub mod math;
 
 use super::mem::{MemCounters, Tag};
 use super::{AttnShape, Backend, SeqLayout};
@@ -41,12 +42,24 @@ pub enum Matmul {
 }
 
 impl Matmul {
+    /// `f32`, `bf16`, or `auto`: bf16 where the CPU has AVX512-BF16, f32 elsewhere.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "f32" => Ok(Matmul::F32),
             "bf16" => Ok(Matmul::Bf16),
-            _ => anyhow::bail!("unknown matmul precision {s:?}: expected f32 or bf16"),
+            "auto" if gemm_bf16::available() => Ok(Matmul::Bf16),
+            "auto" => Ok(Matmul::F32),
+            _ => anyhow::bail!("unknown matmul precision {s:?}: expected f32, bf16 or auto"),
         }
+    }
+
+    /// bf16 is refused on a CPU without AVX512-BF16 rather than emulated slowly.
+    pub fn check_supported(self) -> Result<()> {
+        ensure!(
+            self != Matmul::Bf16 || gemm_bf16::available(),
+            "--matmul bf16 needs a CPU with AVX512-BF16 (this one lacks it); use --matmul f32"
+        );
+        Ok(())
     }
 
     pub fn name(self) -> &'static str {
@@ -78,13 +91,9 @@ impl CpuBackend {
         }
     }
 
-    /// A backend whose GEMMs run at `matmul` precision; bf16 is refused on a CPU without
-    /// AVX512-BF16 rather than emulated slowly.
+    /// A backend whose GEMMs run at `matmul` precision (see `Matmul::check_supported`).
     pub fn with_matmul(matmul: Matmul) -> Result<Self> {
-        ensure!(
-            matmul != Matmul::Bf16 || gemm_bf16::available(),
-            "--matmul bf16 needs a CPU with AVX512-BF16 (this one lacks it); use --matmul f32"
-        );
+        matmul.check_supported()?;
         Ok(CpuBackend {
             matmul,
             ..Self::new()
@@ -224,10 +233,31 @@ pub fn gather_rows(a: &CpuAct, rows: &[usize]) -> Result<Vec<f32>> {
     Ok(x)
 }
 
-/// log-sum-exp of a row and its maximum, in f32 with an f64 sum for stability.
+/// log-sum-exp of a row: exponentials in f32 against the row's maximum, summed in f64. Both
+/// reductions run over 16 partial lanes so they vectorize.
 pub fn logsumexp(row: &[f32]) -> f32 {
-    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let s: f64 = row.iter().map(|&v| ((v - m) as f64).exp()).sum();
+    const LANES: usize = 16;
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    let mut mx = [f32::NEG_INFINITY; LANES];
+    for c in chunks.clone() {
+        for (m, &v) in mx.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let m = mx
+        .iter()
+        .chain(tail)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut acc = [0.0f64; LANES];
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += math::exp(v - m) as f64;
+        }
+    }
+    let s: f64 =
+        acc.iter().sum::<f64>() + tail.iter().map(|&v| math::exp(v - m) as f64).sum::<f64>();
     m + s.ln() as f32
 }
 
@@ -442,8 +472,10 @@ impl Backend for CpuBackend {
                     }
                     let mut denom = 0.0f32;
                     for s in scores.iter_mut() {
-                        *s = (*s - m).exp();
-                        denom += *s;
+                        *s = math::exp(*s - m);
+                    }
+                    for s in &scores {
+                        denom += s;
                     }
                     let o = &mut orow[h * hd..(h + 1) * hd];
                     o.fill(0.0);
@@ -467,7 +499,7 @@ impl Backend for CpuBackend {
             .zip(up.data.par_chunks(4096))
             .for_each(|(g, u)| {
                 for (g, &u) in g.iter_mut().zip(u) {
-                    *g = *g / (1.0 + (-*g).exp()) * u;
+                    *g = math::silu(*g) * u;
                 }
             });
         Ok(())
