@@ -87,6 +87,25 @@ impl SeqLayout {
     }
 }
 
+/// Checks the operands of `out = x w^T` (w named `name`, shape `w_shape`) and returns w's
+/// (out, in) dims; shared by every backend's `matmul` so they report the same errors.
+pub fn check_matmul(
+    name: &str,
+    w_shape: &[usize],
+    x: (usize, usize),
+    out: (usize, usize),
+) -> Result<(usize, usize)> {
+    anyhow::ensure!(w_shape.len() == 2, "matmul: {name} is not a matrix");
+    let (n, k) = (w_shape[0], w_shape[1]);
+    anyhow::ensure!(
+        x.1 == k,
+        "matmul {name}: input has {} columns, weight expects {k}",
+        x.1
+    );
+    anyhow::ensure!(out == (x.0, n), "matmul {name}: output shape");
+    Ok((n, k))
+}
+
 /// Attention shape: heads of queries and of keys/values (GQA when they differ).
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
@@ -249,3 +268,34 @@ pub trait LinearHook<B: Backend> {
 /// The plain product: inference.
 pub struct NoHook;
 impl<B: Backend> LinearHook<B> for NoHook {}
+
+#[cfg(test)]
+mod tests {
+    use super::check_matmul;
+
+    #[test]
+    fn matmul_operand_errors_name_the_weight() {
+        assert_eq!(check_matmul("w", &[3, 4], (2, 4), (2, 3)).unwrap(), (3, 4));
+        let err = |shape: &[usize], x, out| {
+            check_matmul("layers.0.wq", shape, x, out)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err(&[12], (2, 4), (2, 3)),
+            "matmul: layers.0.wq is not a matrix"
+        );
+        assert_eq!(
+            err(&[3, 4], (2, 5), (2, 3)),
+            "matmul layers.0.wq: input has 5 columns, weight expects 4"
+        );
+        assert_eq!(
+            err(&[3, 4], (2, 4), (2, 4)),
+            "matmul layers.0.wq: output shape"
+        );
+        assert_eq!(
+            err(&[3, 4], (2, 4), (1, 3)),
+            "matmul layers.0.wq: output shape"
+        );
+    }
+}

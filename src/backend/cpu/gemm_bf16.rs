@@ -45,11 +45,10 @@ pub fn available() -> bool {
 
 /// Row-major [rows][cols] f32 as [rows][ceil(cols / 2)] bf16 pairs, an odd last column paired
 /// with zero.
-pub fn to_pairs(src: &[f32], rows: usize, cols: usize, out: &mut Vec<u32>) {
+pub fn to_pairs(src: &[f32], rows: usize, cols: usize) -> Vec<u32> {
     assert!(available(), "the bf16 GEMM needs AVX512-BF16");
     let kp = cols.div_ceil(2);
-    out.clear();
-    out.resize(rows * kp, 0);
+    let mut out = vec![0u32; rows * kp];
     out.par_chunks_mut(kp * 64)
         .zip(src.par_chunks(cols * 64))
         .for_each(|(o, s)| {
@@ -58,6 +57,7 @@ pub fn to_pairs(src: &[f32], rows: usize, cols: usize, out: &mut Vec<u32>) {
                 unsafe { row_pairs(srow, |p, v| orow[p] = v) };
             }
         });
+    out
 }
 
 /// Calls `put(p, pair p)` for every pair of one row, converting 32 values per instruction.
@@ -265,8 +265,7 @@ mod tests {
         // Exact ties between two bf16 values, rounding down and up to even.
         row[3] = 1.0 + 1.0 / 256.0;
         row[4] = 1.0 + 3.0 / 256.0;
-        let mut pairs = Vec::new();
-        to_pairs(&row, 2, cols, &mut pairs);
+        let pairs = to_pairs(&row, 2, cols);
         for (r, src) in row.chunks(cols).enumerate() {
             for p in 0..cols.div_ceil(2) {
                 let hi = src.get(2 * p + 1).copied().unwrap_or(0.0);
@@ -299,8 +298,7 @@ mod tests {
             rng.fill_normal((case as u64) << 32, &mut x);
             rng.fill_normal(((case as u64) << 32) + (1 << 31), &mut w);
             let mut out = vec![f32::NAN; m * n];
-            let mut pairs = Vec::new();
-            to_pairs(&x, m, k, &mut pairs);
+            let pairs = to_pairs(&x, m, k);
             matmul(&pairs, &w, &mut out, m, n, k, 2);
             let (mut err, mut norm) = (0.0f64, 0.0f64);
             for i in 0..m {

@@ -100,10 +100,6 @@ impl CpuBackend {
         })
     }
 
-    pub fn matmul_precision(&self) -> Matmul {
-        self.matmul
-    }
-
     fn parallelism(&self, m: usize, n: usize, k: usize) -> gemm::Parallelism {
         // Threads only pay off past a few MFLOP.
         if self.threads > 1 && m * n * k > 1 << 18 {
@@ -177,8 +173,7 @@ impl CpuBackend {
     fn matmul_bf16(&self, x: &[f32], w: &[f32], out: &mut [f32], m: usize, n: usize, k: usize) {
         let scratch = gemm_bf16::scratch_bytes(m, k, self.threads);
         self.mem.add(Tag::Scratch, scratch);
-        let mut pairs = Vec::new();
-        gemm_bf16::to_pairs(x, m, k, &mut pairs);
+        let pairs = gemm_bf16::to_pairs(x, m, k);
         gemm_bf16::matmul(&pairs, w, out, m, n, k, self.threads);
         self.mem.sub(Tag::Scratch, scratch);
     }
@@ -371,18 +366,8 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, x: &CpuAct, w: &HostTensor, out: &mut CpuAct) -> Result<()> {
-        let (n, k) = (w.shape[0], w.shape[1]);
-        ensure!(
-            x.cols == k,
-            "matmul {}: input has {} columns, weight expects {k}",
-            w.name,
-            x.cols
-        );
-        ensure!(
-            out.cols == n && out.rows == x.rows,
-            "matmul {}: output shape",
-            w.name
-        );
+        let (n, k) =
+            super::check_matmul(&w.name, &w.shape, (x.rows, x.cols), (out.rows, out.cols))?;
         self.with_f32(w, |wf| {
             self.matmul_slices(&x.data, wf, &mut out.data, x.rows, n, k)
         });

@@ -530,19 +530,7 @@ impl Backend for CudaBackend {
     }
 
     fn matmul(&self, x: &CudaAct, w: &CudaWeight, out: &mut CudaAct) -> Result<()> {
-        ensure!(w.shape.len() == 2, "matmul: {} is not a matrix", w.name);
-        let (n, k) = (w.shape[0], w.shape[1]);
-        ensure!(
-            x.cols == k,
-            "matmul {}: input has {} columns, weight expects {k}",
-            w.name,
-            x.cols
-        );
-        ensure!(
-            out.cols == n && out.rows == x.rows,
-            "matmul {}: output shape",
-            w.name
-        );
+        crate::backend::check_matmul(&w.name, &w.shape, (x.rows, x.cols), (out.rows, out.cols))?;
         self.linear(x, w, out)
     }
 
