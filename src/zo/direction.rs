@@ -44,7 +44,8 @@ impl StepKey {
     }
 }
 
-/// Fixed factors of a low-rank direction for one matrix: U [m x r], V [n x r] row-major.
+/// Fixed factors of a low-rank direction for one matrix: U [m x r] and V [n x r] (kept
+/// transposed, see `vt`).
 pub struct Factors {
     /// U, [m][r].
     pub u: Vec<f32>,
