@@ -250,3 +250,47 @@ fn unknown_matmul_precision_is_an_error() {
         .to_string();
     assert!(e.contains("fp8") && e.contains("f32, bf16 or auto"), "{e}");
 }
+
+/// The forward's elementwise loops are compiled for several vector widths and picked at run
+/// time; every width must give the same bits. Head size 24 (a 16-lane chunk and a tail) and 40
+/// keys (two whole 16-key chunks and a tail) reach every path of the attention.
+#[test]
+fn every_simd_level_gives_the_same_bits() {
+    use zoft::backend::cpu::simd::{force, Level};
+    let mut cfg = tiny_config();
+    cfg.hidden_size = 48;
+    cfg.num_attention_heads = 2;
+    cfg.num_key_value_heads = Some(1);
+    let m = tiny_model(&cfg, 11);
+    let lens = [40usize, 23];
+    let ids: Vec<u32> = lens
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &n)| tokens(n, cfg.vocab_size, 20 + i as u64))
+        .collect();
+    let layout = SeqLayout::packed(&lens);
+    let targets: Vec<i32> = ids.iter().map(|&t| (t as i32 * 7) % 61).collect();
+    let run = |level| {
+        force(level);
+        let lp = m
+            .target_logprobs(&ids, &layout, &targets, &mut NoHook)
+            .unwrap();
+        let logits = all_logits(&m, &ids, &layout, &[0, 39, 62]);
+        (lp, logits)
+    };
+    let baseline = run(Level::Baseline);
+    for level in [Level::Avx2, Level::Avx512] {
+        let wide = run(level);
+        assert_eq!(
+            wide.0.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            baseline.0.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            "{level:?} log-probs"
+        );
+        assert_eq!(
+            wide.1.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            baseline.1.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            "{level:?} logits"
+        );
+    }
+    force(Level::Avx512);
+}

@@ -78,6 +78,14 @@ impl SeqLayout {
         }
     }
 
+    /// The query rows of sequence `b` (padding rows included in padded layouts).
+    pub fn query_rows(&self, b: usize) -> std::ops::Range<usize> {
+        match &self.starts {
+            Some(starts) => starts[b]..starts[b] + self.kv_valid[b],
+            None => b * self.q_len..(b + 1) * self.q_len,
+        }
+    }
+
     /// Row of key/value `j` of sequence `b`.
     pub fn key_row(&self, b: usize, j: usize) -> usize {
         match &self.starts {

@@ -1,4 +1,5 @@
 //! Shared by the CPU benchmarks: argument lookup and the model under test.
+#![allow(dead_code)] // each benchmark uses its own subset
 
 use zoft::model::{DType, LlamaConfig, LlamaWeights};
 

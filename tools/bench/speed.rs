@@ -54,17 +54,11 @@ fn main() -> anyhow::Result<()> {
         };
     let mem = model.backend.mem.clone();
     let weight_bytes = model.weights.byte_size();
-    let mut fwd = vec![];
+    // The peak of an inference forward (a warm-up forward runs first).
+    std::hint::black_box(loss(&model, &mut NoHook)?);
     mem.reset_peaks();
-    for i in 0..iters + 1 {
-        let t0 = Instant::now();
-        std::hint::black_box(loss(&model, &mut NoHook)?);
-        if i > 0 {
-            fwd.push(t0.elapsed().as_secs_f64());
-        }
-    }
+    std::hint::black_box(loss(&model, &mut NoHook)?);
     let fwd_peak = weight_bytes + mem.report().total_peak;
-    let fwd_s = median(fwd);
     for &method in &methods {
         for &perturb in &perturbs {
             let zc = ZoConfig {
@@ -88,14 +82,19 @@ fn main() -> anyhow::Result<()> {
             }
             let pass_s = median(passes[1..].to_vec());
             mem.reset_peaks();
-            let mut steps = vec![];
+            // Forwards and steps alternate, so both see the same state of a noisy machine.
+            let (mut steps, mut fwds) = (vec![], vec![]);
             for s in 0..iters + 1 {
                 let t0 = Instant::now();
                 opt.step(&mut model, s as u64, &mut loss)?;
+                let t1 = Instant::now();
+                std::hint::black_box(loss(&model, &mut NoHook)?);
                 if s > 0 {
-                    steps.push(t0.elapsed().as_secs_f64());
+                    steps.push((t1 - t0).as_secs_f64());
+                    fwds.push(t1.elapsed().as_secs_f64());
                 }
             }
+            let fwd_s = median(fwds);
             let step_peak = weight_bytes + mem.report().total_peak + opt.method.state_bytes();
             let step_s = median(steps);
             println!(

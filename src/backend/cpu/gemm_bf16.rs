@@ -102,18 +102,95 @@ pub fn scratch_bytes(m: usize, k: usize, threads: usize) -> usize {
 
 /// w rows [n0, n0 + NR) as [kp][NR] pairs; rows past `n` are zero.
 fn pack_tile(w: &[f32], n: usize, k: usize, n0: usize, tile: &mut [u32]) {
+    assert!(tile.len() >= k.div_ceil(2) * NR && n0 < n && w.len() >= n * k);
+    // SAFETY: matmul checked available(); the bounds were asserted above.
+    unsafe { pack_tile_avx512(w, n, k, n0, tile) }
+}
+
+/// Each 16 rows x 16 pairs block is converted row by row (32 values per instruction) and
+/// transposed in registers, so the tile is written a whole 64-byte line at a time; writing it
+/// one pair at a time with a stride of NR cost 10-17% of the GEMM.
+///
+/// # Safety
+/// The CPU has AVX512-BF16; `tile` holds kp * NR pairs, `w` n * k values and n0 < n.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pack_tile_avx512(w: &[f32], n: usize, k: usize, n0: usize, tile: &mut [u32]) {
+    use std::arch::x86_64::*;
     let kp = k.div_ceil(2);
-    for j in 0..NR {
-        let row = n0 + j;
-        if row >= n {
-            for p in 0..kp {
-                tile[p * NR + j] = 0;
+    let blocks = k / 32;
+    let tp = tile.as_mut_ptr();
+    for g in (0..NR).step_by(16) {
+        let rows = n.saturating_sub(n0 + g).min(16);
+        for b in 0..blocks {
+            let mut v = [_mm512_setzero_si512(); 16];
+            for (j, vj) in v.iter_mut().enumerate().take(rows) {
+                let src = w.as_ptr().add((n0 + g + j) * k + 32 * b);
+                // The first operand fills the upper half: the 32 values stay in order.
+                *vj = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(
+                    _mm512_loadu_ps(src.add(16)),
+                    _mm512_loadu_ps(src),
+                ));
             }
-            continue;
+            let cols = transpose16(v);
+            for (p, c) in cols.iter().enumerate() {
+                _mm512_storeu_si512(tp.add((16 * b + p) * NR + g) as *mut _, *c);
+            }
         }
-        // SAFETY: matmul checked available().
-        unsafe { row_pairs(&w[row * k..(row + 1) * k], |p, v| tile[p * NR + j] = v) };
+        // The last k % 32 values (an odd last column paired with zero).
+        for j in 0..16 {
+            let row = &w[(n0 + g + j).min(n - 1) * k..][..k];
+            for p in 16 * blocks..kp {
+                let value = if j < rows {
+                    pair(row[2 * p], row.get(2 * p + 1).copied().unwrap_or(0.0))
+                } else {
+                    0
+                };
+                *tp.add(p * NR + g + j) = value;
+            }
+        }
     }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pack_tile_avx512(_: &[f32], _: usize, _: usize, _: usize, _: &mut [u32]) {
+    unreachable!("available() is false off x86_64")
+}
+
+/// The 16 x 16 transpose of 32-bit lanes: row r of the input is r[0..16], column c of the
+/// output holds r[c] of every row in order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn transpose16(v: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
+    // Within each 128-bit lane L: 2 x 2 blocks, then 4 x 4, so u[4 i + c] lane L holds
+    // column 4 L + c of rows 4 i .. 4 i + 4.
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+    }
+    let mut u = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    // Across lanes: column 4 L + c gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
+    let mut out = [_mm512_setzero_si512(); 16];
+    for c in 0..4 {
+        let even_lo = _mm512_shuffle_i32x4::<0x88>(u[c], u[4 + c]); // lanes 0, 2 of each
+        let odd_lo = _mm512_shuffle_i32x4::<0xDD>(u[c], u[4 + c]); // lanes 1, 3
+        let even_hi = _mm512_shuffle_i32x4::<0x88>(u[8 + c], u[12 + c]);
+        let odd_hi = _mm512_shuffle_i32x4::<0xDD>(u[8 + c], u[12 + c]);
+        out[c] = _mm512_shuffle_i32x4::<0x88>(even_lo, even_hi);
+        out[8 + c] = _mm512_shuffle_i32x4::<0xDD>(even_lo, even_hi);
+        out[4 + c] = _mm512_shuffle_i32x4::<0x88>(odd_lo, odd_hi);
+        out[12 + c] = _mm512_shuffle_i32x4::<0xDD>(odd_lo, odd_hi);
+    }
+    out
 }
 
 /// out = x · w^T. `x` holds the pairs of an [m][k] matrix (see `to_pairs`), `w` is f32 [n][k].
@@ -270,6 +347,39 @@ mod tests {
             for p in 0..cols.div_ceil(2) {
                 let hi = src.get(2 * p + 1).copied().unwrap_or(0.0);
                 assert_eq!(pairs[r * 38 + p], pair(src[2 * p], hi), "row {r} pair {p}");
+            }
+        }
+    }
+
+    /// A packed tile is the scalar pairing of w's rows laid out [pair][row], zero past the
+    /// last row, over k with whole 32-value blocks, a tail and an odd last column.
+    #[test]
+    fn packed_tile_is_the_transposed_pairs() {
+        if !available() {
+            eprintln!("skipped: this CPU lacks AVX512-BF16");
+            return;
+        }
+        for (n, k, n0) in [(100, 77, 48), (100, 64, 96), (60, 1, 0), (48, 96, 0)] {
+            let mut w = vec![0f32; n * k];
+            Philox::new(3, n as u32, k as u32).fill_normal(0, &mut w);
+            let kp = k.div_ceil(2);
+            let mut tile = vec![0xdead_beef; kp * NR];
+            pack_tile(&w, n, k, n0, &mut tile);
+            for p in 0..kp {
+                for j in 0..NR {
+                    let row = n0 + j;
+                    let want = if row < n {
+                        let hi = if 2 * p + 1 < k {
+                            w[row * k + 2 * p + 1]
+                        } else {
+                            0.0
+                        };
+                        pair(w[row * k + 2 * p], hi)
+                    } else {
+                        0
+                    };
+                    assert_eq!(tile[p * NR + j], want, "n {n} k {k} pair {p} row {row}");
+                }
             }
         }
     }

@@ -6,12 +6,14 @@
 
 pub mod gemm_bf16;
 pub mod math;
+pub mod simd;
 
 use super::mem::{MemCounters, Tag};
 use super::{AttnShape, Backend, SeqLayout};
 use crate::model::HostTensor;
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
+use simd::wide;
 use std::sync::Arc;
 
 /// Rows of logits computed at once by the LM head (bounds the [rows x vocab] scratch).
@@ -179,25 +181,204 @@ impl CpuBackend {
     }
 }
 
-/// Dot product over 16 partial sums: a single running sum is a dependency chain the compiler
-/// may not reorder, so it would stay scalar; 16 lanes map onto vector registers.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// 1 / sqrt(mean(x^2) + eps), the sum over 16 partial lanes so that it vectorizes.
+#[inline(always)]
+fn rms_scale(x: &[f32], eps: f32) -> f32 {
     const LANES: usize = 16;
-    let n = a.len().min(b.len()) / LANES * LANES;
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
     let mut acc = [0.0f32; LANES];
-    for (x, y) in a[..n].chunks_exact(LANES).zip(b[..n].chunks_exact(LANES)) {
-        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
-            *s += x * y;
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v * v;
         }
     }
-    let tail: f32 = a[n..].iter().zip(&b[n..]).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
+    let ss = (acc.iter().sum::<f32>() + tail) / x.len() as f32;
+    1.0 / (ss + eps).sqrt()
 }
 
-fn rms_scale(x: &[f32], eps: f32) -> f32 {
-    let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    1.0 / (ss + eps).sqrt()
+wide! {
+    /// One row of RMSNorm: o = x * rms_scale(x) * g.
+    fn rmsnorm_row(o: &mut [f32], x: &[f32], g: &[f32], eps: f32) {
+        let s = rms_scale(x, eps);
+        for ((o, &v), &g) in o.iter_mut().zip(x).zip(g) {
+            *o = v * s * g;
+        }
+    }
+}
+
+wide! {
+    /// One row of the residual add and the RMSNorm after it: r += delta; o = rmsnorm(r).
+    fn add_rmsnorm_row(r: &mut [f32], delta: &[f32], o: &mut [f32], g: &[f32], eps: f32) {
+        for (r, &v) in r.iter_mut().zip(delta) {
+            *r += v;
+        }
+        let s = rms_scale(r, eps);
+        for ((o, &v), &g) in o.iter_mut().zip(r.iter()).zip(g) {
+            *o = v * s * g;
+        }
+    }
+}
+
+wide! {
+    /// gate <- silu(gate) * up over a slice.
+    fn swiglu_slice(gate: &mut [f32], up: &[f32]) {
+        for (g, &u) in gate.iter_mut().zip(up) {
+            *g = math::silu(*g) * u;
+        }
+    }
+}
+
+/// A raw pointer shared by parallel tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// One attention work item: the query heads of kv head `kh` over the rows of sequence `b`.
+struct AttnTask<'a> {
+    q: &'a CpuAct,
+    k: &'a CpuAct,
+    v: &'a CpuAct,
+    /// out.data: [rows][n_heads * head_dim]; each task writes its own heads' columns.
+    out: *mut f32,
+    shape: AttnShape,
+    layout: &'a SeqLayout,
+    b: usize,
+    kh: usize,
+}
+
+/// Keys (or value columns) per vector of partial sums.
+const LANES: usize = 16;
+
+/// acc[c][l] = sum over d of a[d] * rows[d * stride + 16 c + l], for C chunks of 16 columns:
+/// C independent accumulators stay in registers across the whole sum.
+#[inline(always)]
+fn weighted_rows<const C: usize>(a: &[f32], rows: &[f32], stride: usize) -> [[f32; LANES]; C] {
+    let mut acc = [[0.0f32; LANES]; C];
+    for (d, &ad) in a.iter().enumerate() {
+        let row = &rows[d * stride..];
+        for (c, acc) in acc.iter_mut().enumerate() {
+            let x: &[f32; LANES] = row[c * LANES..(c + 1) * LANES].try_into().unwrap();
+            for (s, &x) in acc.iter_mut().zip(x) {
+                *s += ad * x;
+            }
+        }
+    }
+    acc
+}
+
+/// out[16 c + l] = sum over d of a[d] * rows[d * stride + 16 c + l] for `chunks` chunks.
+#[inline(always)]
+fn weighted_sum(a: &[f32], rows: &[f32], stride: usize, chunks: usize, out: &mut [f32]) {
+    let mut c0 = 0;
+    while c0 < chunks {
+        let at = c0 * LANES;
+        let (r, o) = (&rows[at..], &mut out[at..]);
+        c0 += match chunks - c0 {
+            1 => put(o, weighted_rows::<1>(a, r, stride)),
+            2 => put(o, weighted_rows::<2>(a, r, stride)),
+            3 => put(o, weighted_rows::<3>(a, r, stride)),
+            _ => put(o, weighted_rows::<4>(a, r, stride)),
+        };
+    }
+}
+
+/// The largest value, over 16 partial lanes so that it vectorizes (NaN-free input).
+#[inline(always)]
+fn max_lanes(x: &[f32]) -> f32 {
+    let chunks = x.chunks_exact(LANES);
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    for c in chunks.clone() {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .chain(&acc)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
+/// The sum over 16 partial lanes, so that it vectorizes.
+#[inline(always)]
+fn sum_lanes(x: &[f32]) -> f32 {
+    let chunks = x.chunks_exact(LANES);
+    let mut acc = [0.0f32; LANES];
+    for c in chunks.clone() {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+#[inline(always)]
+fn put<const C: usize>(out: &mut [f32], acc: [[f32; LANES]; C]) -> usize {
+    for (o, a) in out.chunks_exact_mut(LANES).zip(acc) {
+        o.copy_from_slice(&a);
+    }
+    C
+}
+
+wide! {
+    /// Causal attention for one task. K is transposed into [head_dim][keys] once per task so
+    /// that both products (q . K^T and p . V) run over contiguous rows of 16 keys or 16 value
+    /// columns, with no horizontal sums.
+    fn attention_task(t: &AttnTask) {
+        let AttnTask { q, k, v, shape, layout, b, kh, .. } = *t;
+        let hd = shape.head_dim;
+        let group = shape.n_heads / shape.n_kv_heads;
+        let (qc, kc) = (q.cols, k.cols);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let n_keys = layout.kv_valid[b];
+        // A sequence's keys are consecutive rows in every layout.
+        let first_key = layout.key_row(b, 0);
+        let padded_keys = n_keys.div_ceil(LANES) * LANES;
+        let mut kt = vec![0.0f32; hd * padded_keys];
+        for j in 0..n_keys {
+            let kr = &k.data[(first_key + j) * kc + kh * hd..][..hd];
+            for (d, &x) in kr.iter().enumerate() {
+                kt[d * padded_keys + j] = x;
+            }
+        }
+        // V of this head, zero-padded to whole 16-column chunks.
+        let padded_hd = hd.div_ceil(LANES) * LANES;
+        let mut vh = vec![0.0f32; n_keys * padded_hd];
+        for j in 0..n_keys {
+            vh[j * padded_hd..j * padded_hd + hd]
+                .copy_from_slice(&v.data[(first_key + j) * kc + kh * hd..][..hd]);
+        }
+        let mut scores = vec![0.0f32; padded_keys];
+        let mut o = vec![0.0f32; padded_hd];
+        let rows = layout.query_rows(b);
+        for r in rows.clone() {
+            let visible = (r - rows.start + layout.q_offset + 1).min(n_keys);
+            for h in kh * group..(kh + 1) * group {
+                let qh = &q.data[r * qc + h * hd..][..hd];
+                weighted_sum(qh, &kt, padded_keys, visible.div_ceil(LANES), &mut scores);
+                let s = &mut scores[..visible];
+                s.iter_mut().for_each(|x| *x *= scale);
+                let m = max_lanes(s);
+                s.iter_mut().for_each(|x| *x = math::exp(*x - m));
+                let denom = sum_lanes(s);
+                let inv = if denom > 0.0 { 1.0 / denom } else { 0.0 };
+                weighted_sum(s, &vh, padded_hd, padded_hd / LANES, &mut o);
+                // SAFETY: row r, columns of head h: written by this task only (see AttnTask).
+                let dst = unsafe { std::slice::from_raw_parts_mut(t.out.add(r * qc + h * hd), hd) };
+                for (d, &x) in dst.iter_mut().zip(&o) {
+                    *d = x * inv;
+                }
+            }
+        }
+    }
 }
 
 /// The rows that carry a target (>= 0), checking there is one target per row of a
@@ -228,32 +409,34 @@ pub fn gather_rows(a: &CpuAct, rows: &[usize]) -> Result<Vec<f32>> {
     Ok(x)
 }
 
-/// log-sum-exp of a row: exponentials in f32 against the row's maximum, summed in f64. Both
-/// reductions run over 16 partial lanes so they vectorize.
-pub fn logsumexp(row: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let chunks = row.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    let mut mx = [f32::NEG_INFINITY; LANES];
-    for c in chunks.clone() {
-        for (m, &v) in mx.iter_mut().zip(c) {
-            *m = if v > *m { v } else { *m };
+wide! {
+    /// log-sum-exp of a row: exponentials in f32 against the row's maximum, summed in f64.
+    /// Both reductions run over 16 partial lanes so they vectorize.
+    pub fn logsumexp(row: &[f32]) -> f32 {
+        const LANES: usize = 16;
+        let chunks = row.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        let mut mx = [f32::NEG_INFINITY; LANES];
+        for c in chunks.clone() {
+            for (m, &v) in mx.iter_mut().zip(c) {
+                *m = if v > *m { v } else { *m };
+            }
         }
-    }
-    let m = mx
-        .iter()
-        .chain(tail)
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
-    let mut acc = [0.0f64; LANES];
-    for c in chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += math::exp(v - m) as f64;
+        let m = mx
+            .iter()
+            .chain(tail)
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        let mut acc = [0.0f64; LANES];
+        for c in chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += math::exp(v - m) as f64;
+            }
         }
+        let s: f64 =
+            acc.iter().sum::<f64>() + tail.iter().map(|&v| math::exp(v - m) as f64).sum::<f64>();
+        m + s.ln() as f32
     }
-    let s: f64 =
-        acc.iter().sum::<f64>() + tail.iter().map(|&v| math::exp(v - m) as f64).sum::<f64>();
-    m + s.ln() as f32
 }
 
 impl Backend for CpuBackend {
@@ -327,12 +510,7 @@ impl Backend for CpuBackend {
             out.data
                 .par_chunks_mut(d)
                 .zip(x.data.par_chunks(d))
-                .for_each(|(o, xr)| {
-                    let s = rms_scale(xr, eps);
-                    for ((o, &v), &g) in o.iter_mut().zip(xr).zip(w) {
-                        *o = v * s * g;
-                    }
-                });
+                .for_each(|(o, xr)| rmsnorm_row(o, xr, w, eps));
         });
         Ok(())
     }
@@ -352,15 +530,7 @@ impl Backend for CpuBackend {
                 .par_chunks_mut(d)
                 .zip(delta.data.par_chunks(d))
                 .zip(out.data.par_chunks_mut(d))
-                .for_each(|((r, dl), o)| {
-                    for (r, &v) in r.iter_mut().zip(dl) {
-                        *r += v;
-                    }
-                    let s = rms_scale(r, eps);
-                    for ((o, &v), &g) in o.iter_mut().zip(r.iter()).zip(w) {
-                        *o = v * s * g;
-                    }
-                });
+                .for_each(|((r, dl), o)| add_rmsnorm_row(r, dl, o, w, eps));
         });
         Ok(())
     }
@@ -426,7 +596,6 @@ impl Backend for CpuBackend {
             n_kv_heads,
             head_dim: hd,
         } = shape;
-        let group = n_heads / n_kv_heads;
         let (qc, kc) = (n_heads * hd, n_kv_heads * hd);
         ensure!(
             q.cols == qc && k.cols == kc && v.cols == kc && out.cols == qc,
@@ -438,41 +607,21 @@ impl Backend for CpuBackend {
             q.rows,
             layout.rows()
         );
-        let scale = 1.0 / (hd as f32).sqrt();
-        out.data
-            .par_chunks_mut(qc)
-            .enumerate()
-            .for_each(|(r, orow)| {
-                let (b, t) = layout.query_row(r);
-                let visible = (t + layout.q_offset + 1).min(layout.kv_valid[b]);
-                let mut scores = vec![0.0f32; visible];
-                for h in 0..n_heads {
-                    let kh = h / group;
-                    let qh = &q.data[r * qc + h * hd..r * qc + (h + 1) * hd];
-                    let mut m = f32::NEG_INFINITY;
-                    for (j, s) in scores.iter_mut().enumerate() {
-                        let kr = &k.data[layout.key_row(b, j) * kc + kh * hd..][..hd];
-                        *s = dot(qh, kr) * scale;
-                        m = m.max(*s);
-                    }
-                    let mut denom = 0.0f32;
-                    for s in scores.iter_mut() {
-                        *s = math::exp(*s - m);
-                    }
-                    for s in &scores {
-                        denom += s;
-                    }
-                    let o = &mut orow[h * hd..(h + 1) * hd];
-                    o.fill(0.0);
-                    for (j, &p) in scores.iter().enumerate() {
-                        let vr = &v.data[layout.key_row(b, j) * kc + kh * hd..][..hd];
-                        for (o, &vv) in o.iter_mut().zip(vr) {
-                            *o += p * vv;
-                        }
-                    }
-                    let inv = if denom > 0.0 { 1.0 / denom } else { 0.0 };
-                    o.iter_mut().for_each(|x| *x *= inv);
-                }
+        let out_ptr = SendPtr(out.data.as_mut_ptr());
+        (0..layout.batch * n_kv_heads)
+            .into_par_iter()
+            .for_each(|task| {
+                let t = AttnTask {
+                    q,
+                    k,
+                    v,
+                    out: out_ptr.get(),
+                    shape,
+                    layout,
+                    b: task / n_kv_heads,
+                    kh: task % n_kv_heads,
+                };
+                attention_task(&t);
             });
         Ok(())
     }
@@ -482,11 +631,7 @@ impl Backend for CpuBackend {
         gate.data
             .par_chunks_mut(4096)
             .zip(up.data.par_chunks(4096))
-            .for_each(|(g, u)| {
-                for (g, &u) in g.iter_mut().zip(u) {
-                    *g = math::silu(*g) * u;
-                }
-            });
+            .for_each(|(g, u)| swiglu_slice(g, u));
         Ok(())
     }
 

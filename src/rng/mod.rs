@@ -7,6 +7,9 @@
 //! multiply-add, and the transcendental functions are our own polynomials, so CPU and GPU give
 //! identical bits (libm and CUDA's `logf`/`sincosf` differ in the last place).
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
 const M0: u32 = 0xD251_1F53;
 const M1: u32 = 0xCD9E_8D57;
 const W0: u32 = 0x9E37_79B9;
@@ -82,11 +85,9 @@ impl Philox {
             out[i] = self.normal(start + i as u64);
             i += 1;
         }
-        while i + BULK <= out.len() {
-            let block = (start + i as u64) / 4;
-            normals_bulk(self, block, (&mut out[i..i + BULK]).try_into().unwrap());
-            i += BULK;
-        }
+        let bulk = (out.len() - i) / BULK * BULK;
+        fill_bulk(self, (start + i as u64) / 4, &mut out[i..i + bulk]);
+        i += bulk;
         while i < out.len() {
             out[i] = self.normal(start + i as u64);
             i += 1;
@@ -191,6 +192,8 @@ pub fn sincos_2pi(u: f32) -> (f32, f32) {
 
 /// Elements produced per bulk call (16 Philox blocks).
 const BULK: usize = 64;
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(avx512::BLOCK_NORMALS == BULK);
 
 /// The normals of elements 4*block .. 4*block + 64, in structure-of-arrays form so the
 /// compiler vectorizes the rounds and the transforms.
@@ -236,37 +239,37 @@ fn normals_bulk_body(p: &Philox, block: u64, out: &mut [f32; BULK]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
-unsafe fn normals_bulk_avx512(p: &Philox, block: u64, out: &mut [f32; BULK]) {
-    normals_bulk_body(p, block, out)
-}
-
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn normals_bulk_avx2(p: &Philox, block: u64, out: &mut [f32; BULK]) {
     normals_bulk_body(p, block, out)
 }
 
-/// Runtime dispatch to the widest vector unit; every variant computes the same bits (the
-/// transforms use only correctly rounded ops and fused multiply-adds).
-fn normals_bulk(p: &Philox, block: u64, out: &mut [f32; BULK]) {
+/// The normals of elements 4 * block .. 4 * block + out.len() (a multiple of BULK), on the
+/// widest vector unit the CPU has (`backend::cpu::simd::level`, which `ZOFT_SIMD` caps); every
+/// variant computes the same bits (the transforms use only correctly rounded ops and fused
+/// multiply-adds).
+fn fill_bulk(p: &Philox, block: u64, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the features were detected at run time.
-            return unsafe { normals_bulk_avx512(p, block, out) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: as above.
-            return unsafe { normals_bulk_avx2(p, block, out) };
+        use crate::backend::cpu::simd::{level, Level};
+        match level() {
+            // SAFETY: level() detected the features at run time.
+            Level::Avx512 => return unsafe { avx512::fill_blocks(p, block, out) },
+            Level::Avx2 => {
+                for (c, chunk) in out.chunks_exact_mut(BULK).enumerate() {
+                    // SAFETY: as above.
+                    unsafe {
+                        normals_bulk_avx2(p, block + 16 * c as u64, chunk.try_into().unwrap())
+                    };
+                }
+                return;
+            }
+            Level::Baseline => {}
         }
     }
-    normals_bulk_body(p, block, out)
+    for (c, chunk) in out.chunks_exact_mut(BULK).enumerate() {
+        normals_bulk_body(p, block + 16 * c as u64, chunk.try_into().unwrap());
+    }
 }
 
 #[cfg(test)]
@@ -306,6 +309,38 @@ mod tests {
             let a = std::f64::consts::TAU * (x - x.floor()) as f64;
             assert!((s as f64 - a.sin()).abs() < 3e-7, "sin at {x}");
             assert!((c as f64 - a.cos()).abs() < 3e-7, "cos at {x}");
+        }
+    }
+
+    /// Every bulk variant the CPU can run (AVX-512, AVX2, portable) gives the scalar path's
+    /// bits, for keys with high bits set and across the 2^32-block carry into counter word 1.
+    #[test]
+    fn bulk_variants_match_scalar_normals() {
+        let starts = [0u64, 64, (1 << 32) - 40, 0x1234_5678_9abc];
+        for (seed, step, tensor) in [(0u64, 0u32, 0u32), (u64::MAX, 7, 0xFFFF_FF01), (42, 3, 9)] {
+            let p = Philox::new(seed, step, tensor);
+            for &block in &starts {
+                let mut fast = vec![f32::NAN; 4 * BULK];
+                fill_bulk(&p, block, &mut fast);
+                let mut portable = [f32::NAN; BULK];
+                for (c, chunk) in fast.chunks(BULK).enumerate() {
+                    normals_bulk_body(&p, block + 16 * c as u64, &mut portable);
+                    #[cfg(target_arch = "x86_64")]
+                    if std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                    {
+                        let mut avx2 = [f32::NAN; BULK];
+                        // SAFETY: the features were detected at run time.
+                        unsafe { normals_bulk_avx2(&p, block + 16 * c as u64, &mut avx2) };
+                        assert_eq!(avx2.map(f32::to_bits), portable.map(f32::to_bits));
+                    }
+                    for (j, x) in chunk.iter().enumerate() {
+                        let e = 4 * block + (c * BULK + j) as u64;
+                        assert_eq!(x.to_bits(), p.normal(e).to_bits(), "element {e}");
+                        assert_eq!(x.to_bits(), portable[j].to_bits(), "element {e}");
+                    }
+                }
+            }
         }
     }
 

@@ -1,0 +1,149 @@
+//! The CPU forward's operations one by one, at every vector width this CPU has, and the Philox
+//! normal generator behind every ZO pass: time per call and per forward of the default model's
+//! shapes (batch x seq tokens). Variants of one op give the same bits (see
+//! `backend::cpu::simd`); this shows what each costs, llm.c-style, side by side.
+//!
+//! cargo run --release --example bench_ops -- [--batch 16] [--seq 64] [--iters 3]
+
+#[path = "common.rs"]
+mod common;
+
+use common::{arg, median};
+use std::time::Instant;
+use zoft::backend::cpu::simd::{force, level, Level};
+use zoft::backend::cpu::{gemm_bf16, CpuBackend, Matmul};
+use zoft::backend::mem::Tag;
+use zoft::backend::{AttnShape, Backend, SeqLayout};
+use zoft::model::{HostTensor, LlamaConfig};
+use zoft::rng::Philox;
+
+fn normals(n: usize, seed: u64) -> Vec<f32> {
+    let mut v = vec![0.0; n];
+    Philox::new(seed, 0, 0).fill_normal(0, &mut v);
+    v
+}
+
+/// Median seconds of `iters` calls after one warm-up call.
+fn time(iters: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    median(
+        (0..iters)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+fn report(op: &str, variant: &str, seconds: f64, per_forward: usize) {
+    println!(
+        "{}",
+        serde_json::json!({"bench": "zoft_cpu_op", "op": op, "variant": variant,
+            "ms_per_call": seconds * 1e3, "calls_per_forward": per_forward,
+            "ms_per_forward": seconds * 1e3 * per_forward as f64,
+            "threads": rayon::current_num_threads()})
+    );
+}
+
+fn main() -> anyhow::Result<()> {
+    let batch: usize = arg("--batch", "16").parse()?;
+    let seq: usize = arg("--seq", "64").parse()?;
+    let iters: usize = arg("--iters", "3").parse()?;
+    let cfg = LlamaConfig::preset("smollm2-135m").expect("preset");
+    let (d, ffn, layers, vocab) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_hidden_layers,
+        cfg.vocab_size,
+    );
+    let shape = AttnShape {
+        n_heads: cfg.num_attention_heads,
+        n_kv_heads: cfg.num_key_value_heads.unwrap_or(cfg.num_attention_heads),
+        head_dim: d / cfg.num_attention_heads,
+    };
+    let kvd = shape.n_kv_heads * shape.head_dim;
+    let rows = batch * seq;
+    let layout = SeqLayout::full(batch, seq, &vec![seq; batch]);
+    let be = CpuBackend::new();
+    let act = |cols: usize, seed: u64| {
+        be.from_host(&normals(rows * cols, seed), rows, cols, Tag::Activations)
+    };
+    let (q, k, v) = (act(d, 1)?, act(kvd, 2)?, act(kvd, 3)?);
+    let (mut out, mut gate, up) = (act(d, 4)?, act(ffn, 5)?, act(ffn, 6)?);
+    let gain = HostTensor::from_f32("gain", vec![d], &normals(d, 7));
+    let logits = normals(vocab, 8);
+    let detected = level();
+    let levels = [Level::Baseline, Level::Avx2, Level::Avx512]
+        .into_iter()
+        .filter(|&l| l <= detected);
+    for l in levels {
+        force(l);
+        let name = format!("{l:?}").to_lowercase();
+        report(
+            "attention",
+            &name,
+            time(iters, || {
+                be.attention(&q, &k, &v, shape, &layout, &mut out).unwrap()
+            }),
+            layers,
+        );
+        report(
+            "swiglu",
+            &name,
+            time(iters, || be.swiglu(&mut gate, &up).unwrap()),
+            layers,
+        );
+        report(
+            "rmsnorm",
+            &name,
+            time(iters, || be.rmsnorm(&q, &gain, 1e-5, &mut out).unwrap()),
+            2 * layers + 1,
+        );
+        report(
+            "logsumexp (one row per token)",
+            &name,
+            time(iters, || {
+                for _ in 0..rows {
+                    std::hint::black_box(zoft::backend::cpu::logsumexp(&logits));
+                }
+            }),
+            1,
+        );
+        let mut z = vec![0.0f32; 1 << 22];
+        let gen = time(iters, || Philox::new(1, 2, 3).fill_normal(0, &mut z));
+        report("philox normals, 4M on one thread", &name, gen, 1);
+    }
+    force(detected);
+    // The GEMM shapes of one layer and of the LM head, f32 (the `gemm` crate) against bf16.
+    let mut matmuls = vec![Matmul::F32];
+    if gemm_bf16::available() {
+        matmuls.push(Matmul::Bf16);
+    }
+    for (n, kk, per_forward) in [
+        (d, d, 2 * layers),
+        (kvd, d, 2 * layers),
+        (ffn, d, 2 * layers),
+        (d, ffn, layers),
+        (vocab, d, 1),
+    ] {
+        let x = normals(rows * kk, 9);
+        let w = normals(n * kk, 10);
+        let mut o = vec![0.0f32; rows * n];
+        for &mm in &matmuls {
+            let be = CpuBackend::with_matmul(mm)?;
+            let s = time(iters, || be.matmul_slices(&x, &w, &mut o, rows, n, kk));
+            report(
+                &format!(
+                    "matmul {rows}x{n}x{kk} ({:.0} GFLOP/s)",
+                    2.0 * (rows * n * kk) as f64 / s / 1e9
+                ),
+                mm.name(),
+                s,
+                per_forward,
+            );
+        }
+    }
+    Ok(())
+}
