@@ -9,6 +9,7 @@
 //!   The 1/sqrt(r) makes Z's entries unit-variance, so eps and lr mean what they mean for MeZO.
 
 use super::passes::{Rule, ZSpec, ZoBackend};
+use crate::backend::cpu::simd::wide;
 use crate::model::HostTensor;
 use crate::rng::Philox;
 use anyhow::Result;
@@ -85,9 +86,16 @@ impl Factors {
         // Each element is the in-order sum over k of v[b][k] * (u[a][k] c[k] / sqrt(r)),
         // multiply then add, exactly as the CUDA twin adds; running k outermost keeps that
         // order per element while the loop over b vectorizes.
+        low_rank_row(&self.u[a * r..(a + 1) * r], c, &self.vt[..r * n], norm, out);
+    }
+}
+
+wide! {
+    /// out = sum over k of vt[k] * (u_row[k] * c[k] * norm), k in order.
+    fn low_rank_row(u_row: &[f32], c: &[f32], vt: &[f32], norm: f32, out: &mut [f32]) {
         out.fill(0.0);
-        let u_row = &self.u[a * r..(a + 1) * r];
-        for ((&u, &ck), vk) in u_row.iter().zip(c).zip(self.vt.chunks_exact(n)) {
+        let n = out.len();
+        for ((&u, &ck), vk) in u_row.iter().zip(c).zip(vt.chunks_exact(n)) {
             let y = u * ck * norm;
             for (o, &x) in out.iter_mut().zip(vk) {
                 *o += x * y;
@@ -135,8 +143,9 @@ fn low_rank_slice(
         let (a, b0) = (j / n, j % n);
         fac.row(a, c, &mut zrow);
         let take = (n - b0).min(w.len() - k);
-        for q in 0..take {
-            w[k + q] = f(j + q, w[k + q], zrow[b0 + q]);
+        let span = w[k..k + take].iter_mut().zip(&zrow[b0..b0 + take]);
+        for (q, (w, &z)) in span.enumerate() {
+            *w = f(j + q, *w, z);
         }
         k += take;
     }

@@ -187,10 +187,10 @@ impl ZoBackend for CpuBackend {
             (Rule::Adam(_), None) => bail!("{}: an Adam pass needs its moments", w.name),
             // One closure per rule, so that the per-element match folds away and the loop
             // over a chunk stays a tight one.
-            (Rule::Move { to }, _) => {
-                tz.pass(w, offset, |_, w0, z| Rule::Move { to }.apply(w0, z, None))
-            }
-            (Rule::Sgd { lr, g, wd }, _) => tz.pass(w, offset, |_, w0, z| {
+            (Rule::Move { to }, _) => tz.pass(w, offset, move |_, w0, z| {
+                Rule::Move { to }.apply(w0, z, None)
+            }),
+            (Rule::Sgd { lr, g, wd }, _) => tz.pass(w, offset, move |_, w0, z| {
                 Rule::Sgd { lr, g, wd }.apply(w0, z, None)
             }),
         }
