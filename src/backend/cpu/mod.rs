@@ -607,6 +607,11 @@ impl Backend for CpuBackend {
             q.rows,
             layout.rows()
         );
+        // Each running task holds its head's K^T, V and a row of scores and of output.
+        let keys = layout.kv_valid.iter().copied().max().unwrap_or(0);
+        let (pk, phd) = (keys.div_ceil(LANES) * LANES, hd.div_ceil(LANES) * LANES);
+        let scratch = self.threads.max(1) * 4 * (hd * pk + keys * phd + pk + phd);
+        self.mem.add(Tag::Scratch, scratch);
         let out_ptr = SendPtr(out.data.as_mut_ptr());
         (0..layout.batch * n_kv_heads)
             .into_par_iter()
@@ -623,6 +628,7 @@ impl Backend for CpuBackend {
                 };
                 attention_task(&t);
             });
+        self.mem.sub(Tag::Scratch, scratch);
         Ok(())
     }
 

@@ -16,21 +16,37 @@ pub enum Level {
 
 static LEVEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// The level in use: detected once, capped by `ZOFT_SIMD=baseline|avx2` (to compare variants).
+/// The level in use: detected once, capped by `ZOFT_SIMD=baseline|avx2|avx512` (to compare
+/// variants).
 pub fn level() -> Level {
     match LEVEL.load(std::sync::atomic::Ordering::Relaxed) {
         1 => Level::Avx512,
         2 => Level::Avx2,
         3 => Level::Baseline,
         _ => {
-            let l = match std::env::var("ZOFT_SIMD").as_deref() {
-                Ok("baseline") => Level::Baseline,
-                Ok("avx2") => detected().min(Level::Avx2),
-                _ => detected(),
+            let cap = std::env::var("ZOFT_SIMD").unwrap_or_default();
+            let l = match parse_cap(&cap) {
+                Ok(cap) => detected().min(cap),
+                Err(e) => {
+                    eprintln!("zoft: {e}; using the widest vector unit this CPU has");
+                    detected()
+                }
             };
             store(l);
             l
         }
+    }
+}
+
+/// The cap a `ZOFT_SIMD` value asks for; empty means none.
+pub fn parse_cap(s: &str) -> Result<Level, String> {
+    match s {
+        "" | "avx512" => Ok(Level::Avx512),
+        "avx2" => Ok(Level::Avx2),
+        "baseline" => Ok(Level::Baseline),
+        other => Err(format!(
+            "ZOFT_SIMD={other:?} is not one of baseline, avx2, avx512"
+        )),
     }
 }
 
@@ -90,3 +106,17 @@ macro_rules! wide {
     };
 }
 pub(crate) use wide;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_parse_and_a_typo_is_named() {
+        assert_eq!(parse_cap(""), Ok(Level::Avx512));
+        assert_eq!(parse_cap("avx2"), Ok(Level::Avx2));
+        assert_eq!(parse_cap("baseline"), Ok(Level::Baseline));
+        let e = parse_cap("avx-512").unwrap_err();
+        assert!(e.contains("\"avx-512\"") && e.contains("baseline"), "{e}");
+    }
+}
