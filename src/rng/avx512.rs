@@ -8,11 +8,8 @@
 //! pick up garbage, which nothing reads: the multiplies and the final word extraction look at
 //! the low halves only.
 
-use super::{Philox, M0, M1, W0, W1};
+use super::{Philox, BULK, M0, M1, W0, W1};
 use std::arch::x86_64::*;
-
-/// Normals per call of `normals64`: 16 Philox blocks.
-pub const BLOCK_NORMALS: usize = 64;
 
 /// The words of 8 consecutive blocks, one per 64-bit lane (low half).
 struct Words8 {
@@ -129,7 +126,7 @@ unsafe fn sincos16(u: __m512) -> (__m512, __m512) {
     cp = _mm512_fmadd_ps(cp, x2, f32x16(-1.0 / 720.0));
     cp = _mm512_fmadd_ps(cp, x2, f32x16(1.0 / 24.0));
     cp = _mm512_fmadd_ps(cp, x2, f32x16(-0.5));
-    let cos_r = _mm512_fmadd_ps(x2, cp, one16());
+    let cos_r = _mm512_fmadd_ps(x2, cp, f32x16(1.0));
     let k = _mm512_castps_si512(_mm512_add_ps(q, f32x16(8_388_608.0)));
     let odd = _mm512_test_epi32_mask(k, _mm512_set1_epi32(1));
     let a = _mm512_mask_blend_ps(odd, sin_r, cos_r);
@@ -146,11 +143,6 @@ unsafe fn sincos16(u: __m512) -> (__m512, __m512) {
         _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), sign_sin)),
         _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(b), sign_cos)),
     )
-}
-
-#[inline(always)]
-unsafe fn one16() -> __m512 {
-    f32x16(1.0)
 }
 
 /// Box-Muller over 8 blocks, written as elements 4 * first .. 4 * first + 32 at `out`.
@@ -179,15 +171,16 @@ unsafe fn box_muller8(w: &Words8, out: *mut f32) {
     _mm512_storeu_ps(out.add(16), _mm512_permutex2var_ps(rc, hi, rs));
 }
 
-/// Fills `out` (a multiple of 64 long) with the normals of elements 4 * block onwards.
+/// Fills `out` (a multiple of BULK = 64 long, 16 Philox blocks) with the normals of elements
+/// 4 * block onwards.
 ///
 /// # Safety
 /// The CPU has AVX-512F.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn fill_blocks(p: &Philox, block: u64, out: &mut [f32]) {
-    debug_assert!(out.len().is_multiple_of(BLOCK_NORMALS));
+    debug_assert!(out.len().is_multiple_of(BULK));
     let keys = round_keys(p);
-    for (c, chunk) in out.chunks_exact_mut(BLOCK_NORMALS).enumerate() {
+    for (c, chunk) in out.chunks_exact_mut(BULK).enumerate() {
         let first = block + 16 * c as u64;
         // Two independent 8-block streams give the multiplier pipes work to overlap.
         let a = philox8(p, &keys, first);

@@ -192,8 +192,6 @@ pub fn sincos_2pi(u: f32) -> (f32, f32) {
 
 /// Elements produced per bulk call (16 Philox blocks).
 const BULK: usize = 64;
-#[cfg(target_arch = "x86_64")]
-const _: () = assert!(avx512::BLOCK_NORMALS == BULK);
 
 /// The normals of elements 4*block .. 4*block + 64, in structure-of-arrays form so the
 /// compiler vectorizes the rounds and the transforms.

@@ -7,6 +7,7 @@
 //! packed a tile of `NR` rows at a time into [pairs][NR] so each step of the microkernel loads
 //! three vectors of w and broadcasts `MR` pairs of x into 24 accumulators.
 
+use super::SendPtr;
 use rayon::prelude::*;
 
 /// Rows of x per microkernel call.
@@ -54,43 +55,52 @@ pub fn to_pairs(src: &[f32], rows: usize, cols: usize) -> Vec<u32> {
         .for_each(|(o, s)| {
             for (orow, srow) in o.chunks_mut(kp).zip(s.chunks(cols)) {
                 // SAFETY: available() was checked above.
-                unsafe { row_pairs(srow, |p, v| orow[p] = v) };
+                unsafe { row_pairs(srow, orow) };
             }
         });
     out
 }
 
-/// Calls `put(p, pair p)` for every pair of one row, converting 32 values per instruction.
-/// The vector conversion rounds to nearest even like `bf16_bits` (it may flush subnormal
-/// inputs to zero, far below what a GEMM of model weights can resolve).
+/// The 32 values at `src` as 16 bf16 pairs, in order, in one instruction. The conversion
+/// rounds to nearest even like `bf16_bits` (it may flush subnormal inputs to zero, far below
+/// what a GEMM of model weights can resolve).
+///
+/// # Safety
+/// The CPU has AVX512-BF16; `src` points at 32 readable values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[inline]
+unsafe fn pairs32(src: *const f32) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    // The first operand fills the upper half: the 32 values stay in order.
+    std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(
+        _mm512_loadu_ps(src.add(16)),
+        _mm512_loadu_ps(src),
+    ))
+}
+
+/// One row's pairs into `out` (ceil(row.len() / 2) long), 32 values per instruction.
 ///
 /// # Safety
 /// The CPU has AVX512-BF16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[inline]
-unsafe fn row_pairs(row: &[f32], mut put: impl FnMut(usize, u32)) {
+unsafe fn row_pairs(row: &[f32], out: &mut [u32]) {
     use std::arch::x86_64::*;
+    assert_eq!(out.len(), row.len().div_ceil(2));
     let full = row.len() / 32;
-    let mut lanes = [0u32; 16];
     for c in 0..full {
-        let lo = _mm512_loadu_ps(row.as_ptr().add(c * 32));
-        let hi = _mm512_loadu_ps(row.as_ptr().add(c * 32 + 16));
-        // The first operand fills the upper half: the 32 values stay in order.
-        let packed: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-        _mm512_storeu_si512(lanes.as_mut_ptr() as *mut _, packed);
-        for (i, &v) in lanes.iter().enumerate() {
-            put(c * 16 + i, v);
-        }
+        let packed = pairs32(row.as_ptr().add(c * 32));
+        _mm512_storeu_si512(out.as_mut_ptr().add(c * 16) as *mut _, packed);
     }
-    for p in full * 16..row.len().div_ceil(2) {
-        let hi = row.get(2 * p + 1).copied().unwrap_or(0.0);
-        put(p, pair(row[2 * p], hi));
+    for (p, o) in out.iter_mut().enumerate().skip(full * 16) {
+        *o = pair(row[2 * p], row.get(2 * p + 1).copied().unwrap_or(0.0));
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn row_pairs(_: &[f32], _: impl FnMut(usize, u32)) {
+unsafe fn row_pairs(_: &[f32], _: &mut [u32]) {
     unreachable!("available() is false off x86_64")
 }
 
@@ -125,12 +135,7 @@ unsafe fn pack_tile_avx512(w: &[f32], n: usize, k: usize, n0: usize, tile: &mut 
         for b in 0..blocks {
             let mut v = [_mm512_setzero_si512(); 16];
             for (j, vj) in v.iter_mut().enumerate().take(rows) {
-                let src = w.as_ptr().add((n0 + g + j) * k + 32 * b);
-                // The first operand fills the upper half: the 32 values stay in order.
-                *vj = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(
-                    _mm512_loadu_ps(src.add(16)),
-                    _mm512_loadu_ps(src),
-                ));
+                *vj = pairs32(w.as_ptr().add((n0 + g + j) * k + 32 * b));
             }
             let cols = transpose16(v);
             for (p, c) in cols.iter().enumerate() {
@@ -213,7 +218,6 @@ pub fn matmul(x: &[u32], w: &[f32], out: &mut [f32], m: usize, n: usize, k: usiz
         .for_each_init(
             || vec![0u32; kp * NR],
             |tile, t0| {
-                let out_ptr = &out_ptr;
                 for t in t0..(t0 + per_task).min(tiles) {
                     let n0 = t * NR;
                     pack_tile(w, n, k, n0, tile);
@@ -223,7 +227,7 @@ pub fn matmul(x: &[u32], w: &[f32], out: &mut [f32], m: usize, n: usize, k: usiz
                         let rows = MR.min(m - r0);
                         // SAFETY: tasks write disjoint column ranges [n0, n0 + cols) of out.
                         unsafe {
-                            let dst = out_ptr.0.add(r0 * n + n0);
+                            let dst = out_ptr.get().add(r0 * n + n0);
                             let x = &x[r0 * kp..];
                             match rows {
                                 8 => kernel::<8>(x, kp, tile, dst, n, cols),
@@ -242,10 +246,6 @@ pub fn matmul(x: &[u32], w: &[f32], out: &mut [f32], m: usize, n: usize, k: usiz
             },
         );
 }
-
-struct SendPtr(*mut f32);
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
 
 /// One ROWS x NR block of out over the full k (ROWS <= MR).
 ///

@@ -181,10 +181,13 @@ impl CpuBackend {
     }
 }
 
+/// Partial sums per reduction (and keys or value columns per attention chunk): a single
+/// running sum is a dependency chain the compiler may not reorder, 16 lanes fill a vector.
+const LANES: usize = 16;
+
 /// 1 / sqrt(mean(x^2) + eps), the sum over 16 partial lanes so that it vectorizes.
 #[inline(always)]
 fn rms_scale(x: &[f32], eps: f32) -> f32 {
-    const LANES: usize = 16;
     let chunks = x.chunks_exact(LANES);
     let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
     let mut acc = [0.0f32; LANES];
@@ -229,7 +232,8 @@ wide! {
     }
 }
 
-/// A raw pointer shared by parallel tasks that write disjoint parts of one buffer.
+/// A raw pointer shared by parallel tasks that write disjoint parts of one buffer (attention
+/// heads, bf16 GEMM column tiles).
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
@@ -253,9 +257,6 @@ struct AttnTask<'a> {
     b: usize,
     kh: usize,
 }
-
-/// Keys (or value columns) per vector of partial sums.
-const LANES: usize = 16;
 
 /// acc[c][l] = sum over d of a[d] * rows[d * stride + 16 c + l], for C chunks of 16 columns:
 /// C independent accumulators stay in registers across the whole sum.
@@ -413,20 +414,9 @@ wide! {
     /// log-sum-exp of a row: exponentials in f32 against the row's maximum, summed in f64.
     /// Both reductions run over 16 partial lanes so they vectorize.
     pub fn logsumexp(row: &[f32]) -> f32 {
-        const LANES: usize = 16;
+        let m = max_lanes(row);
         let chunks = row.chunks_exact(LANES);
         let tail = chunks.remainder();
-        let mut mx = [f32::NEG_INFINITY; LANES];
-        for c in chunks.clone() {
-            for (m, &v) in mx.iter_mut().zip(c) {
-                *m = if v > *m { v } else { *m };
-            }
-        }
-        let m = mx
-            .iter()
-            .chain(tail)
-            .copied()
-            .fold(f32::NEG_INFINITY, f32::max);
         let mut acc = [0.0f64; LANES];
         for c in chunks {
             for (a, &v) in acc.iter_mut().zip(c) {
