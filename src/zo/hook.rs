@@ -8,7 +8,7 @@
 //! time.
 
 use super::direction::{is_matrix, Direction, Factors, StepKey, TensorZ};
-use super::passes::ZSpec;
+use super::passes::{Rule, ZSpec};
 use super::{elem_spec, ZoOptimizer};
 use crate::backend::cpu::{
     gather_rows, logsumexp, target_rows, CpuAct, CpuBackend, LOGIT_CHUNK_ROWS,
@@ -108,7 +108,7 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
             let mut t = HostTensor::from_f32(w.name.clone(), w.shape.clone(), &w.to_f32_vec());
             self.mem.add(Tag::Scratch, t.bytes().len());
             let (tz, s) = self.perturbation(w, id)?;
-            tz.pass(&mut t, 0.0, |_, w0, z| w0 + s * z);
+            tz.pass(&mut t, 0.0, Rule::Move { to: s }, None);
             self.scratch = Some((id, t));
         }
         Ok(&self.scratch.as_ref().unwrap().1)
@@ -130,7 +130,14 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
         let cols = table.shape[1];
         let (tz, s) = self.perturbation(table, id)?;
         for (row, &t) in out.data.chunks_mut(cols).zip(ids) {
-            tz.pass_slice(t as usize * cols, row, cols, 0.0, |_, w0, z| w0 + s * z);
+            tz.pass_slice(
+                t as usize * cols,
+                row,
+                cols,
+                0.0,
+                Rule::Move { to: s },
+                None,
+            );
         }
         Ok(())
     }
@@ -168,7 +175,7 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
                     w,
                 ),
             }
-            tz.pass_slice(v0 * d, w, d, 0.0, |_, w0, z| w0 + s * z);
+            tz.pass_slice(v0 * d, w, d, 0.0, Rule::Move { to: s }, None);
             let part = &mut part[..rows.len() * nv];
             b.matmul_slices(&x, w, part, rows.len(), nv, d);
             for (o, p) in out.chunks_mut(vocab).zip(part.chunks(nv)) {

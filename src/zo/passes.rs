@@ -169,31 +169,17 @@ impl ZoBackend for CpuBackend {
         moments: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
     ) -> Result<()> {
         let tz = TensorZ::from_spec(w, id, key, z)?;
-        match (rule, moments) {
+        let moments = match (rule, moments) {
             (Rule::Adam(_), Some((m, v))) => {
                 if m.len() != w.numel() || v.len() != w.numel() {
                     bail!("{}: Adam moments do not match the tensor", w.name);
                 }
-                let (ms, vs) = (
-                    super::direction::ElemState::new(m),
-                    super::direction::ElemState::new(v),
-                );
-                tz.pass(w, offset, |j, w0, z| {
-                    // SAFETY: each element index j belongs to exactly one chunk of the pass.
-                    let mv = unsafe { (ms.get(j), vs.get(j)) };
-                    rule.apply(w0, z, Some(mv))
-                });
+                Some((&mut m[..], &mut v[..]))
             }
             (Rule::Adam(_), None) => bail!("{}: an Adam pass needs its moments", w.name),
-            // One closure per rule, so that the per-element match folds away and the loop
-            // over a chunk stays a tight one.
-            (Rule::Move { to }, _) => tz.pass(w, offset, move |_, w0, z| {
-                Rule::Move { to }.apply(w0, z, None)
-            }),
-            (Rule::Sgd { lr, g, wd }, _) => tz.pass(w, offset, move |_, w0, z| {
-                Rule::Sgd { lr, g, wd }.apply(w0, z, None)
-            }),
-        }
+            _ => None,
+        };
+        tz.pass(w, offset, rule, moments);
         Ok(())
     }
 

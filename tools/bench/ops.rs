@@ -3,7 +3,7 @@
 //! shapes (batch x seq tokens). Variants of one op give the same bits (see
 //! `backend::cpu::simd`); this shows what each costs, llm.c-style, side by side.
 //!
-//! cargo run --release --example bench_ops -- [--batch 16] [--seq 64] [--iters 3]
+//! cargo run --release --example bench_ops -- [--batch 16] [--seq 64] [--iters 3] [--only passes]
 
 #[path = "common.rs"]
 mod common;
@@ -16,6 +16,8 @@ use zoft::backend::mem::Tag;
 use zoft::backend::{AttnShape, Backend, SeqLayout};
 use zoft::model::{HostTensor, LlamaConfig};
 use zoft::rng::Philox;
+use zoft::zo::direction::StepKey;
+use zoft::zo::passes::{Rule, ZSpec, ZoBackend};
 
 fn normals(n: usize, seed: u64) -> Vec<f32> {
     let mut v = vec![0.0; n];
@@ -51,6 +53,10 @@ fn main() -> anyhow::Result<()> {
     let batch: usize = arg("--batch", "16").parse()?;
     let seq: usize = arg("--seq", "64").parse()?;
     let iters: usize = arg("--iters", "3").parse()?;
+    // `--only passes` times the ZO passes alone.
+    if arg("--only", "") == "passes" {
+        return zo_passes(iters, &CpuBackend::new());
+    }
     let cfg = LlamaConfig::preset("smollm2-135m").expect("preset");
     let (d, ffn, layers, vocab) = (
         cfg.hidden_size,
@@ -116,6 +122,7 @@ fn main() -> anyhow::Result<()> {
         report("philox normals, 4M on one thread", &name, gen, 1);
     }
     force(detected);
+    zo_passes(iters, &be)?;
     // The GEMM shapes of one layer and of the LM head, f32 (the `gemm` crate) against bf16.
     let mut matmuls = vec![Matmul::F32];
     if gemm_bf16::available() {
@@ -144,6 +151,77 @@ fn main() -> anyhow::Result<()> {
                 per_forward,
             );
         }
+    }
+    Ok(())
+}
+
+/// One ZO pass of each kind over 32M weights (a quarter of the default model), on all threads,
+/// against generating the same normals alone and against a plain read-modify-write: what a
+/// pass costs beyond the generator is its own overhead.
+fn zo_passes(iters: usize, be: &CpuBackend) -> anyhow::Result<()> {
+    let n = 1 << 25;
+    let mut w = HostTensor::from_f32("w", vec![n / 512, 512], &normals(n, 11));
+    let key = StepKey { seed: 1, step: 2 };
+    let per_model = |s: f64| s * 134.5e6 / n as f64;
+    let report_pass = |name: &str, s: f64| {
+        println!(
+            "{}",
+            serde_json::json!({"bench": "zoft_zo_pass", "pass": name, "ms_per_call": s * 1e3,
+                "ms_per_default_model": per_model(s) * 1e3,
+                "ns_per_weight": s * 1e9 / n as f64,
+                "threads": rayon::current_num_threads()})
+        );
+    };
+    let chunk = 1 << 14;
+    report_pass(
+        "normals only (into an L1-sized buffer)",
+        time(iters, || {
+            use rayon::prelude::*;
+            (0..n / chunk).into_par_iter().for_each(|c| {
+                let mut z = [0.0f32; 2048];
+                for s in (0..chunk).step_by(z.len()) {
+                    Philox::new(1, 2, 3).fill_normal((c * chunk + s) as u64, &mut z);
+                    std::hint::black_box(&z);
+                }
+            })
+        }),
+    );
+    report_pass(
+        "read-modify-write",
+        time(iters, || {
+            zoft::zo::direction::for_each_chunk(&mut w, |_, w| {
+                w.iter_mut().for_each(|x| *x *= 1.0000001)
+            })
+        }),
+    );
+    let tau = normals(16, 12);
+    let passes: [(&str, ZSpec, Rule); 4] = [
+        ("dense move", ZSpec::Dense, Rule::Move { to: -1e-3 }),
+        (
+            "dense sgd",
+            ZSpec::Dense,
+            Rule::Sgd {
+                lr: 1e-6,
+                g: 0.5,
+                wd: 0.0,
+            },
+        ),
+        (
+            "sparse move",
+            ZSpec::Sparse { threshold: 0.25 },
+            Rule::Move { to: -1e-3 },
+        ),
+        (
+            "low-rank 16 move",
+            ZSpec::LowRank { coef: &tau },
+            Rule::Move { to: 1.0 },
+        ),
+    ];
+    for (name, spec, rule) in passes {
+        let s = time(iters, || {
+            be.zo_pass(&mut w, 0, key, spec, 1e-3, rule, None).unwrap()
+        });
+        report_pass(name, s);
     }
     Ok(())
 }

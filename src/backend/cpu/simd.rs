@@ -79,6 +79,18 @@ fn detected() -> Level {
     Level::Baseline
 }
 
+/// Asks the CPU to bring `data` into the L1 cache, so that memory is read while the caller
+/// computes something else (the ZO passes generate z meanwhile).
+#[inline]
+pub fn prefetch(data: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in data.chunks(16) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: a prefetch never faults, and the address is inside `data`.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+    }
+}
+
 /// `wide! { fn name(args) -> ret { body } }` defines `name`, whose body is compiled for each
 /// `Level` and dispatched at run time (see the module doc). Arguments are passed by value to
 /// the chosen variant, so they must be plain types (slices, references, numbers).
