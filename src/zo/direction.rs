@@ -84,8 +84,7 @@ impl Factors {
         let n = out.len();
         let norm = 1.0 / (r as f32).sqrt();
         // Each element is the in-order sum over k of v[b][k] * (u[a][k] c[k] / sqrt(r)),
-        // multiply then add, exactly as the CUDA twin adds; running k outermost keeps that
-        // order per element while the loop over b vectorizes.
+        // multiply then add, exactly as the CUDA twin adds; the loop over b vectorizes.
         low_rank_row(&self.u[a * r..(a + 1) * r], c, &self.vt[..r * n], norm, out);
     }
 }
@@ -93,12 +92,28 @@ impl Factors {
 wide! {
     /// out = sum over k of vt[k] * (u_row[k] * c[k] * norm), k in order.
     fn low_rank_row(u_row: &[f32], c: &[f32], vt: &[f32], norm: f32, out: &mut [f32]) {
-        out.fill(0.0);
+        // 64 sums at a time stay in registers over all k, instead of a pass over `out` per k.
+        const BLOCK: usize = 64;
         let n = out.len();
-        for ((&u, &ck), vk) in u_row.iter().zip(c).zip(vt.chunks_exact(n)) {
+        let full = n / BLOCK * BLOCK;
+        let terms = || u_row.iter().zip(c).zip(vt.chunks_exact(n));
+        for (i, o) in out[..full].chunks_exact_mut(BLOCK).enumerate() {
+            let mut acc = [0.0f32; BLOCK];
+            for ((&u, &ck), vk) in terms() {
+                let y = u * ck * norm;
+                let x: &[f32; BLOCK] = vk[i * BLOCK..(i + 1) * BLOCK].try_into().unwrap();
+                for (a, &x) in acc.iter_mut().zip(x) {
+                    *a += x * y;
+                }
+            }
+            o.copy_from_slice(&acc);
+        }
+        let tail = &mut out[full..];
+        tail.fill(0.0);
+        for ((&u, &ck), vk) in terms() {
             let y = u * ck * norm;
-            for (o, &x) in out.iter_mut().zip(vk) {
-                *o += x * y;
+            for (a, &x) in tail.iter_mut().zip(&vk[full..]) {
+                *a += x * y;
             }
         }
     }

@@ -76,7 +76,7 @@ fn main() -> anyhow::Result<()> {
     let act = |cols: usize, seed: u64| {
         be.from_host(&normals(rows * cols, seed), rows, cols, Tag::Activations)
     };
-    let (q, k, v) = (act(d, 1)?, act(kvd, 2)?, act(kvd, 3)?);
+    let (mut q, mut k, v) = (act(d, 1)?, act(kvd, 2)?, act(kvd, 3)?);
     let (mut out, mut gate, up) = (act(d, 4)?, act(ffn, 5)?, act(ffn, 6)?);
     let gain = HostTensor::from_f32("gain", vec![d], &normals(d, 7));
     let logits = normals(vocab, 8);
@@ -92,6 +92,17 @@ fn main() -> anyhow::Result<()> {
             &name,
             time(iters, || {
                 be.attention(&q, &k, &v, shape, &layout, &mut out).unwrap()
+            }),
+            layers,
+        );
+        let inv_freq: Vec<f32> = cfg.rope_inv_freq().iter().map(|&f| f as f32).collect();
+        report(
+            "rope (q and k)",
+            &name,
+            time(iters, || {
+                be.rope(&mut q, shape.n_heads, &layout, &inv_freq).unwrap();
+                be.rope(&mut k, shape.n_kv_heads, &layout, &inv_freq)
+                    .unwrap();
             }),
             layers,
         );

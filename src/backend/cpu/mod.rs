@@ -201,6 +201,19 @@ fn rms_scale(x: &[f32], eps: f32) -> f32 {
 }
 
 wide! {
+    /// Rotates the pairs (head[i], head[i + half]) of one head by the angles whose sines and
+    /// cosines are given (RoPE in the rotate-half layout of HF LLaMA).
+    fn rotate_half(head: &mut [f32], sin: &[f32], cos: &[f32]) {
+        let (lo, hi) = head.split_at_mut(sin.len());
+        for (((a, b), &s), &c) in lo.iter_mut().zip(hi.iter_mut()).zip(sin).zip(cos) {
+            let (x, y) = (*a, *b);
+            *a = x * c - y * s;
+            *b = y * c + x * s;
+        }
+    }
+}
+
+wide! {
     /// One row of RMSNorm: o = x * rms_scale(x) * g.
     fn rmsnorm_row(o: &mut [f32], x: &[f32], g: &[f32], eps: f32) {
         let s = rms_scale(x, eps);
@@ -554,19 +567,27 @@ impl Backend for CpuBackend {
             x.rows,
             layout.rows()
         );
+        // The angles depend only on (position, frequency): one table of them per call instead
+        // of one sin_cos per row, with the same values.
+        let pos = |r: usize| layout.q_offset + layout.query_row(r).1;
+        let first = (0..x.rows).map(pos).min().unwrap_or(0);
+        let last = (0..x.rows).map(pos).max().unwrap_or(0);
+        let (mut sin, mut cos) = (Vec::new(), Vec::new());
+        for p in first..=last {
+            for &f in inv_freq {
+                let (s, c) = (p as f32 * f).sin_cos();
+                sin.push(s);
+                cos.push(c);
+            }
+        }
         x.data
             .par_chunks_mut(x.cols)
             .enumerate()
             .for_each(|(r, row)| {
-                let pos = (layout.q_offset + layout.query_row(r).1) as f32;
-                for (i, &f) in inv_freq.iter().enumerate() {
-                    let (s, c) = (pos * f).sin_cos();
-                    for h in 0..n_heads {
-                        let a = row[h * hd + i];
-                        let b = row[h * hd + i + half];
-                        row[h * hd + i] = a * c - b * s;
-                        row[h * hd + i + half] = b * c + a * s;
-                    }
+                let at = (pos(r) - first) * half;
+                let (sin, cos) = (&sin[at..at + half], &cos[at..at + half]);
+                for head in row.chunks_exact_mut(hd) {
+                    rotate_half(head, sin, cos);
                 }
             });
         Ok(())
