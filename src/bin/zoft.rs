@@ -96,7 +96,7 @@ struct TrainArgs {
     /// default task fastest per step of the SGD methods.
     #[arg(long, default_value = "sparse-mezo")]
     method: String,
-    #[arg(long, default_value_t = 360)]
+    #[arg(long, default_value_t = 500)]
     steps: u64,
     /// Learning rate (default: 3e-5 for mezo and tezo, 1e-4 for sparse-mezo, 5e-4 for the Adam variants).
     #[arg(long)]

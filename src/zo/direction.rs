@@ -301,21 +301,25 @@ impl TensorZ {
         let mut k = 0;
         while k < w.len() {
             let j = start + k;
-            // Weights a few segments ahead load while this segment's z is generated.
+            // The next segment: up to SEGMENT dense values, or the rest of a low-rank row (the
+            // range may start and end inside a row).
+            let len = match self {
+                TensorZ::LowRank(..) => cols - j % cols,
+                _ => SEGMENT,
+            }
+            .min(w.len() - k);
+            // Weights further ahead load while this segment's z is generated.
             let ahead = (k + PREFETCH_AHEAD).min(w.len());
-            crate::backend::cpu::simd::prefetch(&w[ahead..w.len().min(ahead + SEGMENT)]);
-            // z of the next segment: up to SEGMENT dense values, or the rest of a low-rank row
-            // (the range may start and end inside a row).
+            crate::backend::cpu::simd::prefetch(&w[ahead..w.len().min(ahead + len)]);
             let z: &[f32] = match self {
                 TensorZ::Dense(s) | TensorZ::Sparse(s, _) => {
-                    let z = &mut dense[..SEGMENT.min(w.len() - k)];
+                    let z = &mut dense[..len];
                     s.fill_normal(j as u64, z);
                     z
                 }
                 TensorZ::LowRank(fac, c) => {
-                    let (a, b0) = (j / cols, j % cols);
-                    fac.row(a, c, &mut row);
-                    &row[b0..(cols - b0).min(w.len() - k) + b0]
+                    fac.row(j / cols, c, &mut row);
+                    &row[j % cols..j % cols + len]
                 }
             };
             let seg = k..k + z.len();
