@@ -139,40 +139,52 @@ wide! {
         m: &mut [f32],
         v: &mut [f32],
     ) {
-        // One loop per (mask, rule), each a tight one with the matches folded away.
-        let masked = |w: f32, z: f32, h: f32| {
-            let w0 = w - offset * z;
-            if w0.abs() <= h {
-                (w0, z)
-            } else {
-                (w, 0.0)
-            }
-        };
-        match (threshold, rule) {
-            (None, Rule::Move { to }) => for_each(w, z, |w, z| {
-                Rule::Move { to }.apply(w - offset * z, z, None)
-            }),
-            (None, Rule::Sgd { lr, g, wd }) => for_each(w, z, |w, z| {
-                Rule::Sgd { lr, g, wd }.apply(w - offset * z, z, None)
-            }),
-            (Some(h), Rule::Move { to }) => for_each(w, z, |w, z| {
-                let (w0, z) = masked(w, z, h);
-                Rule::Move { to }.apply(w0, z, None)
-            }),
-            (Some(h), Rule::Sgd { lr, g, wd }) => for_each(w, z, |w, z| {
-                let (w0, z) = masked(w, z, h);
-                Rule::Sgd { lr, g, wd }.apply(w0, z, None)
-            }),
-            (threshold, Rule::Adam(a)) => {
-                assert!(m.len() == w.len() && v.len() == w.len(), "an Adam pass needs its moments");
-                let elems = w.iter_mut().zip(z).zip(m.iter_mut().zip(v.iter_mut()));
-                for ((w, &z), mv) in elems {
-                    let (w0, z) = match threshold {
-                        None => (*w - offset * z, z),
-                        Some(h) => masked(*w, z, h),
-                    };
-                    *w = Rule::Adam(a).apply(w0, z, Some(mv));
+        // The mask and the rule are chosen once per call, so that each (mask, rule) pair is a
+        // tight loop with both matches folded away.
+        match threshold {
+            None => apply_rule(w, z, rule, m, v, |w, z| (w - offset * z, z)),
+            Some(h) => apply_rule(w, z, rule, m, v, |w, z| {
+                let w0 = w - offset * z;
+                if w0.abs() <= h {
+                    (w0, z)
+                } else {
+                    (w, 0.0)
                 }
+            }),
+        }
+    }
+}
+
+/// w <- rule(w0, z) over a segment, with (w0, z) = unperturbed(w, z) of each element.
+/// Inlined into each `wide!` variant of `unperturb_apply`, so it runs at that one's width.
+#[inline(always)]
+fn apply_rule(
+    w: &mut [f32],
+    z: &[f32],
+    rule: Rule,
+    m: &mut [f32],
+    v: &mut [f32],
+    unperturbed: impl Fn(f32, f32) -> (f32, f32),
+) {
+    // One loop per rule, each with the rule's variant fixed so its match folds away too.
+    match rule {
+        Rule::Move { to } => for_each(w, z, |w, z| {
+            let (w0, z) = unperturbed(w, z);
+            Rule::Move { to }.apply(w0, z, None)
+        }),
+        Rule::Sgd { lr, g, wd } => for_each(w, z, |w, z| {
+            let (w0, z) = unperturbed(w, z);
+            Rule::Sgd { lr, g, wd }.apply(w0, z, None)
+        }),
+        Rule::Adam(a) => {
+            assert!(
+                m.len() == w.len() && v.len() == w.len(),
+                "an Adam pass needs its moments"
+            );
+            let elems = w.iter_mut().zip(z).zip(m.iter_mut().zip(v.iter_mut()));
+            for ((w, &z), mv) in elems {
+                let (w0, z) = unperturbed(*w, z);
+                *w = Rule::Adam(a).apply(w0, z, Some(mv));
             }
         }
     }
