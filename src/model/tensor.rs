@@ -113,6 +113,27 @@ impl HostTensor {
         Self::from_bytes(name.into(), shape, DType::F32, bytemuck::cast_slice(data))
     }
 
+    /// Turns this owned tensor into an f32 tensor of `shape` over the same buffer, grown if
+    /// it must be and never shrunk, so one scratch tensor serves tensors of every shape
+    /// without a fresh allocation (and its page faults) each time. The contents are stale.
+    /// Returns the buffer's size in bytes.
+    pub(crate) fn reuse_as_f32(&mut self, name: &str, shape: &[usize]) -> usize {
+        let Storage::Owned(buf) = &mut self.storage else {
+            panic!("{}: a mapped tensor cannot be reused as scratch", self.name);
+        };
+        let byte_len = shape.iter().product::<usize>() * 4;
+        if buf.len() * 8 < byte_len {
+            buf.resize(byte_len.div_ceil(8), 0);
+        }
+        self.name.clear();
+        self.name.push_str(name);
+        self.shape.clear();
+        self.shape.extend_from_slice(shape);
+        self.dtype = DType::F32;
+        self.byte_len = byte_len;
+        buf.len() * 8
+    }
+
     /// Converts f32 values into a tensor of `dtype` (round to nearest even).
     pub fn from_f32_as(
         name: impl Into<String>,

@@ -11,24 +11,32 @@ use super::direction::{is_matrix, Direction, Factors, StepKey, TensorZ};
 use super::passes::{Rule, ZSpec};
 use super::{elem_spec, ZoOptimizer};
 use crate::backend::cpu::{
-    gather_rows, logsumexp, target_rows, CpuAct, CpuBackend, LOGIT_CHUNK_ROWS,
+    gather_rows, max_sum_exp, target_rows, CpuAct, CpuBackend, LOGIT_CHUNK_ROWS,
 };
 use crate::backend::mem::{MemCounters, Tag};
 use crate::backend::{Backend, LinearHook, ParamId};
 use crate::model::HostTensor;
 use anyhow::Result;
+use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Vocabulary rows of the LM head perturbed and multiplied at once.
-const HEAD_BLOCK_ROWS: usize = 4096;
+pub const HEAD_BLOCK_ROWS: usize = 4096;
+/// Elements per parallel work item of a perturbed copy.
+const COPY_CHUNK: usize = 1 << 14;
 
 pub struct FusedHook<'a> {
     opt: &'a ZoOptimizer,
     key: StepKey,
     /// The signed perturbation size (+eps, -eps, or 0 for evaluation).
     scale: f32,
-    /// The perturbed copy of the tensor in use.
-    scratch: Option<(ParamId, HostTensor)>,
+    /// The perturbed copy of parameter `scratch_of` (or of an LM head block), in one buffer
+    /// that every tensor of the forward reuses.
+    scratch: HostTensor,
+    scratch_of: Option<ParamId>,
+    /// Bytes of the scratch buffer, as accounted under `Tag::Scratch`.
+    scratch_bytes: usize,
+    head_block_rows: usize,
     mem: Arc<MemCounters>,
 }
 
@@ -38,9 +46,19 @@ impl<'a> FusedHook<'a> {
             opt,
             key,
             scale,
-            scratch: None,
+            scratch: HostTensor::from_f32("fused scratch", vec![0], &[]),
+            scratch_of: None,
+            scratch_bytes: 0,
+            head_block_rows: HEAD_BLOCK_ROWS,
             mem: backend.mem.clone(),
         }
+    }
+
+    /// Perturbs and multiplies the LM head `rows` vocabulary rows at a time (default
+    /// HEAD_BLOCK_ROWS): fewer rows bound the scratch tighter.
+    pub fn with_head_block_rows(mut self, rows: usize) -> Self {
+        self.head_block_rows = rows.max(1);
+        self
     }
 
     fn low_rank(&self, w: &HostTensor) -> Option<usize> {
@@ -80,16 +98,85 @@ impl<'a> FusedHook<'a> {
         }
     }
 
-    fn drop_scratch(&mut self) {
-        if let Some((_, t)) = self.scratch.take() {
-            self.mem.sub(Tag::Scratch, t.bytes().len());
+    /// The scratch buffer as an f32 tensor of `shape`, accounting any growth.
+    fn scratch_as(&mut self, name: &str, shape: &[usize]) -> &mut [f32] {
+        self.scratch_of = None;
+        let bytes = self.scratch.reuse_as_f32(name, shape);
+        if bytes > self.scratch_bytes {
+            self.mem.add(Tag::Scratch, bytes - self.scratch_bytes);
+            self.scratch_bytes = bytes;
         }
+        self.scratch.f32s_mut().expect("scratch is f32")
+    }
+
+    /// The LM head's vocabulary rows v0 .. v0 + rows, perturbed, in the scratch buffer.
+    fn perturbed_head_block(
+        &mut self,
+        head: &HostTensor,
+        tz: &TensorZ,
+        s: f32,
+        v0: usize,
+        rows: usize,
+    ) -> &[f32] {
+        let d = head.shape[1];
+        let w = self.scratch_as("lm_head block", &[rows, d]);
+        perturbed_copy(head, tz, s, v0 * d, w);
+        w
+    }
+}
+
+/// Writes w + s z over elements start .. start + out.len() of `t` into `out`, on every
+/// thread, with the bits an in-place pass over `t` would leave.
+fn perturbed_copy(t: &HostTensor, tz: &TensorZ, s: f32, start: usize, out: &mut [f32]) {
+    let cols = *t.shape.last().unwrap_or(&1);
+    out.par_chunks_mut(COPY_CHUNK)
+        .enumerate()
+        .for_each(|(c, w)| {
+            let at = start + c * COPY_CHUNK;
+            t.read_f32_range(at, w);
+            tz.pass_slice(at, w, cols, 0.0, Rule::Move { to: s }, None);
+        });
+}
+
+/// A row's log-sum-exp over the vocabulary, gathered a block of columns at a time, and the
+/// logit of its target once the block holding it has passed.
+#[derive(Clone, Copy)]
+struct RunningLogSumExp {
+    max: f32,
+    /// The sum of exp(logit - max) so far.
+    sum: f64,
+    target: f32,
+}
+
+impl RunningLogSumExp {
+    const EMPTY: Self = RunningLogSumExp {
+        max: f32::NEG_INFINITY,
+        sum: 0.0,
+        target: f32::NAN,
+    };
+
+    /// Takes in the logits of vocabulary ids v0 .. v0 + logits.len().
+    fn add_block(&mut self, logits: &[f32], v0: usize, target: usize) {
+        let (m, s) = max_sum_exp(logits);
+        if m > self.max {
+            self.sum = self.sum * ((self.max - m) as f64).exp() + s;
+            self.max = m;
+        } else {
+            self.sum += s * ((m - self.max) as f64).exp();
+        }
+        if let Some(t) = target.checked_sub(v0).filter(|&t| t < logits.len()) {
+            self.target = logits[t];
+        }
+    }
+
+    fn logprob(&self) -> f32 {
+        self.target - (self.max + self.sum.ln() as f32)
     }
 }
 
 impl Drop for FusedHook<'_> {
     fn drop(&mut self) {
-        self.drop_scratch();
+        self.mem.sub(Tag::Scratch, self.scratch_bytes);
     }
 }
 
@@ -103,15 +190,13 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
         if !self.moves(id) {
             return Ok(w);
         }
-        if self.scratch.as_ref().map(|s| s.0) != Some(id) {
-            self.drop_scratch();
-            let mut t = HostTensor::from_f32(w.name.clone(), w.shape.clone(), &w.to_f32_vec());
-            self.mem.add(Tag::Scratch, t.bytes().len());
+        if self.scratch_of != Some(id) {
             let (tz, s) = self.perturbation(w, id)?;
-            tz.pass(&mut t, 0.0, Rule::Move { to: s }, None);
-            self.scratch = Some((id, t));
+            let copy = self.scratch_as(&w.name, &w.shape);
+            perturbed_copy(w, &tz, s, 0, copy);
+            self.scratch_of = Some(id);
         }
-        Ok(&self.scratch.as_ref().unwrap().1)
+        Ok(&self.scratch)
     }
 
     fn embed(
@@ -155,34 +240,23 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
         }
         let (vocab, d) = (head.shape[0], head.shape[1]);
         let x = gather_rows(hidden, rows)?;
-        let block = HEAD_BLOCK_ROWS.min(vocab);
-        let scratch = (block * d + rows.len() * block) * 4;
-        self.mem.add(Tag::Scratch, scratch);
+        let block = self.head_block_rows.min(vocab);
+        let part_bytes = rows.len() * block * 4;
+        self.mem.add(Tag::Scratch, part_bytes);
         // z is set up once per call (low-rank factors are drawn here), not once per block.
         let (tz, s) = self.perturbation(head, id)?;
         let mut out = vec![0.0f32; rows.len() * vocab];
-        let mut w = vec![0.0f32; block * d];
         let mut part = vec![0.0f32; rows.len() * block];
-        let es = head.dtype.size();
         for v0 in (0..vocab).step_by(block) {
             let nv = block.min(vocab - v0);
-            let w = &mut w[..nv * d];
-            match head.f32s() {
-                Some(all) => w.copy_from_slice(&all[v0 * d..(v0 + nv) * d]),
-                None => crate::model::tensor::decode_into(
-                    head.dtype,
-                    &head.bytes()[v0 * d * es..(v0 + nv) * d * es],
-                    w,
-                ),
-            }
-            tz.pass_slice(v0 * d, w, d, 0.0, Rule::Move { to: s }, None);
+            let w = self.perturbed_head_block(head, &tz, s, v0, nv);
             let part = &mut part[..rows.len() * nv];
             b.matmul_slices(&x, w, part, rows.len(), nv, d);
             for (o, p) in out.chunks_mut(vocab).zip(part.chunks(nv)) {
                 o[v0..v0 + nv].copy_from_slice(p);
             }
         }
-        self.mem.sub(Tag::Scratch, scratch);
+        self.mem.sub(Tag::Scratch, part_bytes);
         Ok(out)
     }
 
@@ -197,14 +271,39 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
         if !self.moves(id) {
             return b.target_logprobs(hidden, head, targets);
         }
-        let vocab = head.shape[0];
+        // The vocabulary is the outer loop, so the head is perturbed once per forward; each
+        // row's log-sum-exp runs across the blocks.
+        let (vocab, d) = (head.shape[0], head.shape[1]);
         let rows = target_rows(targets, hidden.rows, vocab)?;
-        let mut out = vec![0.0f32; targets.len()];
-        for rs in rows.chunks(LOGIT_CHUNK_ROWS) {
-            let logits = self.head_logits_rows(b, hidden, head, id, rs)?;
-            for (row, &r) in logits.chunks(vocab).zip(rs) {
-                out[r] = row[targets[r] as usize] - logsumexp(row);
+        let x = gather_rows(hidden, &rows)?;
+        let block = self.head_block_rows.min(vocab);
+        let chunk = LOGIT_CHUNK_ROWS.min(rows.len().max(1));
+        let part_bytes = (chunk * block + rows.len() * d) * 4
+            + rows.len() * std::mem::size_of::<RunningLogSumExp>();
+        self.mem.add(Tag::Scratch, part_bytes);
+        let (tz, s) = self.perturbation(head, id)?;
+        let mut running = vec![RunningLogSumExp::EMPTY; rows.len()];
+        let mut part = vec![0.0f32; chunk * block];
+        for v0 in (0..vocab).step_by(block) {
+            let nv = block.min(vocab - v0);
+            let w = self.perturbed_head_block(head, &tz, s, v0, nv);
+            for ((xs, run), rs) in x
+                .chunks(chunk * d)
+                .zip(running.chunks_mut(chunk))
+                .zip(rows.chunks(chunk))
+            {
+                let part = &mut part[..rs.len() * nv];
+                b.matmul_slices(xs, w, part, rs.len(), nv, d);
+                part.par_chunks(nv)
+                    .zip(run.par_iter_mut())
+                    .zip(rs.par_iter())
+                    .for_each(|((logits, run), &r)| run.add_block(logits, v0, targets[r] as usize));
             }
+        }
+        self.mem.sub(Tag::Scratch, part_bytes);
+        let mut out = vec![0.0f32; targets.len()];
+        for (&r, run) in rows.iter().zip(&running) {
+            out[r] = run.logprob();
         }
         Ok(out)
     }
@@ -231,18 +330,14 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
         let fac = Factors::generate(self.key.seed, id, m, n, rank);
         let rows = x.rows;
         let mut xv = vec![0.0f32; rows * rank];
-        b.matmul_slices(&x.data, &fac.vt, &mut xv, rows, rank, n);
+        b.matmul_slices_f32(&x.data, &fac.vt, &mut xv, rows, rank, n, false);
         let norm = 1.0 / (rank as f32).sqrt();
         for row in xv.chunks_mut(rank) {
             for (v, ck) in row.iter_mut().zip(&c) {
                 *v *= ck * norm;
             }
         }
-        let mut side = b.alloc(rows, m, Tag::Scratch)?;
-        b.matmul_slices(&xv, &fac.u, &mut side.data, rows, m, rank);
-        for (o, s) in out.data.iter_mut().zip(&side.data) {
-            *o += s;
-        }
+        b.matmul_slices_f32(&xv, &fac.u, &mut out.data, rows, m, rank, true);
         Ok(())
     }
 }

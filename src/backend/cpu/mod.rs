@@ -144,6 +144,29 @@ impl CpuBackend {
         if self.matmul == Matmul::Bf16 {
             return self.matmul_bf16(x, w, out, m, n, k);
         }
+        self.matmul_slices_f32(x, w, out, m, n, k, false)
+    }
+
+    /// out[m, n] = x[m, k] · w[n, k]^T, or out += that product when `accumulate`, in f32
+    /// whatever the matmul mode: for thin products (a low-rank side term, k or n = rank)
+    /// where converting to bf16 pairs and packing cost more than the product itself.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_slices_f32(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        out: &mut [f32],
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    ) {
+        assert_eq!(x.len(), m * k);
+        assert_eq!(w.len(), n * k);
+        assert_eq!(out.len(), m * n);
+        if m == 0 || n == 0 {
+            return;
+        }
         // SAFETY: the strides describe exactly the asserted slice sizes.
         unsafe {
             gemm::gemm(
@@ -153,14 +176,14 @@ impl CpuBackend {
                 out.as_mut_ptr(),
                 1,
                 n as isize,
-                false,
+                accumulate,
                 x.as_ptr(),
                 1,
                 k as isize,
                 w.as_ptr(),
                 k as isize,
                 1,
-                0.0f32,
+                if accumulate { 1.0f32 } else { 0.0f32 },
                 1.0f32,
                 false,
                 false,
@@ -424,9 +447,9 @@ pub fn gather_rows(a: &CpuAct, rows: &[usize]) -> Result<Vec<f32>> {
 }
 
 wide! {
-    /// log-sum-exp of a row: exponentials in f32 against the row's maximum, summed in f64.
-    /// Both reductions run over 16 partial lanes so they vectorize.
-    pub fn logsumexp(row: &[f32]) -> f32 {
+    /// A row's maximum m and the sum of exp(x - m) over it: exponentials in f32, summed in
+    /// f64. Both reductions run over 16 partial lanes so they vectorize.
+    pub fn max_sum_exp(row: &[f32]) -> (f32, f64) {
         let m = max_lanes(row);
         let chunks = row.chunks_exact(LANES);
         let tail = chunks.remainder();
@@ -438,8 +461,14 @@ wide! {
         }
         let s: f64 =
             acc.iter().sum::<f64>() + tail.iter().map(|&v| math::exp(v - m) as f64).sum::<f64>();
-        m + s.ln() as f32
+        (m, s)
     }
+}
+
+/// log-sum-exp of a row.
+pub fn logsumexp(row: &[f32]) -> f32 {
+    let (m, s) = max_sum_exp(row);
+    m + s.ln() as f32
 }
 
 impl Backend for CpuBackend {
