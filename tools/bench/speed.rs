@@ -98,8 +98,8 @@ fn main() -> anyhow::Result<()> {
             // figure; both are reported.
             let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
             let (step_min, fwd_min) = (min(&steps), min(&fwds));
-            // Each step over the forward timed right after it: the two share the machine's
-            // state of the moment, so this ratio is the steadiest of the three.
+            // Each step over the forward timed right after it, so that the two share the
+            // machine's state of the moment.
             let paired = median(steps.iter().zip(&fwds).map(|(s, f)| s / f).collect());
             let fwd_s = median(fwds);
             let step_peak = weight_bytes + mem.report().total_peak + opt.method.state_bytes();

@@ -135,16 +135,12 @@ impl CpuBackend {
         n: usize,
         k: usize,
     ) {
-        assert_eq!(x.len(), m * k);
-        assert_eq!(w.len(), n * k);
-        assert_eq!(out.len(), m * n);
-        if m == 0 || n == 0 {
-            return;
+        if self.matmul != Matmul::Bf16 {
+            return self.matmul_slices_f32(x, w, out, m, n, k, false);
         }
-        if self.matmul == Matmul::Bf16 {
-            return self.matmul_bf16(x, w, out, m, n, k);
+        if nonempty_product(x, w, out, m, n, k) {
+            self.matmul_bf16(x, w, out, m, n, k);
         }
-        self.matmul_slices_f32(x, w, out, m, n, k, false)
     }
 
     /// out[m, n] = x[m, k] · w[n, k]^T, or out += that product when `accumulate`, in f32
@@ -161,10 +157,7 @@ impl CpuBackend {
         k: usize,
         accumulate: bool,
     ) {
-        assert_eq!(x.len(), m * k);
-        assert_eq!(w.len(), n * k);
-        assert_eq!(out.len(), m * n);
-        if m == 0 || n == 0 {
+        if !nonempty_product(x, w, out, m, n, k) {
             return;
         }
         // SAFETY: the strides describe exactly the asserted slice sizes.
@@ -192,6 +185,15 @@ impl CpuBackend {
             );
         }
     }
+}
+
+/// Checks that the slices of out[m, n] = x[m, k] · w[n, k]^T have their shapes' lengths, and
+/// says whether there is anything to compute.
+fn nonempty_product(x: &[f32], w: &[f32], out: &[f32], m: usize, n: usize, k: usize) -> bool {
+    assert_eq!(x.len(), m * k);
+    assert_eq!(w.len(), n * k);
+    assert_eq!(out.len(), m * n);
+    m > 0 && n > 0
 }
 
 impl CpuBackend {
