@@ -81,6 +81,36 @@ __device__ __forceinline__ void zo_pass(T* w, uint64_t n, PhiloxKey key, float o
   });
 }
 
+// The fused perturbation (src/backend/cuda/fused.rs): dst[i] = w0 + to z(start + i) with
+// w0 = src[i], rounded to T: the bits that an in-place Move pass from offset 0 leaves at element
+// start + i of the tensor, written to a copy instead (a whole tensor, or a block of its rows).
+template <typename T>
+__device__ __forceinline__ void zo_perturbed_copy(const T* src, T* dst, uint64_t n, uint64_t start,
+                                                  PhiloxKey key, int sparse, float h, float to) {
+  philox_for_each_normal(key, start, n, zo_thread(), zo_threads(), [&](uint64_t i, float z) {
+    float w0, zr;
+    zo_unperturb(to_f32(src[i]), z, 0.0f, sparse != 0, h, &w0, &zr);
+    store_f32(dst + i, zo_rule(ZF_RULE_MOVE, w0, zr, to, 0.0f, 0.0f));
+  });
+}
+
+// The same for the embedding rows a forward gathers: row r of `rows` (f32, d wide) holds
+// table row ids[r] (stored as T) and becomes that row of the perturbed table, rounded to T and
+// widened back. One block per row.
+template <typename T>
+__device__ __forceinline__ void zo_perturb_gathered(float* rows, const uint32_t* ids, int d,
+                                                    PhiloxKey key, int sparse, float h, float to) {
+  float* row = rows + (size_t)blockIdx.x * d;
+  const uint64_t start = (uint64_t)ids[blockIdx.x] * d;
+  philox_for_each_normal(key, start, d, threadIdx.x, blockDim.x, [&](uint64_t c, float z) {
+    float w0, zr;
+    zo_unperturb(row[c], z, 0.0f, sparse != 0, h, &w0, &zr);
+    T v;
+    store_f32(&v, zo_rule(ZF_RULE_MOVE, w0, zr, to, 0.0f, 0.0f));
+    row[c] = to_f32(v);
+  });
+}
+
 // Dense or sparse z with Adam; m and v are f32 per element.
 template <typename T>
 __device__ __forceinline__ void zo_adam_pass(T* w, float* m, float* v, uint64_t n, PhiloxKey key,
@@ -178,6 +208,44 @@ extern "C" __global__ void zo_pass_bf16(bf16* w, uint64_t n, uint32_t k0, uint32
                                         uint32_t step, uint32_t tensor, float offset, int sparse,
                                         float threshold, int rule, float p0, float p1, float p2) {
   zo_pass(w, n, PhiloxKey{k0, k1, step, tensor}, offset, sparse, threshold, rule, p0, p1, p2);
+}
+
+extern "C" __global__ void zo_perturbed_copy_f32(const float* src, float* dst, uint64_t n,
+                                               uint64_t start, uint32_t k0, uint32_t k1,
+                                               uint32_t step, uint32_t tensor, int sparse,
+                                               float threshold, float to) {
+  zo_perturbed_copy(src, dst, n, start, PhiloxKey{k0, k1, step, tensor}, sparse, threshold, to);
+}
+
+extern "C" __global__ void zo_perturbed_copy_bf16(const bf16* src, bf16* dst, uint64_t n,
+                                                uint64_t start, uint32_t k0, uint32_t k1,
+                                                uint32_t step, uint32_t tensor, int sparse,
+                                                float threshold, float to) {
+  zo_perturbed_copy(src, dst, n, start, PhiloxKey{k0, k1, step, tensor}, sparse, threshold, to);
+}
+
+extern "C" __global__ void zo_perturb_gathered_f32(float* rows, const uint32_t* ids, int d,
+                                                 uint32_t k0, uint32_t k1, uint32_t step,
+                                                 uint32_t tensor, int sparse, float threshold,
+                                                 float to) {
+  zo_perturb_gathered<float>(rows, ids, d, PhiloxKey{k0, k1, step, tensor}, sparse, threshold,
+                             to);
+}
+
+extern "C" __global__ void zo_perturb_gathered_bf16(float* rows, const uint32_t* ids, int d,
+                                                  uint32_t k0, uint32_t k1, uint32_t step,
+                                                  uint32_t tensor, int sparse, float threshold,
+                                                  float to) {
+  zo_perturb_gathered<bf16>(rows, ids, d, PhiloxKey{k0, k1, step, tensor}, sparse, threshold, to);
+}
+
+// x[i] = (x[i] coef[i % cols]) norm over a row-major [rows x cols] f32 matrix: the scaled U of a
+// low-rank side product, multiplied in the order of the low-rank kernel's uc.
+extern "C" __global__ void scale_cols_f32(float* x, uint64_t n, int cols, const float* coef,
+                                          float norm) {
+  for (uint64_t i = zo_thread(); i < n; i += zo_threads()) {
+    x[i] = __fmul_rn(__fmul_rn(x[i], coef[i % (uint64_t)cols]), norm);
+  }
 }
 
 extern "C" __global__ void zo_adam_pass_f32(float* w, float* m, float* v, uint64_t n, uint32_t k0,

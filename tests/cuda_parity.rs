@@ -8,13 +8,14 @@
 use half::bf16;
 use zoft::backend::cpu::CpuBackend;
 use zoft::backend::cuda::{
-    cuda_available, kernels_embedded, CudaAct, CudaBackend, CudaWeight, PhiloxKey,
+    cuda_available, kernels_embedded, CudaAct, CudaBackend, CudaFusedHook, CudaWeight, PhiloxKey,
 };
 use zoft::backend::mem::Tag;
 use zoft::backend::{AttnShape, Backend, NoHook, SeqLayout};
 use zoft::model::{DType, HostTensor, Llama, LlamaConfig, LlamaWeights};
 use zoft::rng::{philox4x32_10, Philox};
 use zoft::zo::direction::StepKey;
+use zoft::zo::hook::FusedHook;
 use zoft::zo::passes::{AdamArgs, Rule, ZSpec, ZoBackend};
 use zoft::zo::{Method, Perturb, ZoConfig, ZoOptimizer};
 
@@ -695,21 +696,7 @@ fn whole_model_parity() {
             let dev_w = g.upload_weights(&host_w, dtype).unwrap();
             let cpu = Llama::new(cfg.clone(), host_w, CpuBackend::new());
             let gm = Llama::new(cfg.clone(), dev_w, g.clone());
-            let (b, t) = (3, 21);
-            let lens = [21, 9, 1];
-            let layout = SeqLayout::full(b, t, &lens);
-            let ids: Vec<u32> = (0..b * t)
-                .map(|i| ((i * 131 + 7) % cfg.vocab_size) as u32)
-                .collect();
-            let targets: Vec<i32> = (0..b * t)
-                .map(|r| {
-                    if r % t + 1 >= lens[r / t] {
-                        -1
-                    } else {
-                        ids[r + 1] as i32
-                    }
-                })
-                .collect();
+            let (ids, layout, targets) = lm_batch(&cfg);
             let what = format!("model tied={tied} {dtype:?}");
             let want = cpu
                 .target_logprobs(&ids, &layout, &targets, &mut NoHook)
@@ -718,7 +705,7 @@ fn whole_model_parity() {
                 .target_logprobs(&ids, &layout, &targets, &mut NoHook)
                 .unwrap();
             assert_close(&format!("{what} target_logprobs"), &got, &want, tol);
-            let rows: Vec<usize> = (0..b * t).collect();
+            let rows: Vec<usize> = (0..layout.rows()).collect();
             let want = cpu.logits_at(&ids, &layout, &rows, &mut NoHook).unwrap();
             let got = gm.logits_at(&ids, &layout, &rows, &mut NoHook).unwrap();
             assert_close(&format!("{what} logits"), &got, &want, tol);
@@ -1084,14 +1071,196 @@ fn zo_optimizer_steps_bit_identical() {
                 let what = format!("{} {dtype:?} after 3 steps: {}", method.name(), c.name);
                 assert_same_bits(&what, &g, w, c);
             }
+            // Fused steps write the weights only in the update (offset 0); TeZO's update stays
+            // virtual until it is materialized.
             let fused = ZoConfig {
                 perturb: Perturb::Fused,
                 weight_decay: 0.0,
                 ..zc
             };
-            let mut fo = ZoOptimizer::new(fused, &gm).unwrap();
-            let err = fo.step(&mut gm, 0, &mut |_, _| Ok(1.0)).unwrap_err();
-            assert!(err.to_string().contains("--perturb inplace"), "{err}");
+            let mut fc = ZoOptimizer::new(fused.clone(), &cm).unwrap();
+            let mut fg = ZoOptimizer::new(fused, &gm).unwrap();
+            for s in 3..5u64 {
+                let losses = [2.0, 2.0 + 0.25 * s as f32];
+                let (mut i, mut j) = (0usize, 0usize);
+                let rc = fc
+                    .step(&mut cm, s, &mut |_, _| {
+                        i += 1;
+                        Ok(losses[i - 1])
+                    })
+                    .unwrap();
+                let rg = fg
+                    .step(&mut gm, s, &mut |_, _| {
+                        j += 1;
+                        Ok(losses[j - 1])
+                    })
+                    .unwrap();
+                assert_eq!(rc.projected_grad.to_bits(), rg.projected_grad.to_bits());
+            }
+            fc.materialize(&mut cm).unwrap();
+            fg.materialize(&mut gm).unwrap();
+            for (c, w) in cm.weights.tensors().iter().zip(gm.weights.tensors()) {
+                let what = format!("{} {dtype:?} after fused steps: {}", method.name(), c.name);
+                assert_same_bits(&what, &g, w, c);
+            }
+        }
+    }
+}
+
+/// Token ids, a layout with padding and next-token targets for a tiny model.
+fn lm_batch(cfg: &LlamaConfig) -> (Vec<u32>, SeqLayout, Vec<i32>) {
+    let (b, t) = (3, 21);
+    let lens = [21, 9, 1];
+    let layout = SeqLayout::full(b, t, &lens);
+    let ids: Vec<u32> = (0..b * t)
+        .map(|i| ((i * 131 + 7) % cfg.vocab_size) as u32)
+        .collect();
+    let targets: Vec<i32> = (0..b * t)
+        .map(|r| {
+            if r % t + 1 >= lens[r / t] {
+                -1
+            } else {
+                ids[r + 1] as i32
+            }
+        })
+        .collect();
+    (ids, layout, targets)
+}
+
+#[test]
+fn zo_fused_forward_parity() {
+    // The CUDA fused hook against (1) the CPU fused hook on the same bits and (2) a GPU forward
+    // over in-place perturbed weights, after one step so that TeZO carries a virtual update.
+    // The head runs in blocks of 64 of the 300 vocabulary rows, the last one short.
+    let Some(g) = gpu() else { return };
+    for tied in [false, true] {
+        let cfg = tiny_config(tied);
+        let (ids, layout, targets) = lm_batch(&cfg);
+        let rows = [0usize, 4, 5, 22, 43];
+        for (dtype, tol) in [(DType::F32, F32_TOL), (DType::BF16, BF16_TOL)] {
+            for (mi, method) in [Method::Mezo, Method::SparseMezo, Method::Tezo]
+                .into_iter()
+                .enumerate()
+            {
+                let what = format!("{} tied={tied} {dtype:?}", method.name());
+                let dev_w = g.random_weights(&cfg, 40 + mi as u64, dtype).unwrap();
+                let host_w = dev_w.try_map(|_, w| g.weight_to_host_tensor(w)).unwrap();
+                let mut cm = Llama::new(cfg.clone(), host_w, CpuBackend::new());
+                let mut gm = Llama::new(cfg.clone(), dev_w, g.clone());
+                let zc = |perturb| ZoConfig {
+                    method,
+                    perturb,
+                    lr: 1e-2,
+                    sparsity: 0.5,
+                    seed: 90 + mi as u64,
+                    ..Default::default()
+                };
+                let mut co = ZoOptimizer::new(zc(Perturb::Fused), &cm).unwrap();
+                let mut go = ZoOptimizer::new(zc(Perturb::Fused), &gm).unwrap();
+                let losses = [3.0f32, 2.5];
+                let (mut i, mut j) = (0usize, 0usize);
+                co.step(&mut cm, 0, &mut |_, _| {
+                    i += 1;
+                    Ok(losses[i - 1])
+                })
+                .unwrap();
+                go.step(&mut gm, 0, &mut |_, _| {
+                    j += 1;
+                    Ok(losses[j - 1])
+                })
+                .unwrap();
+
+                let (key, eps) = (go.key(1), 5e-2);
+                let mut gh = CudaFusedHook::new(&go, key, eps).with_head_block_rows(64);
+                let fused = gm
+                    .target_logprobs(&ids, &layout, &targets, &mut gh)
+                    .unwrap();
+                let fused_logits = gm.logits_at(&ids, &layout, &rows, &mut gh).unwrap();
+                drop(gh);
+                let mut ch = FusedHook::new(&co, key, eps, &cm.backend).with_head_block_rows(64);
+                let cpu = cm
+                    .target_logprobs(&ids, &layout, &targets, &mut ch)
+                    .unwrap();
+                let cpu_logits = cm.logits_at(&ids, &layout, &rows, &mut ch).unwrap();
+                drop(ch);
+                assert_close(&format!("{what} fused logprobs vs CPU"), &fused, &cpu, tol);
+                assert_close(
+                    &format!("{what} fused logits vs CPU"),
+                    &fused_logits,
+                    &cpu_logits,
+                    tol,
+                );
+
+                let plain = gm
+                    .target_logprobs(&ids, &layout, &targets, &mut *go.eval_hook(&gm).unwrap())
+                    .unwrap();
+                let moved = rel(&fused, &plain);
+                assert!(
+                    moved > 1e-4,
+                    "{what}: the perturbation changed logprobs by {moved:.2e}"
+                );
+
+                // The same perturbation in place: write TeZO's virtual update first, then move.
+                go.materialize(&mut gm).unwrap();
+                go.perturb_all(&mut gm, key, 0.0, eps).unwrap();
+                let inplace = gm
+                    .target_logprobs(&ids, &layout, &targets, &mut NoHook)
+                    .unwrap();
+                let inplace_logits = gm.logits_at(&ids, &layout, &rows, &mut NoHook).unwrap();
+                // Element-wise z gives the fused copies the in-place bits; low-rank z is added
+                // in f32 beside a GEMM on the stored weights, which in-place rounds to bf16.
+                let same = if method == Method::Tezo { tol } else { F32_TOL };
+                assert_close(&format!("{what} fused vs in place"), &fused, &inplace, same);
+                assert_close(
+                    &format!("{what} fused vs in place logits"),
+                    &fused_logits,
+                    &inplace_logits,
+                    same,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn zo_fused_step_with_zero_lr_leaves_the_weights_alone() {
+    let Some(g) = gpu() else { return };
+    let cfg = tiny_config(true);
+    let (ids, layout, targets) = lm_batch(&cfg);
+    for dtype in [DType::F32, DType::BF16] {
+        for method in [Method::Mezo, Method::SparseMezo, Method::Tezo] {
+            let dev_w = g.random_weights(&cfg, 50, dtype).unwrap();
+            let before = dev_w.try_map(|_, w| g.weight_to_host_tensor(w)).unwrap();
+            let mut gm = Llama::new(cfg.clone(), dev_w, g.clone());
+            let zc = ZoConfig {
+                method,
+                perturb: Perturb::Fused,
+                lr: 0.0,
+                eps: 1e-2,
+                sparsity: 0.5,
+                ..Default::default()
+            };
+            let mut go = ZoOptimizer::new(zc, &gm).unwrap();
+            g.mem().reset_peaks();
+            let mut losses = vec![];
+            for s in 0..2u64 {
+                let r = go
+                    .step(&mut gm, s, &mut |m, hook| {
+                        let lp = m.target_logprobs(&ids, &layout, &targets, hook)?;
+                        Ok(-lp.iter().sum::<f32>() / lp.len() as f32)
+                    })
+                    .unwrap();
+                losses.push((r.loss_plus, r.loss_minus));
+            }
+            go.materialize(&mut gm).unwrap();
+            let what = format!("{} {dtype:?} fused, lr 0", method.name());
+            for (w, b) in gm.weights.tensors().iter().zip(before.tensors()) {
+                assert_same_bits(&format!("{what}: {}", b.name), &g, w, b);
+            }
+            assert!(
+                losses.iter().all(|(a, b)| a != b),
+                "{what}: the perturbation did not show in the losses {losses:?}"
+            );
         }
     }
 }

@@ -4,10 +4,10 @@
 //!
 //! Measures: device-to-device copy bandwidth (bytes read + written), the bf16 GEMM rate at
 //! 8192^3, each elementwise / norm kernel's bandwidth as a fraction of copy, attention time,
-//! the LM head + loss, and the forward of a LLaMA-7B-shaped random model at 16 x 512 in model
-//! TFLOP/s as a fraction of the GEMM rate, then one in-place ZO step of each memory-lean method
-//! on that model as a multiple of the forward's time and peak memory. `--quick` shrinks every
-//! shape (a smoke run).
+//! then for random models of two shapes (LLaMA-7B at 16 x 512, SmolLM2-135M at 16 x 64): the
+//! forward in model TFLOP/s as a fraction of the GEMM rate, the LM head + loss, and one ZO step
+//! of each memory-lean method in each perturb mode as a multiple of the forward's time and
+//! peak memory. `--quick` shrinks every shape (a smoke run).
 
 use anyhow::Result;
 use serde_json::json;
@@ -192,17 +192,55 @@ fn main() -> Result<()> {
         json!({"bench": "attention", "batch": batch, "seq": seq, "heads": shape.n_heads,
         "head_dim": shape.head_dim, "ms": ms, "TFLOP_per_s": att_flops / (ms * 1e-3) / 1e12}),
     );
-    drop((q, k, v, ao));
+    drop((q, k, v, ao, layout));
 
-    // The forward of a LLaMA-7B-shaped random model (bf16 weights), loss over every position.
-    let cfg = if quick {
-        let mut c = cfg.clone();
-        c.num_hidden_layers = 2;
-        c
-    } else {
-        cfg
-    };
-    let weights = g.random_weights(&cfg, 42, DType::BF16)?;
+    // The models: a LLaMA-7B shape at the attention benchmark's batch, then the default model's
+    // shape (SmolLM2-135M) at the CPU benchmark's 16 x 64, where launches dominate.
+    let mut cfg = llama7b();
+    if quick {
+        cfg.num_hidden_layers = 2;
+    }
+    model_rows(&g, "llama-7b", &cfg, batch, seq, quick, gemm_tflops)?;
+    let mut small = smollm2_135m();
+    if quick {
+        small.num_hidden_layers = 2;
+    }
+    model_rows(&g, "smollm2-135m", &small, 16, 64, quick, gemm_tflops)?;
+    Ok(())
+}
+
+fn smollm2_135m() -> LlamaConfig {
+    serde_json::from_value(json!({
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0,
+        "tie_word_embeddings": true
+    }))
+    .expect("a valid config")
+}
+
+/// The forward of a random model of `cfg`'s shape (bf16 weights) at batch x seq, loss over
+/// every position, as model TFLOP/s and a fraction of the GEMM rate; the LM head and loss
+/// alone; then one ZO step of each memory-lean method in both perturb modes, as multiples of
+/// the forward's time and peak memory.
+fn model_rows(
+    g: &CudaBackend,
+    shape_name: &str,
+    cfg: &LlamaConfig,
+    batch: usize,
+    seq: usize,
+    quick: bool,
+    gemm_tflops: f64,
+) -> Result<()> {
+    let rows = batch * seq;
+    let layout = SeqLayout::full(batch, seq, &vec![seq; batch]);
+    let weights = g.random_weights(cfg, 42, DType::BF16)?;
     let model = Llama::new(cfg.clone(), weights, g.clone());
     let ids: Vec<u32> = (0..rows as u64)
         .map(|i| ((i * 2_654_435_761) % cfg.vocab_size as u64) as u32)
@@ -218,7 +256,7 @@ fn main() -> Result<()> {
         .collect();
     g.mem().reset_peaks();
     let fwd_iters = if quick { 2 } else { 5 };
-    let ms = time(&g, fwd_iters, || {
+    let ms = time(g, fwd_iters, || {
         model
             .target_logprobs(&ids, &layout, &targets, &mut NoHook)
             .map(|_| ())
@@ -228,57 +266,68 @@ fn main() -> Result<()> {
     let per_layer =
         2.0 * dd * (cfg.q_dim() + cfg.kv_dim()) as f64 + 3.0 * dd * cfg.intermediate_size as f64;
     let tokens = rows as f64;
+    let att_flops = 4.0
+        * (batch * cfg.num_attention_heads * cfg.head_dim()) as f64
+        * (seq * (seq + 1) / 2) as f64;
     let flops = 2.0 * tokens * (l * per_layer + cfg.vocab_size as f64 * dd) + l * att_flops;
     let tflops = flops / (ms * 1e-3) / 1e12;
     emit(
-        json!({"bench": "forward_llama7b_shape", "batch": batch, "seq": seq, "layers": cfg.num_hidden_layers,
-        "ms": ms, "model_TFLOP_per_s": tflops, "fraction_of_gemm": tflops / gemm_tflops,
-        "peak_bytes": g.mem().report().total_peak}),
+        json!({"bench": "forward", "shape": shape_name, "batch": batch, "seq": seq,
+        "layers": cfg.num_hidden_layers, "ms": ms, "model_TFLOP_per_s": tflops,
+        "fraction_of_gemm": tflops / gemm_tflops, "peak_bytes": fwd_peak}),
     );
-    let lm_rows = rows;
-    let h = act(lm_rows, cfg.hidden_size, 21)?;
-    let ms = time(&g, 3, || {
+    let mut h = g.alloc(rows, cfg.hidden_size, Tag::Activations)?;
+    g.fill_act_normal(&mut h, key(21), 1.0)?;
+    let ms = time(g, 3, || {
         g.target_logprobs(&h, model.weights.lm_head(), &targets)
             .map(|_| ())
     })?;
     emit(
-        json!({"bench": "lm_head_loss", "rows": lm_rows, "vocab": cfg.vocab_size, "ms": ms,
+        json!({"bench": "lm_head_loss", "shape": shape_name, "rows": rows,
+        "vocab": cfg.vocab_size, "ms": ms,
         "TFLOP_per_s": 2.0 * tokens * cfg.vocab_size as f64 * dd / (ms * 1e-3) / 1e12}),
     );
+    drop(h);
 
-    // ZO steps: two forwards plus three passes over the weights (+eps z, -2 eps z, restore and
-    // update). The floor is 2.0x the forward; the memory goal is the forward's peak.
+    // ZO steps. In place: two forwards plus three passes over the weights (+eps z, -2 eps z,
+    // restore and update). Fused: two forwards whose linears perturb a copy of their weight (or
+    // add a low-rank side product), plus the update pass. The floor is 2.0x the forward; the
+    // memory goal is the forward's peak.
     let mut model = model;
-    for method in [
-        Method::Mezo,
-        Method::SparseMezo,
-        Method::Tezo,
-        Method::TezoAdam,
-    ] {
-        let zc = ZoConfig {
-            method,
-            perturb: Perturb::Inplace,
-            lr: 1e-6,
-            ..Default::default()
-        };
-        let mut opt = ZoOptimizer::new(zc, &model)?;
-        g.mem().reset_peaks();
-        let mut step = 0u64;
-        let ms = time(&g, fwd_iters, || {
-            let r = opt.step(&mut model, step, &mut |m, hook| {
-                let lp = m.target_logprobs(&ids, &layout, &targets, hook)?;
-                Ok(-lp.iter().sum::<f32>() / lp.len() as f32)
-            });
-            step += 1;
-            r.map(|_| ())
-        })?;
-        // Device moments are in the tracked peak already (optimizer tag).
-        let peak = g.mem().report().total_peak;
-        emit(
-            json!({"bench": "zo_step", "method": method.name(), "ms": ms,
-            "step_over_forward": ms / fwd_ms, "peak_over_forward": peak as f64 / fwd_peak as f64,
-            "optimizer_state_bytes": opt.method.state_bytes()}),
-        );
+    for perturb in [Perturb::Inplace, Perturb::Fused] {
+        for method in [
+            Method::Mezo,
+            Method::SparseMezo,
+            Method::Tezo,
+            Method::TezoAdam,
+        ] {
+            let zc = ZoConfig {
+                method,
+                perturb,
+                lr: 1e-6,
+                ..Default::default()
+            };
+            let mut opt = ZoOptimizer::new(zc, &model)?;
+            g.mem().reset_peaks();
+            let mut step = 0u64;
+            let ms = time(g, fwd_iters, || {
+                let r = opt.step(&mut model, step, &mut |m, hook| {
+                    let lp = m.target_logprobs(&ids, &layout, &targets, hook)?;
+                    Ok(-lp.iter().sum::<f32>() / lp.len() as f32)
+                });
+                step += 1;
+                r.map(|_| ())
+            })?;
+            // Device moments are in the tracked peak already (optimizer tag).
+            let peak = g.mem().report().total_peak;
+            emit(
+                json!({"bench": "zo_step", "shape": shape_name, "batch": batch, "seq": seq,
+                "method": method.name(), "perturb": format!("{perturb:?}").to_lowercase(),
+                "ms": ms, "step_over_forward": ms / fwd_ms,
+                "peak_over_forward": peak as f64 / fwd_peak as f64,
+                "optimizer_state_bytes": opt.method.state_bytes()}),
+            );
+        }
     }
     Ok(())
 }

@@ -7,8 +7,8 @@
 //! rows it gathers, and the LM head is perturbed and applied a block of vocabulary rows at a
 //! time.
 
-use super::direction::{is_matrix, Direction, Factors, StepKey, TensorZ};
-use super::passes::{Rule, ZSpec};
+use super::direction::{Direction, Factors, StepKey, TensorZ};
+use super::passes::{Rule, ZSpec, ZoBackend};
 use super::{elem_spec, ZoOptimizer};
 use crate::backend::cpu::{
     gather_rows, max_sum_exp, target_rows, CpuAct, CpuBackend, LOGIT_CHUNK_ROWS,
@@ -25,11 +25,50 @@ pub const HEAD_BLOCK_ROWS: usize = 4096;
 /// Elements per parallel work item of a perturbed copy.
 const COPY_CHUNK: usize = 1 << 14;
 
-pub struct FusedHook<'a> {
-    opt: &'a ZoOptimizer,
-    key: StepKey,
+/// What a fused forward adds to each parameter, whatever the device: the optimizer's direction
+/// and virtual update, the step's keys and the signed perturbation size.
+pub struct FusedView<'a, B: ZoBackend> {
+    opt: &'a ZoOptimizer<B>,
+    pub key: StepKey,
     /// The signed perturbation size (+eps, -eps, or 0 for evaluation).
-    scale: f32,
+    pub scale: f32,
+}
+
+impl<'a, B: ZoBackend + 'static> FusedView<'a, B> {
+    pub fn new(opt: &'a ZoOptimizer<B>, key: StepKey, scale: f32) -> Self {
+        FusedView { opt, key, scale }
+    }
+
+    /// The rank of the direction of a parameter of `shape`, if it is low-rank.
+    pub fn low_rank(&self, shape: &[usize]) -> Option<usize> {
+        match self.opt.method.direction() {
+            Direction::LowRank { rank } if shape.len() == 2 => Some(*rank),
+            _ => None,
+        }
+    }
+
+    /// The low-rank coefficients seen by this forward: the virtual update plus scale * tau.
+    pub fn coefficients(&self, id: ParamId, rank: usize) -> Vec<f32> {
+        let tau = Factors::tau(self.key, id, rank);
+        let virt = self.opt.method.virtual_coefficients(id);
+        (0..rank)
+            .map(|k| virt.map_or(0.0, |v| v[k]) + self.scale * tau[k])
+            .collect()
+    }
+
+    /// Whether parameter `id` differs from the stored weights in this forward.
+    pub fn moves(&self, id: ParamId) -> bool {
+        self.scale != 0.0 || self.opt.method.virtual_coefficients(id).is_some()
+    }
+
+    /// How the element-wise (dense or sparse) z of parameter `id` is drawn.
+    pub fn elem_z(&self, id: ParamId) -> ZSpec<'static> {
+        elem_spec(self.opt.method.direction(), id)
+    }
+}
+
+pub struct FusedHook<'a> {
+    view: FusedView<'a, CpuBackend>,
     /// The perturbed copy of parameter `scratch_of` (or of an LM head block), in one buffer
     /// that every tensor of the forward reuses.
     scratch: HostTensor,
@@ -43,9 +82,7 @@ pub struct FusedHook<'a> {
 impl<'a> FusedHook<'a> {
     pub fn new(opt: &'a ZoOptimizer, key: StepKey, scale: f32, backend: &CpuBackend) -> Self {
         FusedHook {
-            opt,
-            key,
-            scale,
+            view: FusedView::new(opt, key, scale),
             scratch: HostTensor::from_f32("fused scratch", vec![0], &[]),
             scratch_of: None,
             scratch_bytes: 0,
@@ -61,40 +98,17 @@ impl<'a> FusedHook<'a> {
         self
     }
 
-    fn low_rank(&self, w: &HostTensor) -> Option<usize> {
-        match self.opt.method.direction() {
-            Direction::LowRank { rank } if is_matrix(w) => Some(*rank),
-            _ => None,
-        }
-    }
-
-    /// The low-rank coefficients seen by this forward: the virtual update plus scale * tau.
-    fn coefficients(&self, id: ParamId, rank: usize) -> Vec<f32> {
-        let tau = Factors::tau(self.key, id, rank);
-        let virt = self.opt.method.virtual_coefficients(id);
-        (0..rank)
-            .map(|k| virt.map_or(0.0, |v| v[k]) + self.scale * tau[k])
-            .collect()
-    }
-
-    /// Whether parameter `id` differs from the stored weights in this forward.
-    fn moves(&self, id: ParamId) -> bool {
-        self.scale != 0.0 || self.opt.method.virtual_coefficients(id).is_some()
-    }
-
     /// What this forward adds to parameter `id`: multiple `s` of the returned z. Low-rank z
     /// carries its multiple in its coefficients (virtual update included), so s = 1 there.
     fn perturbation(&self, w: &HostTensor, id: ParamId) -> Result<(TensorZ, f32)> {
-        match self.low_rank(w) {
+        let v = &self.view;
+        match v.low_rank(&w.shape) {
             Some(rank) => {
-                let coef = self.coefficients(id, rank);
+                let coef = v.coefficients(id, rank);
                 let z = ZSpec::LowRank { coef: &coef };
-                Ok((TensorZ::from_spec(w, id, self.key, z)?, 1.0))
+                Ok((TensorZ::from_spec(w, id, v.key, z)?, 1.0))
             }
-            None => {
-                let z = elem_spec(self.opt.method.direction(), id);
-                Ok((TensorZ::from_spec(w, id, self.key, z)?, self.scale))
-            }
+            None => Ok((TensorZ::from_spec(w, id, v.key, v.elem_z(id))?, v.scale)),
         }
     }
 
@@ -141,11 +155,11 @@ fn perturbed_copy(t: &HostTensor, tz: &TensorZ, s: f32, start: usize, out: &mut 
 /// A row's log-sum-exp over the vocabulary, gathered a block of columns at a time, and the
 /// logit of its target once the block holding it has passed.
 #[derive(Clone, Copy)]
-struct RunningLogSumExp {
-    max: f32,
+pub(crate) struct RunningLogSumExp {
+    pub(crate) max: f32,
     /// The sum of exp(logit - max) so far.
-    sum: f64,
-    target: f32,
+    pub(crate) sum: f64,
+    pub(crate) target: f32,
 }
 
 impl RunningLogSumExp {
@@ -169,7 +183,7 @@ impl RunningLogSumExp {
         }
     }
 
-    fn logprob(&self) -> f32 {
+    pub(crate) fn logprob(&self) -> f32 {
         self.target - (self.max + self.sum.ln() as f32)
     }
 }
@@ -187,7 +201,7 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
         w: &'b HostTensor,
         id: ParamId,
     ) -> Result<&'b HostTensor> {
-        if !self.moves(id) {
+        if !self.view.moves(id) {
             return Ok(w);
         }
         if self.scratch_of != Some(id) {
@@ -208,7 +222,7 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
         out: &mut CpuAct,
     ) -> Result<()> {
         b.embed(table, ids, out)?;
-        if !self.moves(id) {
+        if !self.view.moves(id) {
             return Ok(());
         }
         // Only the gathered rows, with the arithmetic of a whole perturbed copy.
@@ -235,7 +249,7 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
         id: ParamId,
         rows: &[usize],
     ) -> Result<Vec<f32>> {
-        if !self.moves(id) {
+        if !self.view.moves(id) {
             return b.logits_rows(hidden, head, rows);
         }
         let (vocab, d) = (head.shape[0], head.shape[1]);
@@ -268,7 +282,7 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
         id: ParamId,
         targets: &[i32],
     ) -> Result<Vec<f32>> {
-        if !self.moves(id) {
+        if !self.view.moves(id) {
             return b.target_logprobs(hidden, head, targets);
         }
         // The vocabulary is the outer loop, so the head is perturbed once per forward; each
@@ -316,18 +330,18 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
         id: ParamId,
         out: &mut CpuAct,
     ) -> Result<()> {
-        let Some(rank) = self.low_rank(w) else {
+        let Some(rank) = self.view.low_rank(&w.shape) else {
             let w = self.param(b, w, id)?;
             return b.matmul(x, w, out);
         };
         b.matmul(x, w, out)?;
         // Beside the GEMM: out += ((x V) diag(c) / sqrt(r)) U^T, never forming U diag(c) V^T.
-        let c = self.coefficients(id, rank);
+        let c = self.view.coefficients(id, rank);
         if c.iter().all(|&v| v == 0.0) {
             return Ok(());
         }
         let (m, n) = (w.shape[0], w.shape[1]);
-        let fac = Factors::generate(self.key.seed, id, m, n, rank);
+        let fac = Factors::generate(self.view.key.seed, id, m, n, rank);
         let rows = x.rows;
         let mut xv = vec![0.0f32; rows * rank];
         b.matmul_slices_f32(&x.data, &fac.vt, &mut xv, rows, rank, n, false);

@@ -37,6 +37,16 @@ pub struct GemmArgs {
 }
 
 pub(crate) fn gemm_xwt(dev: &Device, a: &GemmArgs) -> Result<()> {
+    gemm(dev, a, false)
+}
+
+/// The same product with w stored as [k, n] row-major (out = x w): a column-major [n, k] w,
+/// so cuBLAS takes it untransposed with leading dimension n.
+pub(crate) fn gemm_xw(dev: &Device, a: &GemmArgs) -> Result<()> {
+    gemm(dev, a, true)
+}
+
+fn gemm(dev: &Device, a: &GemmArgs, w_is_k_by_n: bool) -> Result<()> {
     if a.m == 0 || a.n == 0 {
         return Ok(());
     }
@@ -54,13 +64,18 @@ pub(crate) fn gemm_xwt(dev: &Device, a: &GemmArgs) -> Result<()> {
     let out_t = cuda_type(a.out_dtype)?;
     // Plain f32 compute for f32 inputs (no TF32), tensor cores for bf16 inputs.
     let compute = cb::cublasComputeType_t::CUBLAS_COMPUTE_32F;
+    let (w_op, ldw) = if w_is_k_by_n {
+        (cb::cublasOperation_t::CUBLAS_OP_N, n)
+    } else {
+        (cb::cublasOperation_t::CUBLAS_OP_T, k)
+    };
     dev.bind()?;
     // SAFETY: the callers size x, w and out for the dimensions; alpha/beta are host scalars
     // (the handle's default pointer mode).
     unsafe {
         cudarc::cublas::result::gemm_ex(
             *dev.blas.handle(),
-            cb::cublasOperation_t::CUBLAS_OP_T,
+            w_op,
             cb::cublasOperation_t::CUBLAS_OP_N,
             n,
             m,
@@ -68,7 +83,7 @@ pub(crate) fn gemm_xwt(dev: &Device, a: &GemmArgs) -> Result<()> {
             &a.alpha as *const f32 as *const c_void,
             a.w as *const c_void,
             in_t,
-            k,
+            ldw,
             a.x as *const c_void,
             in_t,
             k,

@@ -574,3 +574,122 @@ pub(crate) fn zo_decay(dev: &Device, w: u64, dtype: DType, n: usize, factor: f32
     let args = Args::new().ptr(w).u64(n as u64).f32(factor);
     dev.launch(name, (grid_1d(n as u64), 1, 1), (THREADS, 1, 1), 0, args)
 }
+
+/// dst[i] = w0 + to z(start + i) with w0 = src[i], n elements of `dtype`: the bits an in-place
+/// Move pass from offset 0 leaves at element start + i, written to a copy.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn zo_perturbed_copy(
+    dev: &Device,
+    src: u64,
+    dst: u64,
+    dtype: DType,
+    n: usize,
+    start: u64,
+    key: PhiloxKey,
+    z: ElemZ,
+    to: f32,
+) -> Result<()> {
+    let name = for_storage(
+        "zo_perturbed_copy",
+        dtype,
+        "zo_perturbed_copy_f32",
+        "zo_perturbed_copy_bf16",
+    )?;
+    let args = key_args(Args::new().ptr(src).ptr(dst).u64(n as u64).u64(start), key);
+    let args = z.args(args).f32(to);
+    dev.launch(
+        name,
+        (philox_grid(start, n as u64), 1, 1),
+        (THREADS, 1, 1),
+        0,
+        args,
+    )
+}
+
+/// Row r of `rows_f32` ([n_rows x d], holding table row ids[r] widened from `table_dtype`)
+/// becomes that row of the perturbed table (w0 + to z, rounded to `table_dtype`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn zo_perturb_gathered(
+    dev: &Device,
+    rows_f32: u64,
+    ids: u64,
+    table_dtype: DType,
+    n_rows: usize,
+    d: usize,
+    key: PhiloxKey,
+    z: ElemZ,
+    to: f32,
+) -> Result<()> {
+    let name = for_storage(
+        "zo_perturb_gathered",
+        table_dtype,
+        "zo_perturb_gathered_f32",
+        "zo_perturb_gathered_bf16",
+    )?;
+    let args = key_args(
+        Args::new()
+            .ptr(rows_f32)
+            .ptr(ids)
+            .i32(check_i32("hidden", d)?),
+        key,
+    );
+    let args = z.args(args).f32(to);
+    // Threads cover a row's Philox blocks (d / 4 plus a partial block at each end).
+    let threads = row_threads(d / 4 + 2).min(256);
+    dev.launch(name, (rows_grid(n_rows)?, 1, 1), (threads, 1, 1), 0, args)
+}
+
+/// x[i] = (x[i] coef[i % cols]) norm over n f32 elements (`coef` holds `cols` f32 values).
+pub(crate) fn scale_cols(
+    dev: &Device,
+    x: u64,
+    n: usize,
+    cols: usize,
+    coef: u64,
+    norm: f32,
+) -> Result<()> {
+    let args = Args::new()
+        .ptr(x)
+        .u64(n as u64)
+        .i32(check_i32("cols", cols)?)
+        .ptr(coef)
+        .f32(norm);
+    dev.launch(
+        "scale_cols_f32",
+        (grid_1d(n as u64), 1, 1),
+        (THREADS, 1, 1),
+        0,
+        args,
+    )
+}
+
+/// Merges the logits of vocabulary ids v0 .. v0 + nv of `rows` rows ([rows x nv] f32) into each
+/// row's running maximum (f32), sum of exponentials (f64) and target logit (f32).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn lse_block(
+    dev: &Device,
+    logits: u64,
+    nv: usize,
+    v0: usize,
+    target: u64,
+    run_max: u64,
+    run_sum: u64,
+    run_target: u64,
+    rows: usize,
+) -> Result<()> {
+    let args = Args::new()
+        .ptr(logits)
+        .i32(check_i32("vocabulary block", nv)?)
+        .i32(check_i32("vocabulary offset", v0)?)
+        .ptr(target)
+        .ptr(run_max)
+        .ptr(run_sum)
+        .ptr(run_target);
+    dev.launch(
+        "lse_block_f32",
+        (rows_grid(rows)?, 1, 1),
+        (row_threads(nv).min(1024), 1, 1),
+        0,
+        args,
+    )
+}

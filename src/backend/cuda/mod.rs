@@ -16,6 +16,7 @@
 
 pub mod alloc;
 pub mod context;
+mod fused;
 pub mod gemm;
 pub mod kernels;
 mod weights;
@@ -23,6 +24,7 @@ mod zo;
 
 pub use alloc::DevBuf;
 pub use context::{cuda_available, driver_version, kernels_embedded};
+pub use fused::{CudaFusedHook, CUDA_HEAD_BLOCK_ROWS};
 pub use gemm::GemmArgs;
 pub use kernels::PhiloxKey;
 

@@ -16,7 +16,7 @@ use std::path::Path;
 
 impl CudaBackend {
     /// The low-rank pass: w <- (w - offset z) + to z with z = U diag(coef) V^T / sqrt(r).
-    fn zo_low_rank_move(
+    pub(crate) fn zo_low_rank_move(
         &self,
         w: &mut CudaWeight,
         id: ParamId,
@@ -145,12 +145,12 @@ impl ZoBackend for CudaBackend {
     }
 
     fn fused_hook<'a>(
-        _opt: &'a ZoOptimizer<Self>,
+        opt: &'a ZoOptimizer<Self>,
         _model: &'a Llama<Self>,
-        _key: StepKey,
-        _scale: f32,
+        key: StepKey,
+        scale: f32,
     ) -> Result<Box<dyn LinearHook<Self> + 'a>> {
-        bail!("--perturb fused is not implemented on the CUDA backend in this version; use --perturb inplace")
+        Ok(Box::new(super::fused::CudaFusedHook::new(opt, key, scale)))
     }
 
     fn save_weights(&self, weights: &LlamaWeights<CudaWeight>, dir: &Path) -> Result<()> {

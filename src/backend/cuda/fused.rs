@@ -1,0 +1,522 @@
+//! `--perturb fused` on the GPU, the twin of the CPU hook in src/zo/hook.rs. The weights stay as
+//! the update left them and every parameter use sees w + scale z (plus any virtual low-rank
+//! update), built on the fly, so restore is exact by construction:
+//! - dense or sparse z: a perturbed copy of the tensor, or of a block of LM-head rows, written by
+//!   one kernel with the bits an in-place pass leaves, into one scratch buffer that every tensor
+//!   of the forward reuses; the embedding perturbs only the rows it gathers (rounded to the
+//!   table's dtype, as an in-place pass would leave them);
+//! - low-rank z: the stored weights run the GEMM and a side product adds
+//!   ((x V) diag(c) / sqrt(r)) U^T beside it, never forming U diag(c) V^T.
+//!
+//! The LM head runs a block of vocabulary rows at a time with each row's log-sum-exp carried
+//! across the blocks, so the scratch stays near one layer's largest matrix.
+
+use super::kernels::{self, ElemZ, PhiloxKey};
+use super::{elt, gemm, CudaAct, CudaBackend, CudaWeight, DevBuf, GemmArgs};
+use crate::backend::mem::Tag;
+use crate::backend::{Backend, LinearHook, ParamId};
+use crate::model::DType;
+use crate::zo::direction::{StepKey, FACTOR_U, FACTOR_V};
+use crate::zo::hook::{FusedView, RunningLogSumExp};
+use crate::zo::passes::ZSpec;
+use crate::zo::ZoOptimizer;
+use anyhow::{ensure, Result};
+
+/// Vocabulary rows of the LM head perturbed and multiplied at once.
+pub const CUDA_HEAD_BLOCK_ROWS: usize = 8192;
+
+pub struct CudaFusedHook<'a> {
+    view: FusedView<'a, CudaBackend>,
+    /// The perturbed copy of parameter `scratch_of` (or of an LM-head block). Its buffer serves
+    /// every tensor of the forward and grows when one needs more.
+    scratch: Option<CudaWeight>,
+    scratch_of: Option<ParamId>,
+    head_block_rows: usize,
+}
+
+/// The factors of one matrix's low-rank z for a side product, f32 on the device:
+/// U diag(c) / sqrt(r) [m x r] (`us`) and V [n x r].
+struct LowRankSide {
+    us: DevBuf,
+    v: DevBuf,
+    rank: usize,
+}
+
+impl LowRankSide {
+    fn new(
+        g: &CudaBackend,
+        key: StepKey,
+        id: ParamId,
+        shape: &[usize],
+        coef: &[f32],
+    ) -> Result<Self> {
+        let (m, n, rank) = (shape[0], shape[1], coef.len());
+        let factor = |step| PhiloxKey {
+            seed: key.seed,
+            step,
+            tensor: id as u32,
+        };
+        let mut us = g.alloc_buf(m * rank * 4, Tag::Scratch, "a low-rank factor U")?;
+        let mut v = g.alloc_buf(n * rank * 4, Tag::Scratch, "a low-rank factor V")?;
+        g.fill_normal(&mut us, DType::F32, m * rank, factor(FACTOR_U), 0, 1.0, 0.0)?;
+        g.fill_normal(&mut v, DType::F32, n * rank, factor(FACTOR_V), 0, 1.0, 0.0)?;
+        // Freed stream-ordered after the launch that reads it.
+        let c = g.buf_from_host(coef, Tag::Scratch, "low-rank coefficients")?;
+        let norm = 1.0 / (rank as f32).sqrt();
+        kernels::scale_cols(&g.dev, us.ptr(), m * rank, rank, c.ptr(), norm)?;
+        Ok(LowRankSide { us, v, rank })
+    }
+
+    /// out[rows x nv] += (x V) us[u0 .. u0 + nv]^T for f32 rows x [rows x n]; `xv` holds at
+    /// least rows x r f32 values.
+    #[allow(clippy::too_many_arguments)]
+    fn add_product(
+        &self,
+        g: &CudaBackend,
+        x: u64,
+        rows: usize,
+        n: usize,
+        xv: &DevBuf,
+        u0: usize,
+        nv: usize,
+        out: u64,
+    ) -> Result<()> {
+        let r = self.rank;
+        gemm::gemm_xw(
+            &g.dev,
+            &f32_gemm(rows, r, n, x, self.v.ptr(), xv.ptr(), 0.0),
+        )?;
+        gemm::gemm_xwt(
+            &g.dev,
+            &f32_gemm(rows, nv, r, xv.ptr(), self.us.ptr_at(u0 * r * 4), out, 1.0),
+        )
+    }
+}
+
+/// An f32 GEMM out[m, n] = x w^T (or x w) + beta out.
+fn f32_gemm(m: usize, n: usize, k: usize, x: u64, w: u64, out: u64, beta: f32) -> GemmArgs {
+    GemmArgs {
+        m,
+        n,
+        k,
+        x,
+        w,
+        in_dtype: DType::F32,
+        out,
+        out_dtype: DType::F32,
+        alpha: 1.0,
+        beta,
+    }
+}
+
+fn elem_z(z: ZSpec) -> ElemZ {
+    match z {
+        ZSpec::Sparse { threshold } => ElemZ::Sparse { threshold },
+        // Element-wise z is never low-rank: vectors under a low-rank direction are dense.
+        ZSpec::Dense | ZSpec::LowRank { .. } => ElemZ::Dense,
+    }
+}
+
+/// Row indices on the device (i32), e.g. the hidden rows that reach the LM head.
+struct DeviceRows {
+    idx: DevBuf,
+    n: usize,
+}
+
+impl DeviceRows {
+    fn upload(g: &CudaBackend, rows: impl Iterator<Item = usize>, what: &str) -> Result<Self> {
+        let idx: Vec<i32> = rows.map(|r| r as i32).collect();
+        Ok(DeviceRows {
+            idx: g.buf_from_host(&idx, Tag::Scratch, what)?,
+            n: idx.len(),
+        })
+    }
+}
+
+impl<'a> CudaFusedHook<'a> {
+    pub fn new(opt: &'a ZoOptimizer<CudaBackend>, key: StepKey, scale: f32) -> Self {
+        CudaFusedHook {
+            view: FusedView::new(opt, key, scale),
+            scratch: None,
+            scratch_of: None,
+            head_block_rows: CUDA_HEAD_BLOCK_ROWS,
+        }
+    }
+
+    /// Perturbs and multiplies the LM head `rows` vocabulary rows at a time (default
+    /// CUDA_HEAD_BLOCK_ROWS): fewer rows bound the scratch tighter.
+    pub fn with_head_block_rows(mut self, rows: usize) -> Self {
+        self.head_block_rows = rows.max(1);
+        self
+    }
+
+    fn elem_key(&self, id: ParamId) -> PhiloxKey {
+        PhiloxKey {
+            seed: self.view.key.seed,
+            step: self.view.key.step,
+            tensor: id as u32,
+        }
+    }
+
+    /// The low-rank side product of matrix `id` in this forward, if its z is low-rank and not
+    /// zero.
+    fn side(&self, g: &CudaBackend, w: &CudaWeight, id: ParamId) -> Result<Option<LowRankSide>> {
+        let Some(rank) = self.view.low_rank(&w.shape) else {
+            return Ok(None);
+        };
+        let c = self.view.coefficients(id, rank);
+        if c.iter().all(|&v| v == 0.0) {
+            return Ok(None);
+        }
+        LowRankSide::new(g, self.view.key, id, &w.shape, &c).map(Some)
+    }
+
+    /// The scratch buffer as a tensor of `shape` and `dtype`, grown if it is too small.
+    fn scratch_for(
+        &mut self,
+        g: &CudaBackend,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<&mut CudaWeight> {
+        self.scratch_of = None;
+        let bytes = shape.iter().product::<usize>() * elt(dtype);
+        if self.scratch.as_ref().is_none_or(|s| s.buf.bytes() < bytes) {
+            self.scratch = None; // the smaller buffer goes before the larger one comes
+            let buf = g.alloc_buf(bytes.max(1), Tag::Scratch, "the fused perturbation's copy")?;
+            self.scratch = Some(CudaWeight {
+                buf,
+                dtype,
+                shape: vec![],
+                name: String::new(),
+            });
+        }
+        let s = self.scratch.as_mut().expect("allocated above");
+        s.dtype = dtype;
+        s.shape = shape.to_vec();
+        s.name = format!("{name} (perturbed)");
+        Ok(s)
+    }
+
+    /// Runs the LM head over the listed hidden rows a block of vocabulary rows at a time, each
+    /// block perturbed once, and hands every chunk of logits to
+    /// `each(first row, rows, v0, nv, logits [rows x nv])`.
+    fn head_blocks(
+        &mut self,
+        g: &CudaBackend,
+        hidden: &CudaAct,
+        head: &CudaWeight,
+        id: ParamId,
+        rows: &DeviceRows,
+        mut each: impl FnMut(usize, usize, usize, usize, &DevBuf) -> Result<()>,
+    ) -> Result<()> {
+        let (vocab, d) = (head.shape[0], head.shape[1]);
+        let es = elt(head.dtype);
+        let n_rows = rows.n;
+        let block = self.head_block_rows.min(vocab);
+        let chunk = CudaBackend::chunk_rows(block, n_rows);
+        let side = self.side(g, head, id)?;
+        let x = g.alloc_buf(chunk * d * es, Tag::Scratch, "the LM head input")?;
+        let logits = g.alloc_buf(chunk * block * 4, Tag::Scratch, "a block of logits")?;
+        // The side product multiplies f32 rows; an f32 head's input already is.
+        let side_bufs = match &side {
+            Some(s) if head.dtype != DType::F32 => Some((
+                Some(g.alloc_buf(chunk * d * 4, Tag::Scratch, "the LM head input (f32)")?),
+                g.alloc_buf(chunk * s.rank * 4, Tag::Scratch, "x V of the LM head")?,
+            )),
+            Some(s) => Some((
+                None,
+                g.alloc_buf(chunk * s.rank * 4, Tag::Scratch, "x V of the LM head")?,
+            )),
+            None => None,
+        };
+        let (key, z, scale) = (
+            self.elem_key(id),
+            elem_z(self.view.elem_z(id)),
+            self.view.scale,
+        );
+        for v0 in (0..vocab).step_by(block) {
+            let nv = block.min(vocab - v0);
+            let stored = head.buf.ptr_at(v0 * d * es);
+            // Low-rank z rides on the side product; element-wise z perturbs a copy of the block.
+            let w = if self.view.low_rank(&head.shape).is_some() {
+                stored
+            } else {
+                let s = self.scratch_for(g, &head.name, &[nv, d], head.dtype)?;
+                let start = (v0 * d) as u64;
+                kernels::zo_perturbed_copy(
+                    &g.dev,
+                    stored,
+                    s.ptr(),
+                    head.dtype,
+                    nv * d,
+                    start,
+                    key,
+                    z,
+                    scale,
+                )?;
+                s.ptr()
+            };
+            for c0 in (0..n_rows).step_by(chunk) {
+                let m = chunk.min(n_rows - c0);
+                let at = rows.idx.ptr_at(c0 * 4);
+                kernels::gather_rows(&g.dev, hidden.ptr(), at, x.ptr(), head.dtype, m, d)?;
+                let args = GemmArgs {
+                    m,
+                    n: nv,
+                    k: d,
+                    x: x.ptr(),
+                    w,
+                    in_dtype: head.dtype,
+                    out: logits.ptr(),
+                    out_dtype: DType::F32,
+                    alpha: 1.0,
+                    beta: 0.0,
+                };
+                gemm::gemm_xwt(&g.dev, &args)?;
+                if let (Some(s), Some((xf, xv))) = (&side, &side_bufs) {
+                    let xf = match xf {
+                        Some(xf) => {
+                            kernels::gather_rows(
+                                &g.dev,
+                                hidden.ptr(),
+                                at,
+                                xf.ptr(),
+                                DType::F32,
+                                m,
+                                d,
+                            )?;
+                            xf.ptr()
+                        }
+                        None => x.ptr(),
+                    };
+                    s.add_product(g, xf, m, d, xv, v0, nv, logits.ptr())?;
+                }
+                each(c0, m, v0, nv, &logits)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_head(head: &CudaWeight, hidden: &CudaAct, what: &str) -> Result<(usize, usize)> {
+    ensure!(
+        head.shape.len() == 2,
+        "{what}: {} is not a matrix",
+        head.name
+    );
+    let (vocab, d) = (head.shape[0], head.shape[1]);
+    ensure!(
+        hidden.cols == d,
+        "{what}: hidden size {} but the LM head expects {d}",
+        hidden.cols
+    );
+    Ok((vocab, d))
+}
+
+impl LinearHook<CudaBackend> for CudaFusedHook<'_> {
+    fn param<'b>(
+        &'b mut self,
+        g: &CudaBackend,
+        w: &'b CudaWeight,
+        id: ParamId,
+    ) -> Result<&'b CudaWeight> {
+        if !self.view.moves(id) {
+            return Ok(w);
+        }
+        if self.scratch_of != Some(id) {
+            let low_rank = self.view.low_rank(&w.shape);
+            let coef = low_rank.map(|rank| self.view.coefficients(id, rank));
+            let (key, z, scale) = (
+                self.elem_key(id),
+                elem_z(self.view.elem_z(id)),
+                self.view.scale,
+            );
+            let seed = self.view.key.seed;
+            let s = self.scratch_for(g, &w.name, &w.shape, w.dtype)?;
+            match coef {
+                // The model asks for whole tensors only for the norm gains (vectors); a matrix
+                // with low-rank z is copied and moved by the in-place kernel.
+                Some(c) => {
+                    g.dev.dtod(w.ptr(), s.ptr(), w.numel() * elt(w.dtype))?;
+                    g.zo_low_rank_move(s, id, seed, &c, 0.0, 1.0)?;
+                }
+                None => {
+                    kernels::zo_perturbed_copy(
+                        &g.dev,
+                        w.ptr(),
+                        s.ptr(),
+                        w.dtype,
+                        w.numel(),
+                        0,
+                        key,
+                        z,
+                        scale,
+                    )?;
+                }
+            }
+            self.scratch_of = Some(id);
+        }
+        Ok(self.scratch.as_ref().expect("filled above"))
+    }
+
+    fn embed(
+        &mut self,
+        g: &CudaBackend,
+        table: &CudaWeight,
+        ids: &[u32],
+        id: ParamId,
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        g.embed(table, ids, out)?;
+        if !self.view.moves(id) || ids.is_empty() {
+            return Ok(());
+        }
+        let d = table.shape[1];
+        if self.view.low_rank(&table.shape).is_some() {
+            // Rows t of U diag(c) V^T / sqrt(r): the gathered rows of U's scaled copy times V^T.
+            let Some(side) = self.side(g, table, id)? else {
+                return Ok(());
+            };
+            let r = side.rank;
+            let idx = DeviceRows::upload(g, ids.iter().map(|&t| t as usize), "token ids")?;
+            let ug = g.alloc_buf(ids.len() * r * 4, Tag::Scratch, "gathered rows of U")?;
+            kernels::gather_rows(
+                &g.dev,
+                side.us.ptr(),
+                idx.idx.ptr(),
+                ug.ptr(),
+                DType::F32,
+                ids.len(),
+                r,
+            )?;
+            let args = f32_gemm(ids.len(), d, r, ug.ptr(), side.v.ptr(), out.ptr(), 1.0);
+            return gemm::gemm_xwt(&g.dev, &args);
+        }
+        let ids_dev = g.buf_from_host(ids, Tag::Scratch, "token ids")?;
+        kernels::zo_perturb_gathered(
+            &g.dev,
+            out.ptr(),
+            ids_dev.ptr(),
+            table.dtype,
+            ids.len(),
+            d,
+            self.elem_key(id),
+            elem_z(self.view.elem_z(id)),
+            self.view.scale,
+        )
+    }
+
+    fn head_target_logprobs(
+        &mut self,
+        g: &CudaBackend,
+        hidden: &CudaAct,
+        head: &CudaWeight,
+        id: ParamId,
+        targets: &[i32],
+    ) -> Result<Vec<f32>> {
+        if !self.view.moves(id) {
+            return g.target_logprobs(hidden, head, targets);
+        }
+        let (vocab, _) = check_head(head, hidden, "target_logprobs")?;
+        let rows = crate::backend::cpu::target_rows(targets, hidden.rows, vocab)?;
+        let mut out = vec![0.0f32; targets.len()];
+        let n = rows.len();
+        if n == 0 {
+            return Ok(out);
+        }
+        let rows_dev = DeviceRows::upload(g, rows.iter().copied(), "LM head row indices")?;
+        let tgt: Vec<i32> = rows.iter().map(|&r| targets[r]).collect();
+        let tgt_dev = g.buf_from_host(&tgt, Tag::Scratch, "target ids")?;
+        let run_max = g.buf_from_host(&vec![f32::NEG_INFINITY; n], Tag::Scratch, "row maxima")?;
+        let run_sum = g.buf_from_host(&vec![0.0f64; n], Tag::Scratch, "row sums")?;
+        let run_tgt = g.buf_from_host(&vec![f32::NAN; n], Tag::Scratch, "target logits")?;
+        self.head_blocks(g, hidden, head, id, &rows_dev, |c0, m, v0, nv, logits| {
+            kernels::lse_block(
+                &g.dev,
+                logits.ptr(),
+                nv,
+                v0,
+                tgt_dev.ptr_at(c0 * 4),
+                run_max.ptr_at(c0 * 4),
+                run_sum.ptr_at(c0 * 8),
+                run_tgt.ptr_at(c0 * 4),
+                m,
+            )
+        })?;
+        let max: Vec<f32> = g.buf_to_host(&run_max, n)?;
+        let sum: Vec<f64> = g.buf_to_host(&run_sum, n)?;
+        let target: Vec<f32> = g.buf_to_host(&run_tgt, n)?;
+        for (i, &r) in rows.iter().enumerate() {
+            let run = RunningLogSumExp {
+                max: max[i],
+                sum: sum[i],
+                target: target[i],
+            };
+            out[r] = run.logprob();
+        }
+        Ok(out)
+    }
+
+    fn head_logits_rows(
+        &mut self,
+        g: &CudaBackend,
+        hidden: &CudaAct,
+        head: &CudaWeight,
+        id: ParamId,
+        rows: &[usize],
+    ) -> Result<Vec<f32>> {
+        if !self.view.moves(id) {
+            return g.logits_rows(hidden, head, rows);
+        }
+        let (vocab, _) = check_head(head, hidden, "logits_rows")?;
+        for &r in rows {
+            ensure!(r < hidden.rows, "logits_rows: row {r} out of range");
+        }
+        let mut out = vec![0.0f32; rows.len() * vocab];
+        if rows.is_empty() {
+            return Ok(out);
+        }
+        let rows_dev = DeviceRows::upload(g, rows.iter().copied(), "LM head row indices")?;
+        let mut part = Vec::new();
+        self.head_blocks(g, hidden, head, id, &rows_dev, |c0, m, v0, nv, logits| {
+            part.resize(m * nv, 0.0f32);
+            g.dev.dtoh(logits, 0, &mut part)?;
+            for (i, p) in part.chunks(nv).enumerate() {
+                let o = (c0 + i) * vocab + v0;
+                out[o..o + nv].copy_from_slice(p);
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn linear(
+        &mut self,
+        g: &CudaBackend,
+        x: &CudaAct,
+        w: &CudaWeight,
+        id: ParamId,
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        if self.view.low_rank(&w.shape).is_none() {
+            let w = self.param(g, w, id)?;
+            return g.matmul(x, w, out);
+        }
+        g.matmul(x, w, out)?;
+        let Some(side) = self.side(g, w, id)? else {
+            return Ok(());
+        };
+        let xv = g.alloc_buf(x.rows * side.rank * 4, Tag::Scratch, "x V of a linear")?;
+        side.add_product(
+            g,
+            x.ptr(),
+            x.rows,
+            w.shape[1],
+            &xv,
+            0,
+            w.shape[0],
+            out.ptr(),
+        )
+    }
+}
