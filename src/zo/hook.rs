@@ -140,7 +140,9 @@ impl<'a> FusedHook<'a> {
 }
 
 /// Writes w + s z over elements start .. start + out.len() of `t` into `out`, on every
-/// thread, with the bits an in-place pass over `t` would leave.
+/// thread, with the bits an in-place pass over an f32 `t` would leave. Other dtypes keep the
+/// perturbed values in f32 rather than rounding them to their storage (the CPU's GEMMs take
+/// f32; the GPU's bf16 GEMMs take the rounded copy an in-place pass would leave).
 fn perturbed_copy(t: &HostTensor, tz: &TensorZ, s: f32, start: usize, out: &mut [f32]) {
     let cols = *t.shape.last().unwrap_or(&1);
     out.par_chunks_mut(COPY_CHUNK)

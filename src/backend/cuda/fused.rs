@@ -10,6 +10,10 @@
 //!
 //! The LM head runs a block of vocabulary rows at a time with each row's log-sum-exp carried
 //! across the blocks, so the scratch stays near one layer's largest matrix.
+//!
+//! The CPU hook keeps perturbed values in f32 whatever the storage; here the copies are in the
+//! weights' dtype, which the bf16 GEMM needs. For bf16 weights the two fused forwards therefore
+//! agree to bf16 rounding, and the GPU's fused and in-place forwards see the same bits.
 
 use super::kernels::{self, ElemZ, PhiloxKey};
 use super::{elt, gemm, CudaAct, CudaBackend, CudaWeight, DevBuf, GemmArgs};

@@ -64,10 +64,11 @@ fn gemm(dev: &Device, a: &GemmArgs, w_is_k_by_n: bool) -> Result<()> {
     let out_t = cuda_type(a.out_dtype)?;
     // Plain f32 compute for f32 inputs (no TF32), tensor cores for bf16 inputs.
     let compute = cb::cublasComputeType_t::CUBLAS_COMPUTE_32F;
+    // k = 0 leaves out = beta out; cuBLAS still wants every leading dimension >= 1.
     let (w_op, ldw) = if w_is_k_by_n {
         (cb::cublasOperation_t::CUBLAS_OP_N, n)
     } else {
-        (cb::cublasOperation_t::CUBLAS_OP_T, k)
+        (cb::cublasOperation_t::CUBLAS_OP_T, k.max(1))
     };
     dev.bind()?;
     // SAFETY: the callers size x, w and out for the dimensions; alpha/beta are host scalars
@@ -86,7 +87,7 @@ fn gemm(dev: &Device, a: &GemmArgs, w_is_k_by_n: bool) -> Result<()> {
             ldw,
             a.x as *const c_void,
             in_t,
-            k,
+            k.max(1),
             &a.beta as *const f32 as *const c_void,
             a.out as *mut c_void,
             out_t,

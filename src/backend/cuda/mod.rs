@@ -559,6 +559,12 @@ impl Backend for CudaBackend {
             layout.starts.is_none(),
             "rope: packed layouts are not supported by the CUDA backend"
         );
+        ensure!(
+            x.rows == layout.rows(),
+            "rope: {} rows for a layout of {}",
+            x.rows,
+            layout.rows()
+        );
         if x.rows == 0 {
             return Ok(());
         }
