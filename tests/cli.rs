@@ -62,3 +62,13 @@ fn bf16_matmul_without_avx512_bf16_says_why() {
     assert!(!ok, "--matmul bf16 ran on a CPU without AVX512-BF16");
     assert!(err.contains("needs a CPU with AVX512-BF16"), "{err}");
 }
+
+#[test]
+fn unknown_perturb_mode_is_a_clear_error() {
+    let (ok, err) = zoft(&["train", "--perturb", "sideways"]);
+    assert!(!ok, "train accepted --perturb sideways");
+    assert!(
+        err.contains("unknown perturb mode \"sideways\": expected inplace, fused or auto"),
+        "{err}"
+    );
+}

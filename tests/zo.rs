@@ -590,4 +590,50 @@ fn bad_arguments_give_clear_errors() {
     check(|c| c.lr = f32::NAN, "learning rate");
     let e = Perturb::parse("sideways").unwrap_err().to_string();
     assert!(e.contains("inplace or fused"), "{e}");
+    let e = Perturb::parse_or_auto("sideways").unwrap_err().to_string();
+    assert!(e.contains("inplace, fused or auto"), "{e}");
+}
+
+#[test]
+fn auto_perturb_is_in_place_for_f32_weights_and_fused_through_bf16() {
+    assert_eq!(Perturb::parse_or_auto("auto").unwrap(), None);
+    assert_eq!(
+        Perturb::parse_or_auto("fused").unwrap(),
+        Some(Perturb::Fused)
+    );
+    let cfg = tiny_config();
+    let f32_w = LlamaWeights::random(&cfg, 1, DType::F32);
+    let bf16_w = LlamaWeights::random(&cfg, 1, DType::BF16);
+    let zc = |method, weight_decay| ZoConfig {
+        method,
+        weight_decay,
+        ..Default::default()
+    };
+    for method in [Method::Mezo, Method::SparseMezo, Method::Tezo] {
+        let c = zc(method, 0.0);
+        assert_eq!(Perturb::auto::<CpuBackend>(&c, &f32_w), Perturb::Inplace);
+        assert_eq!(Perturb::auto::<CpuBackend>(&c, &bf16_w), Perturb::Fused);
+    }
+    // One bf16 tensor among f32 ones is enough to drift.
+    let mut mixed = LlamaWeights::random(&cfg, 1, DType::F32);
+    let t = &mixed.layers[0].wq;
+    mixed.layers[0].wq = HostTensor::from_f32_as(
+        t.name.clone(),
+        t.shape.clone(),
+        &t.to_f32_vec(),
+        DType::BF16,
+    );
+    assert_eq!(
+        Perturb::auto::<CpuBackend>(&zc(Method::Mezo, 0.0), &mixed),
+        Perturb::Fused
+    );
+    // TeZO's weight decay needs the in-place mode.
+    let c = zc(Method::Tezo, 0.1);
+    assert_eq!(Perturb::auto::<CpuBackend>(&c, &bf16_w), Perturb::Inplace);
+    ZoConfig {
+        perturb: Perturb::auto::<CpuBackend>(&c, &bf16_w),
+        ..c
+    }
+    .validate()
+    .unwrap();
 }

@@ -113,8 +113,10 @@ struct TrainArgs {
     /// TeZO: rank of the fixed factors.
     #[arg(long, default_value_t = 8)]
     rank: usize,
-    /// How z is applied: inplace (weight passes) or fused (on the fly in each layer).
-    #[arg(long, default_value = "inplace")]
+    /// How z is applied: inplace (weight passes), fused (on the fly in each layer), or auto:
+    /// inplace when every weight is stored in f32, fused otherwise (a round trip through bf16
+    /// storage drifts).
+    #[arg(long, default_value = "auto")]
     perturb: String,
     /// Training loss: classify (cross-entropy over candidates) or lm (gold candidate's tokens).
     #[arg(long, default_value = "classify")]
@@ -336,7 +338,8 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     let loss: LossKind = a.loss.parse()?;
     let zo = ZoConfig {
         method,
-        perturb: Perturb::parse(&a.perturb)?,
+        // `auto` is resolved once the weights are loaded (train_on).
+        perturb: Perturb::parse_or_auto(&a.perturb)?.unwrap_or(Perturb::Inplace),
         eps: a.eps,
         lr: a.lr.unwrap_or_else(|| default_lr(method)),
         weight_decay: a.weight_decay,
@@ -374,6 +377,11 @@ fn train_on<B: ZoBackend + 'static>(
     resume: Option<(zoft::train::TrainState, HashMap<String, Vec<f32>>)>,
 ) -> Result<()> {
     let method = zo.method;
+    let mut zo = zo;
+    let auto = Perturb::parse_or_auto(&a.perturb)?.is_none();
+    if auto {
+        zo.perturb = Perturb::auto::<B>(&zo, &model.weights);
+    }
     let task = a.task.load(&tok, &model.cfg)?;
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -385,9 +393,9 @@ fn train_on<B: ZoBackend + 'static>(
         .context("installing the Ctrl-C handler")?;
     }
     eprintln!(
-        "training {} on {} ({} train / {} dev / {} test examples), {} steps, batch {}, lr {:e}, eps {:e}, perturb {:?}, on {}",
+        "training {} on {} ({} train / {} dev / {} test examples), {} steps, batch {}, lr {:e}, eps {:e}, perturb {:?}{}, on {}",
         method.name(), task.name, task.train.len(), task.dev.len(), task.test.len(), a.steps, a.batch_size, zo.lr, zo.eps, zo.perturb,
-        model.backend.name()
+        if auto { " (auto)" } else { "" }, model.backend.name()
     );
     let opts = zoft::train::TrainOptions {
         zo,

@@ -15,7 +15,7 @@ pub mod tezo_adam;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::LinearHook;
-use crate::model::{Llama, LlamaWeights, ParamKind};
+use crate::model::{DType, Llama, LlamaWeights, ParamKind};
 use anyhow::{bail, Result};
 use direction::{perturb_tensor, Direction, StepKey};
 use passes::{Rule, ZSpec, ZoBackend};
@@ -73,6 +73,40 @@ impl Perturb {
             "fused" => Perturb::Fused,
             other => bail!("unknown perturb mode {other:?}: expected inplace or fused"),
         })
+    }
+
+    /// `--perturb`: "inplace", "fused", or "auto" (None), which `Perturb::auto` resolves once
+    /// the weights are loaded.
+    pub fn parse_or_auto(s: &str) -> Result<Option<Self>> {
+        match s {
+            "auto" => Ok(None),
+            other => Self::parse(other)
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "unknown perturb mode {other:?}: expected inplace, fused or auto"
+                    )
+                })
+                .map(Some),
+        }
+    }
+
+    /// The mode for `cfg` on these weights: in place when every tensor is stored in f32, where
+    /// the round trip +eps z, -2 eps z, +eps z stays within an ulp and in place is as fast or
+    /// faster with the lower peak; fused otherwise, because through bf16 storage the round trip
+    /// drifts (tests/zo.rs measures it) and the fused mode never writes a perturbation. TeZO
+    /// with weight decay stays in place, the one mode that can apply it.
+    pub fn auto<B: ZoBackend>(cfg: &ZoConfig, weights: &LlamaWeights<B::Weight>) -> Self {
+        let all_f32 = weights
+            .tensors()
+            .into_iter()
+            .all(|t| B::weight_dtype(t) == DType::F32);
+        let low_rank_decay =
+            matches!(cfg.method, Method::Tezo | Method::TezoAdam) && cfg.weight_decay > 0.0;
+        if all_f32 || low_rank_decay {
+            Perturb::Inplace
+        } else {
+            Perturb::Fused
+        }
     }
 }
 
@@ -132,7 +166,8 @@ impl ZoConfig {
         let low_rank = matches!(self.method, Method::Tezo | Method::TezoAdam);
         if low_rank && self.perturb == Perturb::Fused && self.weight_decay > 0.0 {
             bail!(
-                "weight decay is not supported with {} --perturb fused: its update stays low-rank",
+                "weight decay is not supported with {} --perturb fused: its update stays low-rank \
+                 (use --perturb inplace)",
                 self.method.name()
             );
         }

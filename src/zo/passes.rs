@@ -7,7 +7,7 @@ use super::direction::{StepKey, TensorZ};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::mem::MemReport;
 use crate::backend::{Backend, LinearHook, ParamId};
-use crate::model::{HostTensor, Llama, LlamaWeights};
+use crate::model::{DType, HostTensor, Llama, LlamaWeights};
 use anyhow::{bail, Result};
 use std::path::Path;
 
@@ -87,6 +87,8 @@ pub trait ZoBackend: Backend {
     fn weight_shape(w: &Self::Weight) -> &[usize];
     /// Bytes the tensor occupies in its storage dtype.
     fn weight_bytes(w: &Self::Weight) -> usize;
+    /// The tensor's storage dtype.
+    fn weight_dtype(w: &Self::Weight) -> DType;
     /// Current and peak memory by tag of this backend's tracked allocations.
     fn memory(&self) -> MemReport;
 
@@ -148,6 +150,10 @@ impl ZoBackend for CpuBackend {
 
     fn weight_bytes(w: &HostTensor) -> usize {
         w.bytes().len()
+    }
+
+    fn weight_dtype(w: &HostTensor) -> DType {
+        w.dtype
     }
 
     fn memory(&self) -> MemReport {

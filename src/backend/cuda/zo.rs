@@ -7,7 +7,7 @@ use super::kernels::{self, ElemRule, ElemZ, PhiloxKey};
 use super::{CudaBackend, CudaWeight, DevBuf};
 use crate::backend::mem::{MemReport, Tag};
 use crate::backend::{LinearHook, ParamId};
-use crate::model::{Llama, LlamaWeights};
+use crate::model::{DType, Llama, LlamaWeights};
 use crate::zo::direction::{StepKey, FACTOR_U, FACTOR_V};
 use crate::zo::passes::{abs_percentile, Rule, ZSpec, ZoBackend};
 use crate::zo::ZoOptimizer;
@@ -68,6 +68,10 @@ impl ZoBackend for CudaBackend {
 
     fn weight_bytes(w: &CudaWeight) -> usize {
         w.buf.bytes()
+    }
+
+    fn weight_dtype(w: &CudaWeight) -> DType {
+        w.dtype
     }
 
     fn memory(&self) -> MemReport {
