@@ -329,35 +329,24 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn inv_freq_buf(&self, inv_freq: &[f32]) -> Result<u64> {
-        let bits: Vec<u32> = inv_freq.iter().map(|f| f.to_bits()).collect();
+    /// Runs `launch` with the device copy of a small host array kept in `slot`, uploading it
+    /// only when it changed. The lock is held until the launch is queued, so another thread
+    /// sharing the backend cannot replace (and free) the buffer ahead of the kernel reading it.
+    fn with_upload<T: bytemuck::Pod + PartialEq>(
+        &self,
+        slot: impl FnOnce(&mut Uploads) -> &mut Option<(Vec<T>, DevBuf)>,
+        values: Vec<T>,
+        what: &str,
+        launch: impl FnOnce(u64) -> Result<()>,
+    ) -> Result<()> {
         let mut up = self.uploads.lock().unwrap();
-        if let Some((k, b)) = &up.inv_freq {
-            if *k == bits {
-                return Ok(b.ptr());
-            }
+        let slot = slot(&mut up);
+        if !matches!(slot, Some((k, _)) if *k == values) {
+            let b = self.buf_from_host(&values, Tag::Scratch, what)?;
+            *slot = Some((values, b));
         }
-        let b = self.buf_from_host(inv_freq, Tag::Scratch, "RoPE frequencies")?;
-        let p = b.ptr();
-        up.inv_freq = Some((bits, b));
-        Ok(p)
-    }
-
-    fn kv_valid_buf(&self, kv_valid: &[usize]) -> Result<u64> {
-        let v: Vec<i32> = kv_valid
-            .iter()
-            .map(|&x| i32::try_from(x).unwrap_or(i32::MAX))
-            .collect();
-        let mut up = self.uploads.lock().unwrap();
-        if let Some((k, b)) = &up.kv_valid {
-            if *k == v {
-                return Ok(b.ptr());
-            }
-        }
-        let b = self.buf_from_host(&v, Tag::Scratch, "valid lengths")?;
-        let p = b.ptr();
-        up.kv_valid = Some((v, b));
-        Ok(p)
+        let (_, b) = slot.as_ref().expect("uploaded above");
+        launch(b.ptr())
     }
 
     fn chunk_rows(vocab: usize, rows: usize) -> usize {
@@ -568,16 +557,24 @@ impl Backend for CudaBackend {
         if x.rows == 0 {
             return Ok(());
         }
-        let f = self.inv_freq_buf(inv_freq)?;
-        kernels::rope(
-            &self.dev,
-            x.ptr(),
-            f,
-            x.rows,
-            n_heads,
-            hd,
-            layout.q_len,
-            layout.q_offset,
+        // The frequencies' bits: f32 values compare by bits and upload as the same bytes.
+        let bits = inv_freq.iter().map(|f| f.to_bits()).collect();
+        self.with_upload(
+            |u| &mut u.inv_freq,
+            bits,
+            "RoPE frequencies",
+            |f| {
+                kernels::rope(
+                    &self.dev,
+                    x.ptr(),
+                    f,
+                    x.rows,
+                    n_heads,
+                    hd,
+                    layout.q_len,
+                    layout.q_offset,
+                )
+            },
         )
     }
 
@@ -627,21 +624,32 @@ impl Backend for CudaBackend {
         if q.rows == 0 {
             return Ok(());
         }
-        let valid = self.kv_valid_buf(&layout.kv_valid)?;
-        kernels::attention(
-            &self.dev,
-            q.ptr(),
-            k.ptr(),
-            v.ptr(),
-            out.ptr(),
+        let valid: Vec<i32> = layout
+            .kv_valid
+            .iter()
+            .map(|&x| i32::try_from(x).unwrap_or(i32::MAX))
+            .collect();
+        self.with_upload(
+            |u| &mut u.kv_valid,
             valid,
-            layout.batch,
-            layout.q_len,
-            layout.kv_len,
-            n_heads,
-            n_kv_heads,
-            hd,
-            layout.q_offset,
+            "valid lengths",
+            |valid| {
+                kernels::attention(
+                    &self.dev,
+                    q.ptr(),
+                    k.ptr(),
+                    v.ptr(),
+                    out.ptr(),
+                    valid,
+                    layout.batch,
+                    layout.q_len,
+                    layout.kv_len,
+                    n_heads,
+                    n_kv_heads,
+                    hd,
+                    layout.q_offset,
+                )
+            },
         )
     }
 
