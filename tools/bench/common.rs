@@ -19,7 +19,7 @@ pub fn load_model() -> anyhow::Result<(LlamaConfig, LlamaWeights)> {
     if dir.is_empty() {
         let cfg = LlamaConfig::preset(&arg("--random", "smollm2-135m"))
             .ok_or_else(|| anyhow::anyhow!("unknown --random preset"))?;
-        let w = LlamaWeights::random(&cfg, 0, DType::F32);
+        let w = LlamaWeights::random(&cfg, 0, DType::parse(&arg("--dtype", "f32"))?);
         return Ok((cfg, w));
     }
     let f = zoft::model::load::load_dir(std::path::Path::new(&dir))?;

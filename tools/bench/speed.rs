@@ -2,7 +2,7 @@
 //! peak memory of a step against that of an inference forward on the same batch.
 //! Prints one JSON line per (method, perturb); `tools/bench-speed` runs it beside PyTorch MeZO.
 //!
-//! cargo run --release --example bench_speed -- [--model DIR | --random smollm2-135m] [--batch 16] [--seq 64] [--iters 2] [--methods mezo,tezo] [--perturb inplace,fused] [--matmul f32|bf16]
+//! cargo run --release --example bench_speed -- [--model DIR | --random smollm2-135m [--dtype f32|bf16]] [--batch 16] [--seq 64] [--iters 2] [--methods mezo,tezo] [--perturb inplace,fused] [--matmul f32|bf16]
 
 #[path = "common.rs"]
 mod common;
