@@ -16,7 +16,9 @@
 //! agree to bf16 rounding, and the GPU's fused and in-place forwards see the same bits.
 
 use super::kernels::{self, ElemZ, PhiloxKey};
-use super::{elt, gemm, CudaAct, CudaBackend, CudaWeight, DevBuf, GemmArgs};
+use super::{
+    check_head, check_logit_rows, elt, gemm, CudaAct, CudaBackend, CudaWeight, DevBuf, GemmArgs,
+};
 use crate::backend::mem::Tag;
 use crate::backend::{Backend, LinearHook, ParamId};
 use crate::model::DType;
@@ -24,7 +26,7 @@ use crate::zo::direction::{StepKey, FACTOR_U, FACTOR_V};
 use crate::zo::hook::{FusedView, RunningLogSumExp};
 use crate::zo::passes::ZSpec;
 use crate::zo::ZoOptimizer;
-use anyhow::{ensure, Result};
+use anyhow::Result;
 
 /// Vocabulary rows of the LM head perturbed and multiplied at once.
 pub const CUDA_HEAD_BLOCK_ROWS: usize = 8192;
@@ -155,11 +157,7 @@ impl<'a> CudaFusedHook<'a> {
     }
 
     fn elem_key(&self, id: ParamId) -> PhiloxKey {
-        PhiloxKey {
-            seed: self.view.key.seed,
-            step: self.view.key.step,
-            tensor: id as u32,
-        }
+        PhiloxKey::of_tensor(self.view.key, id)
     }
 
     /// The low-rank side product of matrix `id` in this forward, if its z is low-rank and not
@@ -219,20 +217,21 @@ impl<'a> CudaFusedHook<'a> {
         let n_rows = rows.n;
         let block = self.head_block_rows.min(vocab);
         let chunk = CudaBackend::chunk_rows(block, n_rows);
+        let low_rank = self.view.low_rank(&head.shape).is_some();
         let side = self.side(g, head, id)?;
         let x = g.alloc_buf(chunk * d * es, Tag::Scratch, "the LM head input")?;
         let logits = g.alloc_buf(chunk * block * 4, Tag::Scratch, "a block of logits")?;
-        // The side product multiplies f32 rows; an f32 head's input already is.
-        let side_bufs = match &side {
-            Some(s) if head.dtype != DType::F32 => Some((
-                Some(g.alloc_buf(chunk * d * 4, Tag::Scratch, "the LM head input (f32)")?),
-                g.alloc_buf(chunk * s.rank * 4, Tag::Scratch, "x V of the LM head")?,
-            )),
-            Some(s) => Some((
-                None,
-                g.alloc_buf(chunk * s.rank * 4, Tag::Scratch, "x V of the LM head")?,
-            )),
+        // The side product multiplies f32 rows (an f32 head's input already is) by V into xv.
+        let alloc = |bytes, what| g.alloc_buf(bytes, Tag::Scratch, what);
+        let xv = match &side {
+            Some(s) => Some(alloc(chunk * s.rank * 4, "x V of the LM head")?),
             None => None,
+        };
+        let xf = match &side {
+            Some(_) if head.dtype != DType::F32 => {
+                Some(alloc(chunk * d * 4, "the LM head input (f32)")?)
+            }
+            _ => None,
         };
         let (key, z, scale) = (
             self.elem_key(id),
@@ -243,7 +242,7 @@ impl<'a> CudaFusedHook<'a> {
             let nv = block.min(vocab - v0);
             let stored = head.buf.ptr_at(v0 * d * es);
             // Low-rank z rides on the side product; element-wise z perturbs a copy of the block.
-            let w = if self.view.low_rank(&head.shape).is_some() {
+            let w = if low_rank {
                 stored
             } else {
                 let s = self.scratch_for(g, &head.name, &[nv, d], head.dtype)?;
@@ -278,8 +277,8 @@ impl<'a> CudaFusedHook<'a> {
                     beta: 0.0,
                 };
                 gemm::gemm_xwt(&g.dev, &args)?;
-                if let (Some(s), Some((xf, xv))) = (&side, &side_bufs) {
-                    let xf = match xf {
+                if let (Some(s), Some(xv)) = (&side, &xv) {
+                    let xf = match &xf {
                         Some(xf) => {
                             kernels::gather_rows(
                                 &g.dev,
@@ -301,21 +300,6 @@ impl<'a> CudaFusedHook<'a> {
         }
         Ok(())
     }
-}
-
-fn check_head(head: &CudaWeight, hidden: &CudaAct, what: &str) -> Result<(usize, usize)> {
-    ensure!(
-        head.shape.len() == 2,
-        "{what}: {} is not a matrix",
-        head.name
-    );
-    let (vocab, d) = (head.shape[0], head.shape[1]);
-    ensure!(
-        hidden.cols == d,
-        "{what}: hidden size {} but the LM head expects {d}",
-        hidden.cols
-    );
-    Ok((vocab, d))
 }
 
 impl LinearHook<CudaBackend> for CudaFusedHook<'_> {
@@ -473,10 +457,7 @@ impl LinearHook<CudaBackend> for CudaFusedHook<'_> {
         if !self.view.moves(id) {
             return g.logits_rows(hidden, head, rows);
         }
-        let (vocab, _) = check_head(head, hidden, "logits_rows")?;
-        for &r in rows {
-            ensure!(r < hidden.rows, "logits_rows: row {r} out of range");
-        }
+        let vocab = check_logit_rows(head, hidden, rows)?;
         let mut out = vec![0.0f32; rows.len() * vocab];
         if rows.is_empty() {
             return Ok(out);

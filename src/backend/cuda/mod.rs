@@ -407,6 +407,32 @@ impl CudaBackend {
     }
 }
 
+/// The LM head's (vocabulary, hidden size), checked against the hidden states it multiplies.
+fn check_head(head: &CudaWeight, hidden: &CudaAct, what: &str) -> Result<(usize, usize)> {
+    ensure!(
+        head.shape.len() == 2,
+        "{what}: {} is not a matrix",
+        head.name
+    );
+    let (vocab, d) = (head.shape[0], head.shape[1]);
+    ensure!(
+        hidden.cols == d,
+        "{what}: hidden size {} but the LM head expects {d}",
+        hidden.cols
+    );
+    Ok((vocab, d))
+}
+
+/// `check_head` for `logits_rows`, with every requested row inside the hidden states; the
+/// vocabulary size.
+fn check_logit_rows(head: &CudaWeight, hidden: &CudaAct, rows: &[usize]) -> Result<usize> {
+    let (vocab, _) = check_head(head, hidden, "logits_rows")?;
+    for &r in rows {
+        ensure!(r < hidden.rows, "logits_rows: row {r} out of range");
+    }
+    Ok(vocab)
+}
+
 impl Backend for CudaBackend {
     type Act = CudaAct;
     type Weight = CudaWeight;
@@ -664,39 +690,14 @@ impl Backend for CudaBackend {
         head: &CudaWeight,
         targets: &[i32],
     ) -> Result<Vec<f32>> {
-        ensure!(
-            targets.len() == hidden.rows,
-            "target_logprobs: one target per row"
-        );
-        ensure!(
-            head.shape.len() == 2,
-            "target_logprobs: {} is not a matrix",
-            head.name
-        );
-        let (vocab, d) = (head.shape[0], head.shape[1]);
-        ensure!(
-            hidden.cols == d,
-            "target_logprobs: hidden size {} but the LM head expects {d}",
-            hidden.cols
-        );
-        let rows: Vec<i32> = (0..targets.len())
-            .filter(|&r| targets[r] >= 0)
-            .map(|r| r as i32)
-            .collect();
-        if let Some(&r) = rows
-            .iter()
-            .find(|&&r| targets[r as usize] as usize >= vocab)
-        {
-            bail!(
-                "target id {} is outside the vocabulary of {vocab} tokens",
-                targets[r as usize]
-            );
-        }
+        let (vocab, _) = check_head(head, hidden, "target_logprobs")?;
+        let rows = crate::backend::cpu::target_rows(targets, hidden.rows, vocab)?;
         let mut out = vec![0.0f32; targets.len()];
         if rows.is_empty() {
             return Ok(out);
         }
-        let tgt: Vec<i32> = rows.iter().map(|&r| targets[r as usize]).collect();
+        let tgt: Vec<i32> = rows.iter().map(|&r| targets[r]).collect();
+        let rows: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
         let rows_dev = self.buf_from_host(&rows, Tag::Scratch, "LM head row indices")?;
         let tgt_dev = self.buf_from_host(&tgt, Tag::Scratch, "target ids")?;
         let out_dev = self.alloc_buf(out.len() * 4, Tag::Scratch, "target log-probabilities")?;
@@ -717,20 +718,7 @@ impl Backend for CudaBackend {
     }
 
     fn logits_rows(&self, hidden: &CudaAct, head: &CudaWeight, rows: &[usize]) -> Result<Vec<f32>> {
-        ensure!(
-            head.shape.len() == 2,
-            "logits_rows: {} is not a matrix",
-            head.name
-        );
-        let (vocab, d) = (head.shape[0], head.shape[1]);
-        ensure!(
-            hidden.cols == d,
-            "logits_rows: hidden size {} but the LM head expects {d}",
-            hidden.cols
-        );
-        for &r in rows {
-            ensure!(r < hidden.rows, "logits_rows: row {r} out of range");
-        }
+        let vocab = check_logit_rows(head, hidden, rows)?;
         let mut out = vec![0.0f32; rows.len() * vocab];
         if rows.is_empty() {
             return Ok(out);

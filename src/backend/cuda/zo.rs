@@ -14,6 +14,17 @@ use crate::zo::ZoOptimizer;
 use anyhow::{bail, Result};
 use std::path::Path;
 
+impl PhiloxKey {
+    /// The stream of tensor `id` at a step: the element-wise z of a pass.
+    pub(crate) fn of_tensor(key: StepKey, id: ParamId) -> Self {
+        PhiloxKey {
+            seed: key.seed,
+            step: key.step,
+            tensor: id as u32,
+        }
+    }
+}
+
 impl CudaBackend {
     /// The low-rank pass: w <- (w - offset z) + to z with z = U diag(coef) V^T / sqrt(r).
     pub(crate) fn zo_low_rank_move(
@@ -108,11 +119,7 @@ impl ZoBackend for CudaBackend {
                 return self.zo_low_rank_move(w, id, key.seed, coef, offset, to);
             }
         };
-        let pkey = PhiloxKey {
-            seed: key.seed,
-            step: key.step,
-            tensor: id as u32,
-        };
+        let pkey = PhiloxKey::of_tensor(key, id);
         let n = w.numel();
         let elem = |rule| kernels::zo_pass(&self.dev, w.ptr(), w.dtype, n, pkey, ez, offset, rule);
         match (rule, moments) {
