@@ -588,6 +588,14 @@ fn bad_arguments_give_clear_errors() {
     check(|c| c.rank = 0, "rank must be at least 1");
     check(|c| c.eps = 0.0, "eps must be a positive number");
     check(|c| c.lr = f32::NAN, "learning rate");
+    check(
+        |c| {
+            c.method = Method::TezoAdam;
+            c.perturb = Perturb::Fused;
+            c.weight_decay = 0.1;
+        },
+        "weight decay is not supported with tezo-adam --perturb fused",
+    );
     let e = Perturb::parse("sideways").unwrap_err().to_string();
     assert!(e.contains("inplace or fused"), "{e}");
     let e = Perturb::parse_or_auto("sideways").unwrap_err().to_string();

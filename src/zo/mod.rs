@@ -100,9 +100,7 @@ impl Perturb {
             .tensors()
             .into_iter()
             .all(|t| B::weight_dtype(t) == DType::F32);
-        let low_rank_decay =
-            matches!(cfg.method, Method::Tezo | Method::TezoAdam) && cfg.weight_decay > 0.0;
-        if all_f32 || low_rank_decay {
+        if all_f32 || cfg.decay_needs_inplace() {
             Perturb::Inplace
         } else {
             Perturb::Fused
@@ -147,6 +145,12 @@ impl Default for ZoConfig {
 }
 
 impl ZoConfig {
+    /// Whether weight decay needs the in-place mode: TeZO's fused update stays low-rank, and
+    /// decay is not low-rank.
+    pub fn decay_needs_inplace(&self) -> bool {
+        matches!(self.method, Method::Tezo | Method::TezoAdam) && self.weight_decay > 0.0
+    }
+
     pub fn validate(&self) -> Result<()> {
         if !(self.eps > 0.0 && self.eps.is_finite()) {
             bail!("eps must be a positive number, got {}", self.eps);
@@ -163,8 +167,7 @@ impl ZoConfig {
         if self.weight_decay < 0.0 {
             bail!("weight decay must be >= 0, got {}", self.weight_decay);
         }
-        let low_rank = matches!(self.method, Method::Tezo | Method::TezoAdam);
-        if low_rank && self.perturb == Perturb::Fused && self.weight_decay > 0.0 {
+        if self.perturb == Perturb::Fused && self.decay_needs_inplace() {
             bail!(
                 "weight decay is not supported with {} --perturb fused: its update stays low-rank \
                  (use --perturb inplace)",
