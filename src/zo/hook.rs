@@ -165,14 +165,14 @@ pub(crate) struct RunningLogSumExp {
 }
 
 impl RunningLogSumExp {
-    const EMPTY: Self = RunningLogSumExp {
+    pub(crate) const EMPTY: Self = RunningLogSumExp {
         max: f32::NEG_INFINITY,
         sum: 0.0,
         target: f32::NAN,
     };
 
     /// Takes in the logits of vocabulary ids v0 .. v0 + logits.len().
-    fn add_block(&mut self, logits: &[f32], v0: usize, target: usize) {
+    pub(crate) fn add_block(&mut self, logits: &[f32], v0: usize, target: usize) {
         let (m, s) = max_sum_exp(logits);
         if m > self.max {
             self.sum = self.sum * ((self.max - m) as f64).exp() + s;

@@ -505,3 +505,189 @@ impl LinearHook<CudaBackend> for CudaFusedHook<'_> {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The fused hook's kernels against their CPU twins, on fresh random inputs with every
+    //! output poisoned first. They need a GPU; without one each test says it is skipped.
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::model::HostTensor;
+    use crate::rng::Philox;
+    use crate::zo::passes::{Rule, ZoBackend};
+
+    const KEY: StepKey = StepKey {
+        seed: 0x0123_4567_89AB_CDEF,
+        step: 9,
+    };
+
+    fn gpu() -> Option<CudaBackend> {
+        match super::super::cuda_available() {
+            Err(reason) => {
+                println!("skipped: no CUDA device ({reason})");
+                None
+            }
+            Ok(()) => Some(CudaBackend::new(0).expect("a CUDA device that does not start")),
+        }
+    }
+
+    fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let p = Philox::new(seed, 5, 1);
+        (0..n).map(|i| scale * p.normal(i as u64)).collect()
+    }
+
+    fn same_bits(what: &str, got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+            panic!(
+                "{what}: element {i} is {} where {} is expected",
+                got[i], want[i]
+            );
+        }
+    }
+
+    #[test]
+    fn perturbed_copies_and_gathered_rows_have_the_cpu_pass_bits() {
+        let Some(g) = gpu() else { return };
+        let (rows, cols, id, to) = (37, 130, 4, -2e-2);
+        for dtype in [DType::F32, DType::BF16] {
+            for (z, ez) in [
+                (ZSpec::Dense, ElemZ::Dense),
+                (
+                    ZSpec::Sparse { threshold: 0.03 },
+                    ElemZ::Sparse { threshold: 0.03 },
+                ),
+            ] {
+                let what = format!("{dtype:?} {z:?}");
+                let values = randn(rows * cols, 3, 0.05);
+                let host = |v: &[f32], r| HostTensor::from_f32_as("w", vec![r, cols], v, dtype);
+                let w = g.upload_tensor(&host(&values, rows), dtype).unwrap();
+                // The CPU twin: an in-place Move pass from offset 0 over the whole tensor.
+                let mut want = host(&values, rows);
+                let rule = Rule::Move { to };
+                CpuBackend::new()
+                    .zo_pass(&mut want, id, KEY, z, 0.0, rule, None)
+                    .unwrap();
+                let want = want.to_f32_vec();
+
+                // A block of rows 3 .. 23: its z starts inside the tensor.
+                let (r0, nr) = (3, 20);
+                let poison = vec![f32::NAN; nr * cols];
+                let dst = g.upload_tensor(&host(&poison, nr), dtype).unwrap();
+                kernels::zo_perturbed_copy(
+                    &g.dev,
+                    w.buf.ptr_at(r0 * cols * elt(dtype)),
+                    dst.ptr(),
+                    dtype,
+                    nr * cols,
+                    (r0 * cols) as u64,
+                    PhiloxKey::of_tensor(KEY, id),
+                    ez,
+                    to,
+                )
+                .unwrap();
+                let got = g.weight_to_host(&dst).unwrap();
+                same_bits(
+                    &format!("{what} block copy"),
+                    &got,
+                    &want[r0 * cols..(r0 + nr) * cols],
+                );
+
+                // Gathered rows, one repeated.
+                let ids = [5u32, 0, 36, 5];
+                let n = ids.len();
+                let mut out = g
+                    .from_host(&vec![f32::NAN; n * cols], n, cols, Tag::Activations)
+                    .unwrap();
+                g.embed(&w, &ids, &mut out).unwrap();
+                let ids_dev = g.buf_from_host(&ids, Tag::Scratch, "ids").unwrap();
+                kernels::zo_perturb_gathered(
+                    &g.dev,
+                    out.ptr(),
+                    ids_dev.ptr(),
+                    dtype,
+                    n,
+                    cols,
+                    PhiloxKey::of_tensor(KEY, id),
+                    ez,
+                    to,
+                )
+                .unwrap();
+                let got = g.to_host(&out).unwrap();
+                let want_rows: Vec<f32> = ids
+                    .iter()
+                    .flat_map(|&t| want[t as usize * cols..(t as usize + 1) * cols].to_vec())
+                    .collect();
+                same_bits(&format!("{what} gathered rows"), &got, &want_rows);
+            }
+        }
+    }
+
+    #[test]
+    fn vocabulary_blocks_and_scaled_factors_match_their_cpu_twins() {
+        let Some(g) = gpu() else { return };
+        // Running log-sum-exp over blocks of 64 of 300 logits (the last block short).
+        let (rows, vocab, block) = (6, 300, 64);
+        let logits = randn(rows * vocab, 7, 3.0);
+        let targets = [0i32, 299, 64, 63, 150, 7];
+        let mut want = vec![RunningLogSumExp::EMPTY; rows];
+        let put = |v: &[f32], what| g.buf_from_host(v, Tag::Scratch, what).unwrap();
+        let run_max = put(&vec![f32::NEG_INFINITY; rows], "maxima");
+        let run_sum = g
+            .buf_from_host(&vec![0.0f64; rows], Tag::Scratch, "sums")
+            .unwrap();
+        let run_tgt = put(&vec![f32::NAN; rows], "targets");
+        let tgt = g.buf_from_host(&targets, Tag::Scratch, "ids").unwrap();
+        for v0 in (0..vocab).step_by(block) {
+            let nv = block.min(vocab - v0);
+            let part: Vec<f32> = (0..rows)
+                .flat_map(|r| logits[r * vocab + v0..r * vocab + v0 + nv].to_vec())
+                .collect();
+            for (run, (p, &t)) in want.iter_mut().zip(part.chunks(nv).zip(&targets)) {
+                run.add_block(p, v0, t as usize);
+            }
+            let dev_part = put(&part, "a block of logits");
+            kernels::lse_block(
+                &g.dev,
+                dev_part.ptr(),
+                nv,
+                v0,
+                tgt.ptr(),
+                run_max.ptr(),
+                run_sum.ptr(),
+                run_tgt.ptr(),
+                rows,
+            )
+            .unwrap();
+        }
+        let max: Vec<f32> = g.buf_to_host(&run_max, rows).unwrap();
+        let sum: Vec<f64> = g.buf_to_host(&run_sum, rows).unwrap();
+        let target: Vec<f32> = g.buf_to_host(&run_tgt, rows).unwrap();
+        for (r, w) in want.iter().enumerate() {
+            assert_eq!(max[r].to_bits(), w.max.to_bits(), "row {r}: maximum");
+            assert_eq!(
+                target[r].to_bits(),
+                w.target.to_bits(),
+                "row {r}: target logit"
+            );
+            let e = (sum[r] - w.sum).abs() / w.sum;
+            assert!(e < 1e-5, "row {r}: sum of exponentials off by {e:e}");
+        }
+
+        // U diag(c) / sqrt(r), multiplied in the low-rank kernel's order.
+        let (m, rank) = (45, 7);
+        let u = randn(m * rank, 8, 1.0);
+        let coef = randn(rank, 9, 1e-2);
+        let norm = 1.0 / (rank as f32).sqrt();
+        let x = put(&u, "U");
+        let c = put(&coef, "coefficients");
+        kernels::scale_cols(&g.dev, x.ptr(), m * rank, rank, c.ptr(), norm).unwrap();
+        let got: Vec<f32> = g.buf_to_host(&x, m * rank).unwrap();
+        let want: Vec<f32> = u
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * coef[i % rank] * norm)
+            .collect();
+        same_bits("scaled U", &got, &want);
+    }
+}
