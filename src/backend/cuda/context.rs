@@ -97,6 +97,47 @@ pub fn driver_version() -> Result<(i32, i32)> {
 
 /// Kernel arguments, each in its own 8-byte slot (cuLaunchKernel reads sizeof(param) bytes from
 /// each pointer, so 4-byte values sit in the low half of a little-endian slot).
+/// What runs kernels: the GPU (`Device`), or in tests the CPU emulation of csrc/ (see
+/// emulator/), so that the launchers in kernels.rs serve both.
+pub(crate) trait Launch {
+    /// Launches kernel `name` with `args` (its C signature, in order) over `grid` x `block`
+    /// threads and `smem` bytes of dynamic shared memory.
+    fn launch(
+        &self,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: usize,
+        args: Args,
+    ) -> Result<()>;
+}
+
+impl Launch for Device {
+    fn launch(
+        &self,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: usize,
+        args: Args,
+    ) -> Result<()> {
+        Device::launch(self, name, grid, block, smem, args)
+    }
+}
+
+impl<L: Launch + ?Sized> Launch for Arc<L> {
+    fn launch(
+        &self,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: usize,
+        args: Args,
+    ) -> Result<()> {
+        (**self).launch(name, grid, block, smem, args)
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct Args {
     slots: Vec<u64>,
@@ -127,6 +168,10 @@ impl Args {
     pub(crate) fn f32(mut self, v: f32) -> Self {
         self.slots.push(v.to_bits() as u64);
         self
+    }
+    /// The argument slots, in order (little-endian values in 8-byte slots).
+    pub(crate) fn into_slots(self) -> Vec<u64> {
+        self.slots
     }
 }
 

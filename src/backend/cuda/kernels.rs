@@ -1,7 +1,7 @@
 //! Typed launchers of the kernels in csrc/: each mirrors its kernel's C signature (the
 //! argument order here is the contract) and picks the launch shape.
 
-use super::context::{Args, Device};
+use super::context::{Args, Launch};
 use crate::model::DType;
 use anyhow::{bail, Result};
 
@@ -41,7 +41,7 @@ fn check_i32(what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| anyhow::anyhow!("{what} = {v} exceeds 32 bits"))
 }
 
-pub(crate) fn f32_to_bf16(dev: &Device, src: u64, dst: u64, n: usize) -> Result<()> {
+pub(crate) fn f32_to_bf16(dev: &dyn Launch, src: u64, dst: u64, n: usize) -> Result<()> {
     let args = Args::new().ptr(src).ptr(dst).u64(n as u64);
     dev.launch(
         "f32_to_bf16",
@@ -52,7 +52,7 @@ pub(crate) fn f32_to_bf16(dev: &Device, src: u64, dst: u64, n: usize) -> Result<
     )
 }
 
-pub(crate) fn bf16_to_f32(dev: &Device, src: u64, dst: u64, n: usize) -> Result<()> {
+pub(crate) fn bf16_to_f32(dev: &dyn Launch, src: u64, dst: u64, n: usize) -> Result<()> {
     let args = Args::new().ptr(src).ptr(dst).u64(n as u64);
     dev.launch(
         "bf16_to_f32",
@@ -65,7 +65,7 @@ pub(crate) fn bf16_to_f32(dev: &Device, src: u64, dst: u64, n: usize) -> Result<
 
 /// out[r] = src[rows[r]] for r < n_rows (rows of `cols` f32), stored as `out_dtype`.
 pub(crate) fn gather_rows(
-    dev: &Device,
+    dev: &dyn Launch,
     src: u64,
     rows: u64,
     out: u64,
@@ -94,7 +94,7 @@ pub(crate) fn gather_rows(
 }
 
 pub(crate) fn embed(
-    dev: &Device,
+    dev: &dyn Launch,
     table: u64,
     table_dtype: DType,
     ids: u64,
@@ -125,7 +125,7 @@ fn norm_threads(d: usize) -> u32 {
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn rmsnorm(
-    dev: &Device,
+    dev: &dyn Launch,
     x: u64,
     w: u64,
     w_dtype: DType,
@@ -152,7 +152,7 @@ pub(crate) fn rmsnorm(
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn add_rmsnorm(
-    dev: &Device,
+    dev: &dyn Launch,
     residual: u64,
     delta: u64,
     w: u64,
@@ -186,7 +186,7 @@ pub(crate) fn add_rmsnorm(
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn rope(
-    dev: &Device,
+    dev: &dyn Launch,
     x: u64,
     inv_freq: u64,
     rows: usize,
@@ -218,7 +218,7 @@ const ATT_BC: usize = 32;
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
-    dev: &Device,
+    dev: &dyn Launch,
     q: u64,
     k: u64,
     v: u64,
@@ -257,7 +257,7 @@ pub(crate) fn attention(
     dev.launch(name, grid, (128, 1, 1), smem, args)
 }
 
-pub(crate) fn swiglu(dev: &Device, gate: u64, up: u64, n: usize) -> Result<()> {
+pub(crate) fn swiglu(dev: &dyn Launch, gate: u64, up: u64, n: usize) -> Result<()> {
     let args = Args::new().ptr(gate).ptr(up).u64(n as u64);
     dev.launch(
         "swiglu_f32",
@@ -270,7 +270,7 @@ pub(crate) fn swiglu(dev: &Device, gate: u64, up: u64, n: usize) -> Result<()> {
 
 /// out[dst[r]] = log softmax(logits[r])[target[r]] for the `rows` rows of a logits chunk.
 pub(crate) fn target_logprob(
-    dev: &Device,
+    dev: &dyn Launch,
     logits: u64,
     vocab: usize,
     target: u64,
@@ -316,7 +316,7 @@ fn key_args(args: Args, key: PhiloxKey) -> Args {
 /// out[i] = shift + scale * z(start + i) in `dtype` (shift 0: scale * z).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn fill_normal(
-    dev: &Device,
+    dev: &dyn Launch,
     out: u64,
     dtype: DType,
     n: usize,
@@ -341,7 +341,7 @@ pub(crate) fn fill_normal(
 
 /// w[i] += scale * z(start + i), w in `dtype`.
 pub(crate) fn axpy_normal(
-    dev: &Device,
+    dev: &dyn Launch,
     w: u64,
     dtype: DType,
     n: usize,
@@ -363,7 +363,7 @@ pub(crate) fn axpy_normal(
 }
 
 pub(crate) fn fill_rademacher(
-    dev: &Device,
+    dev: &dyn Launch,
     out: u64,
     n: usize,
     key: PhiloxKey,
@@ -384,7 +384,7 @@ pub(crate) fn fill_rademacher(
 
 /// Raw words of Philox blocks [first, first + n) into out[4 n] (u32).
 pub(crate) fn philox_words(
-    dev: &Device,
+    dev: &dyn Launch,
     out: u64,
     n: usize,
     key: PhiloxKey,
@@ -429,7 +429,7 @@ pub(crate) enum ElemRule {
 /// w (n elements of `dtype`, holding w0 + offset z) <- rule(w0, z), z the normals of `key`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn zo_pass(
-    dev: &Device,
+    dev: &dyn Launch,
     w: u64,
     dtype: DType,
     n: usize,
@@ -458,7 +458,7 @@ pub(crate) fn zo_pass(
 /// place and `a` the step's hyperparameters.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn zo_adam_pass(
-    dev: &Device,
+    dev: &dyn Launch,
     w: u64,
     dtype: DType,
     m: u64,
@@ -514,7 +514,7 @@ pub(crate) fn low_rank_smem(rank: usize) -> usize {
 /// `coef` (`rank` of them), with norm = 1 / sqrt(rank) as the host computes it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn zo_low_rank_move(
-    dev: &Device,
+    dev: &dyn Launch,
     w: u64,
     dtype: DType,
     rows: usize,
@@ -569,7 +569,13 @@ pub(crate) fn zo_low_rank_move(
 }
 
 /// w <- w - factor w over n elements of `dtype`.
-pub(crate) fn zo_decay(dev: &Device, w: u64, dtype: DType, n: usize, factor: f32) -> Result<()> {
+pub(crate) fn zo_decay(
+    dev: &dyn Launch,
+    w: u64,
+    dtype: DType,
+    n: usize,
+    factor: f32,
+) -> Result<()> {
     let name = for_storage("zo_decay", dtype, "zo_decay_f32", "zo_decay_bf16")?;
     let args = Args::new().ptr(w).u64(n as u64).f32(factor);
     dev.launch(name, (grid_1d(n as u64), 1, 1), (THREADS, 1, 1), 0, args)
@@ -579,7 +585,7 @@ pub(crate) fn zo_decay(dev: &Device, w: u64, dtype: DType, n: usize, factor: f32
 /// Move pass from offset 0 leaves at element start + i, written to a copy.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn zo_perturbed_copy(
-    dev: &Device,
+    dev: &dyn Launch,
     src: u64,
     dst: u64,
     dtype: DType,
@@ -610,7 +616,7 @@ pub(crate) fn zo_perturbed_copy(
 /// becomes that row of the perturbed table (w0 + to z, rounded to `table_dtype`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn zo_perturb_gathered(
-    dev: &Device,
+    dev: &dyn Launch,
     rows_f32: u64,
     ids: u64,
     table_dtype: DType,
@@ -641,7 +647,7 @@ pub(crate) fn zo_perturb_gathered(
 
 /// x[i] = (x[i] coef[i % cols]) norm over n f32 elements (`coef` holds `cols` f32 values).
 pub(crate) fn scale_cols(
-    dev: &Device,
+    dev: &dyn Launch,
     x: u64,
     n: usize,
     cols: usize,
@@ -667,7 +673,7 @@ pub(crate) fn scale_cols(
 /// row's running maximum (f32), sum of exponentials (f64) and target logit (f32).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn lse_block(
-    dev: &Device,
+    dev: &dyn Launch,
     logits: u64,
     nv: usize,
     v0: usize,

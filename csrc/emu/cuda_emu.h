@@ -1,0 +1,107 @@
+// Runs the kernels of csrc/ on the CPU, for tests on machines without a GPU: every CUDA thread
+// of a block is a fiber of one OS thread, blocks run one after another, and __syncthreads and
+// the warp shuffles are barriers between the fibers. The float intrinsics keep their meaning
+// (each __f*_rn is one correctly rounded IEEE operation, __fmaf_rn one fused multiply-add), so
+// kernels built only from them give the GPU's bits; plain expressions and libm functions (expf,
+// sincosf) can differ from the device in the last place, as nvcc contracts and CUDA's libm
+// rounds differently.
+//
+// Force-included before each kernel source (see src/backend/cuda/emulator.rs, which also turns
+// `__shared__` into `static` and defines the `extern __shared__` arrays).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#define __host__
+#define __device__
+#define __global__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __launch_bounds__(...)
+#define __CUDACC__ 1
+
+struct uint3 {
+  unsigned x, y, z;
+};
+struct dim3 {
+  unsigned x, y, z;
+};
+struct alignas(8) float2 {
+  float x, y;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+
+// The running fiber's coordinates, set by the scheduler before it resumes a fiber.
+extern uint3 threadIdx, blockIdx;
+extern dim3 blockDim, gridDim;
+
+using std::max;
+using std::min;
+
+inline float __uint_as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float __int_as_float(int32_t i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+inline uint32_t __float_as_uint(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+// Separate functions and -ffp-contract=off (without -mfma there is no fused instruction to
+// contract into anyway) keep each operation rounded on its own.
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+
+// Barriers of the emulated block (every live thread) and of the caller's warp.
+void zf_emu_sync_block();
+void zf_emu_sync_warp();
+unsigned zf_emu_lane();
+// This warp's exchange slots: lane i's value is at slot i.
+uint64_t* zf_emu_warp_slots();
+
+inline void __syncthreads() { zf_emu_sync_block(); }
+
+template <typename T>
+T zf_emu_shfl(T v, unsigned src_lane) {
+  static_assert(sizeof(T) <= 8, "shuffled values fit 64 bits");
+  uint64_t* slots = zf_emu_warp_slots();
+  uint64_t raw = 0;
+  std::memcpy(&raw, &v, sizeof(T));
+  slots[zf_emu_lane()] = raw;
+  zf_emu_sync_warp();
+  raw = slots[src_lane & 31];
+  zf_emu_sync_warp();  // nobody overwrites a slot before every lane has read
+  T r;
+  std::memcpy(&r, &raw, sizeof(T));
+  return r;
+}
+
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int lane_mask) {
+  return zf_emu_shfl(v, zf_emu_lane() ^ (unsigned)lane_mask);
+}
+
+template <typename T>
+T __shfl_sync(unsigned, T v, int src_lane) {
+  return zf_emu_shfl(v, (unsigned)src_lane);
+}

@@ -1,0 +1,147 @@
+// The scheduler of the CPU emulation (see cuda_emu.h): a launch runs its blocks in order, and
+// within a block every thread is a fiber (ucontext) on the calling OS thread, resumed round-robin
+// until it finishes or waits at a barrier. A thread that returns stops counting at the barriers
+// (as exited threads do on the GPU). Not reentrant: the caller serializes launches.
+#include <ucontext.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+uint3 threadIdx, blockIdx;
+dim3 blockDim, gridDim;
+
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;
+
+struct Barrier {
+  unsigned expected = 0, arrived = 0, generation = 0;
+};
+
+struct Fiber {
+  ucontext_t ctx;
+  uint3 idx;
+  unsigned linear;
+  bool done;
+  std::vector<char> stack;
+};
+
+struct Launch {
+  void (*trampoline)(void**);
+  void** params;
+  std::vector<Fiber> fibers;
+  Barrier block;
+  std::vector<Barrier> warps;
+  std::vector<uint64_t> slots;  // 32 per warp
+  ucontext_t scheduler;
+  Fiber* current = nullptr;
+  uint64_t progress = 0;  // arrivals, releases and exits: what a deadlock lacks
+};
+
+Launch* g_launch = nullptr;
+
+void yield_to_scheduler() {
+  swapcontext(&g_launch->current->ctx, &g_launch->scheduler);
+}
+
+void arrive(Barrier& b) {
+  Launch& l = *g_launch;
+  const unsigned gen = b.generation;
+  ++l.progress;
+  if (++b.arrived == b.expected) {
+    b.arrived = 0;
+    ++b.generation;
+    return;
+  }
+  while (b.generation == gen) yield_to_scheduler();
+}
+
+// An exiting thread no longer counts; the others may now all be waiting for it.
+void leave(Barrier& b) {
+  --b.expected;
+  if (b.arrived > 0 && b.arrived == b.expected) {
+    b.arrived = 0;
+    ++b.generation;
+  }
+}
+
+void fiber_main() {
+  Launch& l = *g_launch;
+  l.trampoline(l.params);
+  Fiber* f = l.current;
+  f->done = true;
+  ++l.progress;
+  leave(l.block);
+  leave(l.warps[f->linear / 32]);
+  // Returning resumes uc_link, the scheduler.
+}
+
+}  // namespace
+
+void zf_emu_sync_block() { arrive(g_launch->block); }
+void zf_emu_sync_warp() { arrive(g_launch->warps[g_launch->current->linear / 32]); }
+unsigned zf_emu_lane() { return g_launch->current->linear % 32; }
+uint64_t* zf_emu_warp_slots() {
+  return g_launch->slots.data() + 32 * (g_launch->current->linear / 32);
+}
+
+// Runs trampoline(params) as kernel<<<grid, block>>>. Returns 0, or 1 when every live thread of
+// a block waits at a barrier that can never complete (the kernel would hang on the GPU).
+extern "C" int zf_emu_launch(void (*trampoline)(void**), void** params, unsigned gx, unsigned gy,
+                             unsigned gz, unsigned bx, unsigned by, unsigned bz) {
+  Launch l;
+  l.trampoline = trampoline;
+  l.params = params;
+  const unsigned threads = bx * by * bz;
+  l.fibers.resize(threads);
+  for (Fiber& f : l.fibers) f.stack.resize(kStackBytes);
+  const unsigned nwarps = (threads + 31) / 32;
+  l.warps.resize(nwarps);
+  l.slots.assign(32 * nwarps, 0);
+  g_launch = &l;
+  gridDim = dim3{gx, gy, gz};
+  blockDim = dim3{bx, by, bz};
+  int rc = 0;
+  for (unsigned z = 0; z < gz && rc == 0; ++z)
+    for (unsigned y = 0; y < gy && rc == 0; ++y)
+      for (unsigned x = 0; x < gx && rc == 0; ++x) {
+        blockIdx = uint3{x, y, z};
+        l.block = Barrier{threads, 0, 0};
+        for (unsigned w = 0; w < nwarps; ++w)
+          l.warps[w] = Barrier{std::min(32u, threads - 32 * w), 0, 0};
+        for (unsigned t = 0; t < threads; ++t) {
+          Fiber& f = l.fibers[t];
+          f.linear = t;
+          f.idx = uint3{t % bx, (t / bx) % by, t / (bx * by)};
+          f.done = false;
+          getcontext(&f.ctx);
+          f.ctx.uc_stack.ss_sp = f.stack.data();
+          f.ctx.uc_stack.ss_size = f.stack.size();
+          f.ctx.uc_link = &l.scheduler;
+          makecontext(&f.ctx, fiber_main, 0);
+        }
+        unsigned live = threads;
+        while (live > 0) {
+          const uint64_t before = l.progress;
+          live = 0;
+          for (Fiber& f : l.fibers) {
+            if (f.done) continue;
+            l.current = &f;
+            threadIdx = f.idx;
+            swapcontext(&l.scheduler, &f.ctx);
+            live += !f.done;
+          }
+          if (live > 0 && l.progress == before) {
+            std::fprintf(stderr,
+                         "zoft kernel emulator: block (%u, %u, %u) deadlocked: %u threads wait "
+                         "at a barrier the others never reach\n",
+                         x, y, z, live);
+            rc = 1;
+            break;
+          }
+        }
+      }
+  g_launch = nullptr;
+  return rc;
+}
