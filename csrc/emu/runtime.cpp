@@ -1,12 +1,15 @@
 // The scheduler of the CPU emulation (see cuda_emu.h): a launch runs its blocks in order, and
 // within a block every thread is a fiber (ucontext) on the calling OS thread, resumed round-robin
 // until it finishes or waits at a barrier. A thread that returns stops counting at the barriers
-// (as exited threads do on the GPU). Not reentrant: the caller serializes launches.
+// (as exited threads do on the GPU). Launches from several OS threads run one at a time.
 #include <ucontext.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
 #include <vector>
+
+#include "cuda_emu.h"
 
 uint3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;
@@ -90,6 +93,8 @@ uint64_t* zf_emu_warp_slots() {
 // a block waits at a barrier that can never complete (the kernel would hang on the GPU).
 extern "C" int zf_emu_launch(void (*trampoline)(void**), void** params, unsigned gx, unsigned gy,
                              unsigned gz, unsigned bx, unsigned by, unsigned bz) {
+  static std::mutex one_at_a_time;
+  std::lock_guard<std::mutex> lock(one_at_a_time);
   Launch l;
   l.trampoline = trampoline;
   l.params = params;

@@ -16,8 +16,8 @@
 
 pub mod alloc;
 pub mod context;
-#[cfg(test)]
-mod emulator;
+#[doc(hidden)]
+pub mod emulator;
 mod fused;
 pub mod gemm;
 pub mod kernels;

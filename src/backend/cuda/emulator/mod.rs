@@ -1,15 +1,22 @@
-//! The kernels of csrc/ run on the CPU, so that their launchers (kernels.rs, unchanged: the
-//! real argument lists and launch shapes) can be tested against the CPU backend on machines
-//! without a GPU. csrc/emu/ holds the emulation: every CUDA thread is a fiber, blocks run in
-//! turn, barriers and warp shuffles synchronize the fibers, and the rounded float intrinsics keep
-//! their IEEE meaning, so the kernels built only from them (Philox normals, the ZO passes) must
-//! give the CPU's bits here as on the GPU. What the emulation cannot show: timing, races between
-//! blocks, and last-place differences of the device's libm and fma contraction.
+//! The kernels of csrc/ run on the CPU, for tests on machines without a GPU. csrc/emu/ holds
+//! the emulation: every CUDA thread is a fiber, blocks run in turn, barriers and warp shuffles
+//! synchronize the fibers, and the rounded float intrinsics keep their IEEE meaning, so the
+//! kernels built only from them (Philox normals, the ZO passes) must give the CPU's bits here as
+//! on the GPU. What it cannot show: timing, races between blocks, and last-place differences of
+//! the device's libm and fma contraction.
 //!
-//! The kernel sources are compiled once per test process with the system C++ compiler ($CXX, or
-//! c++); pointers are host addresses.
+//! Two ways in:
+//! - `emulator()` (unit tests): an `Emulator` that implements `Launch`, so the launchers of
+//!   kernels.rs run unchanged on host buffers (zo_ops.rs, forward_ops.rs).
+//! - `install()` (tests/cuda_parity.rs): a stand-in for the CUDA driver and cuBLAS (the subset
+//!   zoft calls, csrc/emu/driver.cpp and cublas.cpp), loaded under the sonames libcuda.so and
+//!   libcublas.so before cudarc looks for them, so the whole unchanged CUDA backend runs on it.
+//!
+//! The sources are compiled once per process with the system C++ compiler ($CXX, or c++).
 
+#[cfg(test)]
 mod forward_ops;
+#[cfg(test)]
 mod zo_ops;
 
 use super::context::{Args, Launch, KERNELS};
@@ -18,27 +25,28 @@ use std::ffi::c_void;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 /// Bytes of dynamic shared memory each `extern __shared__` array gets (the largest an H100
-/// block can opt into is 227 KB).
+/// block can opt into is 227 KB); csrc/emu/driver.cpp reports the same limit.
 const DYNAMIC_SMEM_BYTES: usize = 256 * 1024;
 
 type Trampoline = unsafe extern "C" fn(*mut *mut c_void);
-type KernelLookup = unsafe extern "C" fn() -> Trampoline;
+type KernelLookup = unsafe extern "C" fn(*const std::ffi::c_char) -> Option<Trampoline>;
 type LaunchFn =
     unsafe extern "C" fn(Trampoline, *mut *mut c_void, u32, u32, u32, u32, u32, u32) -> i32;
 
-pub(crate) struct Emulator {
-    lib: libloading::Library,
-    /// The emulation's scheduler state is global: one launch at a time.
-    lock: Mutex<()>,
+/// The emulated kernels and driver (libcuda.so) and cuBLAS (libcublas.so), loaded for the
+/// life of the process.
+pub struct Emulator {
+    driver: libloading::Library,
+    _blas: libloading::Library,
 }
 
-/// The emulator, built on first use. None (after saying why) when there is no C++ compiler,
-/// unless ZOFT_REQUIRE_KERNELS=1, where that fails as a missing nvcc does; a compiler that
-/// rejects the kernels always fails.
-pub(crate) fn emulator() -> Option<&'static Emulator> {
+/// The emulator, built and loaded on first use. None (after saying why) when there is no C++
+/// compiler, unless ZOFT_REQUIRE_KERNELS=1, where that fails as a missing nvcc does; a compiler
+/// that rejects the sources always fails.
+pub fn emulator() -> Option<&'static Emulator> {
     static EMU: OnceLock<Option<Result<Emulator, String>>> = OnceLock::new();
     let built = EMU.get_or_init(|| {
         let cxx = compiler();
@@ -60,6 +68,13 @@ pub(crate) fn emulator() -> Option<&'static Emulator> {
     }
 }
 
+/// Makes the emulated device the CUDA device of this process: after it, `CudaBackend::new(0)`
+/// runs on the CPU. Returns false when the emulator cannot be built here (see `emulator`).
+/// Call it only where no real driver is loaded (`cuda_available()` failed).
+pub fn install() -> bool {
+    emulator().is_some()
+}
+
 /// $CXX, or c++.
 fn compiler() -> String {
     std::env::var("CXX").unwrap_or_else(|_| "c++".into())
@@ -69,39 +84,56 @@ impl Emulator {
     fn build(cxx: &str) -> Result<Self> {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let csrc = root.join("csrc");
+        let emu = csrc.join("emu");
         let dir = std::env::temp_dir().join(format!("zoft-emu-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let unit = dir.join("kernels_emulated.cpp");
         std::fs::write(&unit, translation_unit(&csrc)?)?;
-        let lib_path = dir.join("libzoft_emu.so");
-        let out = Command::new(cxx)
-            .args(["-std=c++20", "-O1", "-fPIC", "-shared", "-ffp-contract=off"])
-            .arg("-I")
-            .arg(csrc.join("emu"))
-            .arg("-I")
-            .arg(&csrc)
-            .arg("-include")
-            .arg(csrc.join("emu/cuda_emu.h"))
-            .arg(&unit)
-            .arg(csrc.join("emu/runtime.cpp"))
-            .arg("-o")
-            .arg(&lib_path)
-            .output()
-            .map_err(|e| anyhow!("running the C++ compiler {cxx:?}: {e}"))?;
-        if !out.status.success() {
-            bail!(
-                "compiling the kernels for the CPU ({}) failed:\n{}",
-                unit.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        // SAFETY: a library built just now from our sources; its initializers only zero arrays.
-        let lib = unsafe { libloading::Library::new(&lib_path) }
-            .map_err(|e| anyhow!("loading {}: {e}", lib_path.display()))?;
+        let compile = |out: &Path, soname: &str, sources: &[&Path]| -> Result<()> {
+            let res = Command::new(cxx)
+                .args(["-std=c++20", "-O1", "-fPIC", "-shared", "-ffp-contract=off"])
+                .arg(format!("-Wl,-soname,{soname}"))
+                .arg("-I")
+                .arg(&emu)
+                .arg("-I")
+                .arg(&csrc)
+                .args(sources)
+                .arg("-o")
+                .arg(out)
+                .output()
+                .map_err(|e| anyhow!("running the C++ compiler {cxx:?}: {e}"))?;
+            if !res.status.success() {
+                bail!(
+                    "compiling {soname} for the CPU failed:\n{}",
+                    String::from_utf8_lossy(&res.stderr)
+                );
+            }
+            Ok(())
+        };
+        let driver = dir.join("libcuda.so");
+        compile(
+            &driver,
+            "libcuda.so",
+            &[&unit, &emu.join("runtime.cpp"), &emu.join("driver.cpp")],
+        )?;
+        let blas = dir.join("libcublas.so");
+        compile(&blas, "libcublas.so", &[&emu.join("cublas.cpp")])?;
+        // Global, so that cudarc's dlopen("libcuda.so") and dlopen("libcublas.so") find these by
+        // soname rather than searching the library path.
+        let open = |p: &Path| -> Result<libloading::Library> {
+            let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL;
+            // SAFETY: libraries built just now from our sources; their initializers only set up
+            // plain data.
+            unsafe { libloading::os::unix::Library::open(Some(p), flags) }
+                .map(Into::into)
+                .map_err(|e| anyhow!("loading {}: {e}", p.display()))
+        };
+        let driver = open(&driver)?;
+        let blas = open(&blas)?;
         let _ = std::fs::remove_dir_all(&dir);
         Ok(Emulator {
-            lib,
-            lock: Mutex::new(()),
+            driver,
+            _blas: blas,
         })
     }
 }
@@ -115,7 +147,9 @@ fn translation_unit(csrc: &Path) -> Result<String> {
         .filter(|p| p.extension().is_some_and(|e| e == "cu"))
         .collect();
     sources.sort();
-    let mut unit = String::from("#include <type_traits>\n#include <utility>\n");
+    let mut unit = String::from(
+        "#include \"cuda_emu.h\"\n#include <cstring>\n#include <type_traits>\n#include <utility>\n",
+    );
     let mut body = String::new();
     for path in &sources {
         let src = std::fs::read_to_string(path)?;
@@ -157,12 +191,14 @@ fn translation_unit(csrc: &Path) -> Result<String> {
          \x20 static void run(void** p) { call(p, std::index_sequence_for<A...>{}); }\n\
          };\n",
     );
+    unit.push_str("extern \"C\" void (*zf_emu_kernel(const char* name))(void**) {\n");
     for k in KERNELS {
         writeln!(
             unit,
-            "extern \"C\" void (*zf_emu_kernel_{k}())(void**) {{ return &ZfTrampoline<decltype(&{k}), &{k}>::run; }}"
+            "  if (!std::strcmp(name, \"{k}\")) return &ZfTrampoline<decltype(&{k}), &{k}>::run;"
         )?;
     }
+    unit.push_str("  return nullptr;\n}\n");
     Ok(unit)
 }
 
@@ -185,16 +221,14 @@ impl Launch for Emulator {
         if smem > DYNAMIC_SMEM_BYTES {
             bail!("kernel {name}: {smem} bytes of shared memory (the emulator has {DYNAMIC_SMEM_BYTES})");
         }
-        let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: symbols of the library built from csrc; every KERNELS name has a trampoline.
+        let cname = std::ffi::CString::new(name)?;
+        // SAFETY: symbols of the library built from csrc, with these signatures.
         let (kernel, launch) = unsafe {
-            let lookup = self
-                .lib
-                .get::<KernelLookup>(format!("zf_emu_kernel_{name}").as_bytes())
-                .map_err(|_| anyhow!("unknown kernel {name}"))?;
-            let launch = self.lib.get::<LaunchFn>(b"zf_emu_launch")?;
-            (lookup(), *launch)
+            let lookup = self.driver.get::<KernelLookup>(b"zf_emu_kernel")?;
+            let launch = self.driver.get::<LaunchFn>(b"zf_emu_launch")?;
+            (lookup(cname.as_ptr()), *launch)
         };
+        let kernel = kernel.ok_or_else(|| anyhow!("unknown kernel {name}"))?;
         let mut slots = args.into_slots();
         let mut params: Vec<*mut c_void> = slots
             .iter_mut()
@@ -221,12 +255,21 @@ impl Launch for Emulator {
     }
 }
 
-/// The address of a host buffer, as a kernel argument.
+/// The address of a host buffer the kernel only reads, as a kernel argument.
+#[cfg(test)]
 pub(crate) fn addr<T>(v: &[T]) -> u64 {
     v.as_ptr() as u64
 }
 
+/// The address of a host buffer the kernel writes (taken from a unique borrow, so that the
+/// compiler does not assume the buffer unchanged).
+#[cfg(test)]
+pub(crate) fn addr_mut<T>(v: &mut [T]) -> u64 {
+    v.as_mut_ptr() as u64
+}
+
 /// Relative norm error |got - want| / |want|.
+#[cfg(test)]
 pub(crate) fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());
     let (mut num, mut den) = (0f64, 0f64);
@@ -238,6 +281,7 @@ pub(crate) fn rel_err(got: &[f32], want: &[f32]) -> f64 {
 }
 
 /// Asserts bit equality, naming the first difference.
+#[cfg(test)]
 pub(crate) fn same_bits(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {

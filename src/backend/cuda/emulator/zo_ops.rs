@@ -3,9 +3,14 @@
 //! built only from correctly rounded operations. Inputs are fresh random values; outputs are
 //! poisoned first where the kernel writes a buffer of its own.
 
-use super::{addr, emulator, same_bits};
-use crate::backend::cuda::kernels::{self, PhiloxKey};
+use super::{addr, addr_mut, emulator, same_bits};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::kernels::{self, ElemRule, ElemZ, PhiloxKey};
+use crate::model::{DType, HostTensor};
 use crate::rng::Philox;
+use crate::zo::direction::{StepKey, FACTOR_U, FACTOR_V};
+use crate::zo::hook::RunningLogSumExp;
+use crate::zo::passes::{AdamArgs, Rule, ZSpec, ZoBackend};
 
 const SEED: u64 = 0x0123_4567_89AB_CDEF;
 
@@ -21,17 +26,17 @@ fn philox_words_and_normals_are_the_cpu_generators() {
     // Blocks on both sides of 2^32: the counter's high word must carry.
     let (first, n) = ((1u64 << 32) - 5, 300);
     let mut words = vec![0xDEAD_BEEFu32; 4 * n];
-    kernels::philox_words(emu, addr(&words), n, key, first).unwrap();
+    kernels::philox_words(emu, addr_mut(&mut words), n, key, first).unwrap();
     let want: Vec<u32> = (0..n as u64).flat_map(|b| p.block(first + b)).collect();
     assert_eq!(words, want, "Philox words");
     words.clear();
 
     // From an element that is not the first of its block, over a length that ends mid-block.
     let (start, n) = (3u64, 1001);
-    let got = vec![f32::NAN; n];
+    let mut got = vec![f32::NAN; n];
     kernels::fill_normal(
         emu,
-        addr(&got),
+        addr_mut(&mut got),
         crate::model::DType::F32,
         n,
         key,
@@ -43,4 +48,417 @@ fn philox_words_and_normals_are_the_cpu_generators() {
     let mut want = vec![0.0; n];
     p.fill_normal(start, &mut want);
     same_bits(&got, &want, "normals");
+}
+
+const KEY: StepKey = StepKey {
+    seed: SEED,
+    step: 9,
+};
+
+fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let p = Philox::new(seed, 5, 1);
+    (0..n).map(|i| scale * p.normal(i as u64)).collect()
+}
+
+fn tensor(values: &[f32], shape: &[usize], dtype: DType) -> HostTensor {
+    HostTensor::from_f32_as("w", shape.to_vec(), values, dtype)
+}
+
+fn copy(t: &HostTensor) -> HostTensor {
+    HostTensor::from_bytes(t.name.clone(), t.shape.clone(), t.dtype, t.bytes())
+}
+
+/// The host address of a tensor's storage, for a kernel to write in place.
+fn storage(t: &mut HostTensor) -> u64 {
+    t.bytes_mut().as_mut_ptr() as u64
+}
+
+fn elem_z(z: ZSpec) -> ElemZ {
+    match z {
+        ZSpec::Dense => ElemZ::Dense,
+        ZSpec::Sparse { threshold } => ElemZ::Sparse { threshold },
+        ZSpec::LowRank { .. } => unreachable!("element-wise z only"),
+    }
+}
+
+/// The sparse threshold that leaves about a fifth of `values` free to move.
+fn fifth_threshold(values: &[f32]) -> f32 {
+    crate::zo::passes::abs_percentile(values.to_vec(), 0.8)
+}
+
+/// A tensor at w0 + eps z, as the first pass of a step leaves it, on the CPU.
+fn perturbed(
+    values: &[f32],
+    shape: &[usize],
+    dtype: DType,
+    id: usize,
+    z: ZSpec,
+    eps: f32,
+) -> HostTensor {
+    let mut t = tensor(values, shape, dtype);
+    CpuBackend::new()
+        .zo_pass(&mut t, id, KEY, z, 0.0, Rule::Move { to: eps }, None)
+        .unwrap();
+    t
+}
+
+#[test]
+fn element_wise_passes_leave_the_cpu_bits() {
+    let Some(emu) = emulator() else { return };
+    // 17 x 59 = 1003 elements: the last Philox block is partial.
+    let (shape, id, eps) = ([17usize, 59], 6, 1e-3f32);
+    let n = shape[0] * shape[1];
+    let values = randn(n, 11, 0.05);
+    let sparse = ZSpec::Sparse {
+        threshold: fifth_threshold(&values),
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        for z in [ZSpec::Dense, sparse] {
+            let key = PhiloxKey::of_tensor(KEY, id);
+            // +eps z from the unperturbed weights.
+            let mut got = tensor(&values, &shape, dtype);
+            kernels::zo_pass(
+                emu,
+                storage(&mut got),
+                dtype,
+                n,
+                key,
+                elem_z(z),
+                0.0,
+                ElemRule::Move { to: eps },
+            )
+            .unwrap();
+            let want = perturbed(&values, &shape, dtype, id, z, eps);
+            same_bits(
+                &got.to_f32_vec(),
+                &want.to_f32_vec(),
+                &format!("{dtype:?} {z:?} +eps z"),
+            );
+            // Then the two rules that follow it: -eps z (a Move to -eps), and the restore +
+            // SGD update with weight decay.
+            for (rule, erule) in [
+                (Rule::Move { to: -eps }, ElemRule::Move { to: -eps }),
+                (
+                    Rule::Sgd {
+                        lr: 0.3,
+                        g: -1.7,
+                        wd: 0.05,
+                    },
+                    ElemRule::Sgd {
+                        lr: 0.3,
+                        g: -1.7,
+                        wd: 0.05,
+                    },
+                ),
+            ] {
+                let mut got = copy(&want);
+                kernels::zo_pass(emu, storage(&mut got), dtype, n, key, elem_z(z), eps, erule)
+                    .unwrap();
+                let mut cpu = copy(&want);
+                CpuBackend::new()
+                    .zo_pass(&mut cpu, id, KEY, z, eps, rule, None)
+                    .unwrap();
+                same_bits(
+                    &got.to_f32_vec(),
+                    &cpu.to_f32_vec(),
+                    &format!("{dtype:?} {z:?} {rule:?}"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn adam_passes_leave_the_cpu_weights_and_moments() {
+    let Some(emu) = emulator() else { return };
+    let (shape, id, eps) = ([9usize, 45], 3, 1e-3f32);
+    let n = shape[0] * shape[1];
+    let values = randn(n, 12, 0.05);
+    let m0 = randn(n, 13, 1e-3);
+    let v0: Vec<f32> = randn(n, 14, 1e-3).iter().map(|x| x * x).collect();
+    let a = AdamArgs {
+        g: 2.5,
+        lr: 1e-3,
+        wd: 0.01,
+        beta1: 0.9,
+        beta2: 0.999,
+        c1: 0.19,
+        c2: 0.002,
+        eps: 1e-8,
+    };
+    let sparse = ZSpec::Sparse {
+        threshold: fifth_threshold(&values),
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        for z in [ZSpec::Dense, sparse] {
+            let start = perturbed(&values, &shape, dtype, id, z, eps);
+            let (mut cpu, mut cm, mut cv) = (copy(&start), m0.clone(), v0.clone());
+            CpuBackend::new()
+                .zo_pass(
+                    &mut cpu,
+                    id,
+                    KEY,
+                    z,
+                    eps,
+                    Rule::Adam(a),
+                    Some((&mut cm, &mut cv)),
+                )
+                .unwrap();
+            let (mut got, mut gm, mut gv) = (copy(&start), m0.clone(), v0.clone());
+            let key = PhiloxKey::of_tensor(KEY, id);
+            kernels::zo_adam_pass(
+                emu,
+                storage(&mut got),
+                dtype,
+                addr_mut(&mut gm),
+                addr_mut(&mut gv),
+                n,
+                key,
+                elem_z(z),
+                eps,
+                &a,
+            )
+            .unwrap();
+            let what = format!("{dtype:?} {z:?} Adam");
+            same_bits(
+                &got.to_f32_vec(),
+                &cpu.to_f32_vec(),
+                &format!("{what} weights"),
+            );
+            same_bits(&gm, &cm, &format!("{what} first moments"));
+            same_bits(&gv, &cv, &format!("{what} second moments"));
+        }
+    }
+}
+
+#[test]
+fn low_rank_passes_and_decay_leave_the_cpu_bits() {
+    let Some(emu) = emulator() else { return };
+    // 70 rows: two full tiles of 32 and a partial one; 300 columns: two blocks of 128 and a
+    // partial one.
+    let (rows, cols, id, eps) = (70usize, 300usize, 8, 1e-3f32);
+    let values = randn(rows * cols, 15, 0.05);
+    for dtype in [DType::F32, DType::BF16] {
+        for rank in [1usize, 5, 8] {
+            let coef = randn(rank, 16 + rank as u64, 1.0);
+            let z = ZSpec::LowRank { coef: &coef };
+            let what = format!("{dtype:?} rank {rank}");
+            // From +eps z to -eps z: the pass must take the old perturbation off first.
+            let start = perturbed(&values, &[rows, cols], dtype, id, z, eps);
+            let mut cpu = copy(&start);
+            CpuBackend::new()
+                .zo_pass(&mut cpu, id, KEY, z, eps, Rule::Move { to: -eps }, None)
+                .unwrap();
+            let mut got = copy(&start);
+            let factors = (FACTOR_U, FACTOR_V);
+            kernels::zo_low_rank_move(
+                emu,
+                storage(&mut got),
+                dtype,
+                rows,
+                cols,
+                addr(&coef),
+                rank,
+                KEY.seed,
+                id as u32,
+                factors,
+                eps,
+                -eps,
+            )
+            .unwrap();
+            same_bits(&got.to_f32_vec(), &cpu.to_f32_vec(), &what);
+        }
+        let mut cpu = tensor(&values, &[rows, cols], dtype);
+        let mut got = copy(&cpu);
+        CpuBackend::new().zo_decay(&mut cpu, 3e-3).unwrap();
+        kernels::zo_decay(emu, storage(&mut got), dtype, rows * cols, 3e-3).unwrap();
+        same_bits(
+            &got.to_f32_vec(),
+            &cpu.to_f32_vec(),
+            &format!("{dtype:?} decay"),
+        );
+    }
+}
+
+#[test]
+fn perturbed_copies_and_gathered_rows_have_the_cpu_pass_bits() {
+    let Some(emu) = emulator() else { return };
+    let (rows, cols, id, to) = (37, 130, 4, -2e-2);
+    let values = randn(rows * cols, 3, 0.05);
+    let sparse = ZSpec::Sparse {
+        threshold: fifth_threshold(&values),
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        for z in [ZSpec::Dense, sparse] {
+            let what = format!("{dtype:?} {z:?}");
+            let key = PhiloxKey::of_tensor(KEY, id);
+            // The CPU twin: an in-place Move pass from offset 0 over the whole tensor.
+            let w = tensor(&values, &[rows, cols], dtype);
+            let mut want = copy(&w);
+            CpuBackend::new()
+                .zo_pass(&mut want, id, KEY, z, 0.0, Rule::Move { to }, None)
+                .unwrap();
+            let want = want.to_f32_vec();
+
+            // A block of rows 3 .. 23: its z starts inside the tensor.
+            let (r0, nr) = (3, 20);
+            let elt = dtype.size();
+            let mut dst = tensor(&vec![f32::NAN; nr * cols], &[nr, cols], dtype);
+            let src = w.bytes()[r0 * cols * elt..].as_ptr() as u64;
+            let (n, start) = (nr * cols, (r0 * cols) as u64);
+            kernels::zo_perturbed_copy(
+                emu,
+                src,
+                storage(&mut dst),
+                dtype,
+                n,
+                start,
+                key,
+                elem_z(z),
+                to,
+            )
+            .unwrap();
+            let block = &want[r0 * cols..(r0 + nr) * cols];
+            same_bits(&dst.to_f32_vec(), block, &format!("{what} block copy"));
+
+            // Gathered rows (as the embedding kernel widens them), one row twice.
+            let ids = [5u32, 0, 36, 5];
+            let table = w.to_f32_vec();
+            let mut gathered: Vec<f32> = ids
+                .iter()
+                .flat_map(|&t| table[t as usize * cols..(t as usize + 1) * cols].to_vec())
+                .collect();
+            kernels::zo_perturb_gathered(
+                emu,
+                addr_mut(&mut gathered),
+                addr(&ids),
+                dtype,
+                ids.len(),
+                cols,
+                key,
+                elem_z(z),
+                to,
+            )
+            .unwrap();
+            let want_rows: Vec<f32> = ids
+                .iter()
+                .flat_map(|&t| want[t as usize * cols..(t as usize + 1) * cols].to_vec())
+                .collect();
+            same_bits(&gathered, &want_rows, &format!("{what} gathered rows"));
+        }
+    }
+}
+
+#[test]
+fn vocabulary_blocks_and_scaled_factors_match_their_cpu_twins() {
+    let Some(emu) = emulator() else { return };
+    // Running log-sum-exp over blocks of 64 of 300 logits (the last block short).
+    let (rows, vocab, block) = (6, 300, 64);
+    let logits = randn(rows * vocab, 7, 3.0);
+    let targets = [0i32, 299, 64, 63, 150, 7];
+    let mut want = vec![RunningLogSumExp::EMPTY; rows];
+    let mut run_max = vec![f32::NEG_INFINITY; rows];
+    let mut run_sum = vec![0.0f64; rows];
+    let mut run_tgt = vec![f32::NAN; rows];
+    for v0 in (0..vocab).step_by(block) {
+        let nv = block.min(vocab - v0);
+        let part: Vec<f32> = (0..rows)
+            .flat_map(|r| logits[r * vocab + v0..r * vocab + v0 + nv].to_vec())
+            .collect();
+        for (run, (p, &t)) in want.iter_mut().zip(part.chunks(nv).zip(&targets)) {
+            run.add_block(p, v0, t as usize);
+        }
+        kernels::lse_block(
+            emu,
+            addr(&part),
+            nv,
+            v0,
+            addr(&targets),
+            addr_mut(&mut run_max),
+            addr_mut(&mut run_sum),
+            addr_mut(&mut run_tgt),
+            rows,
+        )
+        .unwrap();
+    }
+    for (r, w) in want.iter().enumerate() {
+        assert_eq!(run_max[r].to_bits(), w.max.to_bits(), "row {r}: maximum");
+        assert_eq!(
+            run_tgt[r].to_bits(),
+            w.target.to_bits(),
+            "row {r}: target logit"
+        );
+        // exp comes from the host's libm here and CUDA's on the device, the CPU's from its own
+        // vectorized code, and the f64 sums run in different orders.
+        let e = (run_sum[r] - w.sum).abs() / w.sum;
+        assert!(e < 1e-5, "row {r}: sum of exponentials off by {e:e}");
+    }
+
+    // U diag(c) / sqrt(r), multiplied in the low-rank kernel's order.
+    let (m, rank) = (45, 7);
+    let u = randn(m * rank, 8, 1.0);
+    let coef = randn(rank, 9, 1e-2);
+    let norm = 1.0 / (rank as f32).sqrt();
+    let mut x = u.clone();
+    kernels::scale_cols(emu, addr_mut(&mut x), m * rank, rank, addr(&coef), norm).unwrap();
+    let want: Vec<f32> = u
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v * coef[i % rank] * norm)
+        .collect();
+    same_bits(&x, &want, "scaled U");
+}
+
+#[test]
+fn scaled_and_shifted_fills_and_axpy_are_the_cpu_expressions() {
+    let Some(emu) = emulator() else { return };
+    let key = PhiloxKey {
+        seed: SEED,
+        step: 2,
+        tensor: 17,
+    };
+    let p = Philox::new(SEED, 2, 17);
+    let (start, n) = (6u64, 517);
+    let z = |i: usize| p.normal(start + i as u64);
+    let elems = |f: &dyn Fn(usize) -> f32| (0..n).map(f).collect::<Vec<f32>>();
+
+    // The random model's norm gains and weights: 1 + 0.1 z in f32, 0.05 z rounded to bf16.
+    let mut got = vec![f32::NAN; n];
+    kernels::fill_normal(emu, addr_mut(&mut got), DType::F32, n, key, start, 0.1, 1.0).unwrap();
+    same_bits(&got, &elems(&|i| 1.0 + 0.1 * z(i)), "1 + 0.1 z");
+    let mut got = tensor(&vec![f32::NAN; n], &[n], DType::BF16);
+    kernels::fill_normal(
+        emu,
+        storage(&mut got),
+        DType::BF16,
+        n,
+        key,
+        start,
+        0.05,
+        0.0,
+    )
+    .unwrap();
+    let want = tensor(&elems(&|i| 0.05 * z(i)), &[n], DType::BF16);
+    same_bits(&got.to_f32_vec(), &want.to_f32_vec(), "0.05 z in bf16");
+
+    let base = randn(n, 21, 1.0);
+    for dtype in [DType::F32, DType::BF16] {
+        let mut got = tensor(&base, &[n], dtype);
+        kernels::axpy_normal(emu, storage(&mut got), dtype, n, key, start, -3e-2).unwrap();
+        let from = tensor(&base, &[n], dtype).to_f32_vec();
+        let want = tensor(&elems(&|i| from[i] + -3e-2 * z(i)), &[n], dtype);
+        same_bits(
+            &got.to_f32_vec(),
+            &want.to_f32_vec(),
+            &format!("{dtype:?} w + s z"),
+        );
+    }
+
+    let mut got = vec![f32::NAN; n];
+    kernels::fill_rademacher(emu, addr_mut(&mut got), n, key, start, 0.5).unwrap();
+    same_bits(
+        &got,
+        &elems(&|i| 0.5 * p.rademacher(start + i as u64)),
+        "Rademacher signs",
+    );
 }

@@ -1,0 +1,196 @@
+// The part of the CUDA driver API that zoft uses, served on the CPU, so that the unchanged CUDA
+// backend (through cudarc, which loads libcuda.so at run time) can run its tests on a machine
+// without a GPU. "Device" memory is host memory, streams and events are synchronous, the module
+// holds the emulated kernels (see cuda_emu.h) and a launch runs them to completion. Built with
+// the soname libcuda.so and loaded before cudarc looks for the driver (src/backend/cuda/emulator).
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+
+extern "C" int zf_emu_launch(void (*trampoline)(void**), void** params, unsigned gx, unsigned gy,
+                             unsigned gz, unsigned bx, unsigned by, unsigned bz);
+extern "C" void (*zf_emu_kernel(const char* name))(void**);
+
+namespace {
+
+typedef int CUresult;
+constexpr CUresult OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, NOT_FOUND = 500,
+                   LAUNCH_FAILED = 719;
+
+// What the emulated device reports: large enough for every test, small enough that a request
+// far past it fails as an out-of-memory error would.
+constexpr size_t kTotalBytes = size_t(16) << 30;
+constexpr size_t kDynamicSmemBytes = 256 * 1024;
+
+std::mutex g_mu;
+std::map<unsigned long long, size_t> g_allocs;
+size_t g_held = 0;
+int g_dummy_ctx, g_dummy_module;
+
+CUresult alloc(unsigned long long* p, size_t bytes) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  if (bytes > kTotalBytes - g_held) return OUT_OF_MEMORY;
+  void* m = std::aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
+  if (!m) return OUT_OF_MEMORY;
+  *p = (unsigned long long)m;
+  g_allocs[*p] = bytes;
+  g_held += bytes;
+  return OK;
+}
+
+CUresult release(unsigned long long p) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  auto it = g_allocs.find(p);
+  if (it == g_allocs.end()) return INVALID_VALUE;
+  g_held -= it->second;
+  g_allocs.erase(it);
+  std::free((void*)p);
+  return OK;
+}
+
+double now_ms() {
+  using namespace std::chrono;
+  return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace
+
+extern "C" {
+
+CUresult cuInit(unsigned) { return OK; }
+CUresult cuDriverGetVersion(int* v) { *v = 13000; return OK; }
+CUresult cuDeviceGetCount(int* n) { *n = 1; return OK; }
+CUresult cuDeviceGet(int* dev, int ordinal) {
+  if (ordinal != 0) return INVALID_VALUE;
+  *dev = 0;
+  return OK;
+}
+CUresult cuDeviceGetName(char* name, int len, int) {
+  std::snprintf(name, len, "zoft kernel emulator (CPU)");
+  return OK;
+}
+CUresult cuDeviceTotalMem_v2(size_t* bytes, int) { *bytes = kTotalBytes; return OK; }
+CUresult cuDeviceGetAttribute(int* v, int attr, int) {
+  switch (attr) {
+    case 75: *v = 9; break;                     // compute capability major
+    case 76: *v = 0; break;                     // minor
+    case 97: *v = (int)kDynamicSmemBytes; break;  // max shared memory per block (opt-in)
+    case 115: *v = 1; break;                    // memory pools (async allocation)
+    case 1: *v = 1024; break;                   // max threads per block
+    case 10: *v = 32; break;                    // warp size
+    case 16: *v = 1; break;                     // multiprocessors
+    default: *v = 0;
+  }
+  return OK;
+}
+CUresult cuDevicePrimaryCtxRetain(void** ctx, int) { *ctx = &g_dummy_ctx; return OK; }
+CUresult cuDevicePrimaryCtxRelease_v2(int) { return OK; }
+CUresult cuCtxSetCurrent(void*) { return OK; }
+CUresult cuCtxGetCurrent(void** ctx) { *ctx = &g_dummy_ctx; return OK; }
+CUresult cuCtxPushCurrent_v2(void*) { return OK; }
+CUresult cuCtxPopCurrent_v2(void** ctx) { if (ctx) *ctx = &g_dummy_ctx; return OK; }
+CUresult cuCtxSynchronize() { return OK; }
+CUresult cuCtxGetDevice(int* dev) { *dev = 0; return OK; }
+
+CUresult cuStreamCreate(void** s, unsigned) { *s = new int(0); return OK; }
+CUresult cuStreamCreateWithPriority(void** s, unsigned, int) { *s = new int(0); return OK; }
+CUresult cuStreamDestroy_v2(void* s) { delete (int*)s; return OK; }
+CUresult cuStreamSynchronize(void*) { return OK; }
+CUresult cuStreamQuery(void*) { return OK; }
+CUresult cuStreamWaitEvent(void*, void*, unsigned) { return OK; }
+
+CUresult cuEventCreate(void** e, unsigned) { *e = new double(0); return OK; }
+CUresult cuEventDestroy_v2(void* e) { delete (double*)e; return OK; }
+CUresult cuEventRecord(void* e, void*) { *(double*)e = now_ms(); return OK; }
+CUresult cuEventRecordWithFlags(void* e, void*, unsigned) { *(double*)e = now_ms(); return OK; }
+CUresult cuEventSynchronize(void*) { return OK; }
+CUresult cuEventQuery(void*) { return OK; }
+CUresult cuEventElapsedTime(float* ms, void* start, void* end) {
+  *ms = (float)(*(double*)end - *(double*)start);
+  return OK;
+}
+CUresult cuEventElapsedTime_v2(float* ms, void* start, void* end) {
+  return cuEventElapsedTime(ms, start, end);
+}
+
+CUresult cuMemAlloc_v2(unsigned long long* p, size_t bytes) { return alloc(p, bytes); }
+CUresult cuMemAllocAsync(unsigned long long* p, size_t bytes, void*) { return alloc(p, bytes); }
+CUresult cuMemFree_v2(unsigned long long p) { return release(p); }
+CUresult cuMemFreeAsync(unsigned long long p, void*) { return release(p); }
+CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  *free_bytes = kTotalBytes - g_held;
+  *total = kTotalBytes;
+  return OK;
+}
+CUresult cuMemAllocHost_v2(void** p, size_t bytes) {
+  *p = std::malloc(bytes ? bytes : 1);
+  return *p ? OK : OUT_OF_MEMORY;
+}
+CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) { return cuMemAllocHost_v2(p, bytes); }
+CUresult cuMemFreeHost(void* p) { std::free(p); return OK; }
+CUresult cuMemcpyHtoD_v2(unsigned long long d, const void* h, size_t n) {
+  std::memcpy((void*)d, h, n);
+  return OK;
+}
+CUresult cuMemcpyHtoDAsync_v2(unsigned long long d, const void* h, size_t n, void*) {
+  return cuMemcpyHtoD_v2(d, h, n);
+}
+CUresult cuMemcpyDtoH_v2(void* h, unsigned long long d, size_t n) {
+  std::memcpy(h, (const void*)d, n);
+  return OK;
+}
+CUresult cuMemcpyDtoHAsync_v2(void* h, unsigned long long d, size_t n, void*) {
+  return cuMemcpyDtoH_v2(h, d, n);
+}
+CUresult cuMemcpyDtoD_v2(unsigned long long d, unsigned long long s, size_t n) {
+  std::memmove((void*)d, (const void*)s, n);
+  return OK;
+}
+CUresult cuMemcpyDtoDAsync_v2(unsigned long long d, unsigned long long s, size_t n, void*) {
+  return cuMemcpyDtoD_v2(d, s, n);
+}
+CUresult cuMemsetD8_v2(unsigned long long d, unsigned char v, size_t n) {
+  std::memset((void*)d, v, n);
+  return OK;
+}
+CUresult cuMemsetD8Async(unsigned long long d, unsigned char v, size_t n, void*) {
+  return cuMemsetD8_v2(d, v, n);
+}
+
+CUresult cuModuleLoadData(void** module, const void*) { *module = &g_dummy_module; return OK; }
+CUresult cuModuleUnload(void*) { return OK; }
+CUresult cuModuleGetFunction(void** f, void*, const char* name) {
+  auto k = zf_emu_kernel(name);
+  if (!k) return NOT_FOUND;
+  *f = (void*)k;
+  return OK;
+}
+CUresult cuFuncSetAttribute(void*, int, int) { return OK; }
+CUresult cuFuncGetAttribute(int* v, int, void*) { *v = 0; return OK; }
+
+CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                        unsigned bz, unsigned smem, void*, void** params, void** extra) {
+  if (extra || smem > kDynamicSmemBytes || bx * by * bz == 0 || bx * by * bz > 1024)
+    return INVALID_VALUE;
+  if (gx == 0 || gy == 0 || gz == 0) return INVALID_VALUE;
+  return zf_emu_launch((void (*)(void**))f, params, gx, gy, gz, bx, by, bz) == 0 ? OK
+                                                                                 : LAUNCH_FAILED;
+}
+
+CUresult cuGetErrorString(CUresult e, const char** s) {
+  *s = e == OK ? "no error" : e == OUT_OF_MEMORY ? "out of memory (emulated device)"
+                            : e == LAUNCH_FAILED ? "kernel deadlocked in the emulator"
+                                                 : "error in the CUDA emulator";
+  return OK;
+}
+CUresult cuGetErrorName(CUresult e, const char** s) {
+  *s = e == OK ? "CUDA_SUCCESS" : e == OUT_OF_MEMORY ? "CUDA_ERROR_OUT_OF_MEMORY"
+                                                     : "CUDA_ERROR_EMULATED";
+  return OK;
+}
+
+}  // extern "C"
