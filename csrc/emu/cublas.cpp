@@ -6,7 +6,13 @@
 #include <cstring>
 #include <vector>
 
+// The product, when the loader registers one (zoft registers its CPU GEMM): out = a b^T for
+// row-major a [m x k] and b [n x k], out column-major [m x n].
+typedef void (*HostGemm)(int m, int n, int k, const float* a, const float* b, float* out);
+
 namespace {
+
+HostGemm g_host_gemm = nullptr;
 
 constexpr int OK = 0, INVALID_VALUE = 7, NOT_SUPPORTED = 15;
 constexpr int R_32F = 0, R_16BF = 14;
@@ -38,6 +44,8 @@ void store(void* p, int type, size_t i, float v) {
 
 extern "C" {
 
+void zf_emu_set_host_gemm(HostGemm f) { g_host_gemm = f; }
+
 int cublasCreate_v2(void** handle) { *handle = &g_handle; return OK; }
 int cublasDestroy_v2(void*) { return OK; }
 int cublasSetStream_v2(void*, void*) { return OK; }
@@ -60,19 +68,24 @@ int cublasGemmEx(void*, int transa, int transb, int m, int n, int k, const void*
   for (int j = 0; j < n; ++j)
     for (int l = 0; l < k; ++l)
       bt[(size_t)j * k + l] = load(B, btype, transb ? j + (size_t)l * ldb : l + (size_t)j * ldb);
+  std::vector<float> prod((size_t)m * n, 0.0f);
+  if (k > 0 && g_host_gemm) {
+    g_host_gemm(m, n, k, at.data(), bt.data(), prod.data());
+  } else {
+    for (int j = 0; j < n; ++j)
+      for (int i = 0; i < m; ++i) {
+        const float* x = &at[(size_t)i * k];
+        const float* y = &bt[(size_t)j * k];
+        float acc = 0.0f;
+        for (int l = 0; l < k; ++l) acc += x[l] * y[l];
+        prod[i + (size_t)j * m] = acc;
+      }
+  }
   for (int j = 0; j < n; ++j)
     for (int i = 0; i < m; ++i) {
-      const float* x = &at[(size_t)i * k];
-      const float* y = &bt[(size_t)j * k];
-      float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int l = 0;
-      for (; l + 8 <= k; l += 8)
-        for (int u = 0; u < 8; ++u) part[u] += x[l + u] * y[l + u];
-      float acc = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-      for (; l < k; ++l) acc += x[l] * y[l];
       const size_t c = i + (size_t)j * ldc;
       const float prior = b == 0.0f ? 0.0f : b * load(C, ctype, c);
-      store(C, ctype, c, a * acc + prior);
+      store(C, ctype, c, a * prod[i + (size_t)j * m] + prior);
     }
   return OK;
 }

@@ -2,6 +2,11 @@
 // within a block every thread is a fiber (ucontext) on the calling OS thread, resumed round-robin
 // until it finishes or waits at a barrier. A thread that returns stops counting at the barriers
 // (as exited threads do on the GPU). Launches from several OS threads run one at a time.
+//
+// The fibers live for the whole process and run one block after another: each starts once
+// through makecontext/setcontext, and every later switch is _setjmp/_longjmp, which unlike
+// swapcontext does not save and restore the signal mask (system calls at every switch).
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <cstdio>
@@ -23,29 +28,31 @@ struct Barrier {
 };
 
 struct Fiber {
-  ucontext_t ctx;
+  ucontext_t start;  // where the fiber begins, entered once
+  jmp_buf resume;    // where it waits: at a barrier, or done with a block
+  bool started = false;
+  bool done = false;
   uint3 idx;
-  unsigned linear;
-  bool done;
-  std::vector<char> stack;
+  unsigned linear = 0;
+  char* stack = nullptr;
 };
 
 struct Launch {
   void (*trampoline)(void**);
   void** params;
-  std::vector<Fiber> fibers;
   Barrier block;
   std::vector<Barrier> warps;
   std::vector<uint64_t> slots;  // 32 per warp
-  ucontext_t scheduler;
+  jmp_buf scheduler;
   Fiber* current = nullptr;
   uint64_t progress = 0;  // arrivals, releases and exits: what a deadlock lacks
 };
 
 Launch* g_launch = nullptr;
+std::vector<Fiber*> g_pool;
 
 void yield_to_scheduler() {
-  swapcontext(&g_launch->current->ctx, &g_launch->scheduler);
+  if (_setjmp(g_launch->current->resume) == 0) _longjmp(g_launch->scheduler, 1);
 }
 
 void arrive(Barrier& b) {
@@ -69,15 +76,32 @@ void leave(Barrier& b) {
   }
 }
 
+// One CUDA thread per block, for ever: the scheduler resumes it for each block it takes part in.
 void fiber_main() {
-  Launch& l = *g_launch;
-  l.trampoline(l.params);
-  Fiber* f = l.current;
-  f->done = true;
-  ++l.progress;
-  leave(l.block);
-  leave(l.warps[f->linear / 32]);
-  // Returning resumes uc_link, the scheduler.
+  for (;;) {
+    Launch& l = *g_launch;
+    Fiber* f = l.current;
+    l.trampoline(l.params);
+    f->done = true;
+    ++l.progress;
+    leave(l.block);
+    leave(l.warps[f->linear / 32]);
+    yield_to_scheduler();
+  }
+}
+
+Fiber* pooled_fiber(unsigned t) {
+  while (g_pool.size() <= t) {
+    Fiber* f = new Fiber;
+    f->stack = static_cast<char*>(std::malloc(kStackBytes));
+    getcontext(&f->start);
+    f->start.uc_stack.ss_sp = f->stack;
+    f->start.uc_stack.ss_size = kStackBytes;
+    f->start.uc_link = nullptr;
+    makecontext(&f->start, fiber_main, 0);
+    g_pool.push_back(f);
+  }
+  return g_pool[t];
 }
 
 }  // namespace
@@ -99,8 +123,12 @@ extern "C" int zf_emu_launch(void (*trampoline)(void**), void** params, unsigned
   l.trampoline = trampoline;
   l.params = params;
   const unsigned threads = bx * by * bz;
-  l.fibers.resize(threads);
-  for (Fiber& f : l.fibers) f.stack.resize(kStackBytes);
+  std::vector<Fiber*> fibers(threads);
+  for (unsigned t = 0; t < threads; ++t) {
+    fibers[t] = pooled_fiber(t);
+    fibers[t]->linear = t;
+    fibers[t]->idx = uint3{t % bx, (t / bx) % by, t / (bx * by)};
+  }
   const unsigned nwarps = (threads + 31) / 32;
   l.warps.resize(nwarps);
   l.slots.assign(32 * nwarps, 0);
@@ -115,33 +143,29 @@ extern "C" int zf_emu_launch(void (*trampoline)(void**), void** params, unsigned
         l.block = Barrier{threads, 0, 0};
         for (unsigned w = 0; w < nwarps; ++w)
           l.warps[w] = Barrier{std::min(32u, threads - 32 * w), 0, 0};
-        for (unsigned t = 0; t < threads; ++t) {
-          Fiber& f = l.fibers[t];
-          f.linear = t;
-          f.idx = uint3{t % bx, (t / bx) % by, t / (bx * by)};
-          f.done = false;
-          getcontext(&f.ctx);
-          f.ctx.uc_stack.ss_sp = f.stack.data();
-          f.ctx.uc_stack.ss_size = f.stack.size();
-          f.ctx.uc_link = &l.scheduler;
-          makecontext(&f.ctx, fiber_main, 0);
-        }
+        for (Fiber* f : fibers) f->done = false;
         unsigned live = threads;
         while (live > 0) {
           const uint64_t before = l.progress;
           live = 0;
-          for (Fiber& f : l.fibers) {
-            if (f.done) continue;
-            l.current = &f;
-            threadIdx = f.idx;
-            swapcontext(&l.scheduler, &f.ctx);
-            live += !f.done;
+          for (Fiber* f : fibers) {
+            if (f->done) continue;
+            l.current = f;
+            threadIdx = f->idx;
+            if (_setjmp(l.scheduler) == 0) {
+              if (f->started) _longjmp(f->resume, 1);
+              f->started = true;
+              setcontext(&f->start);
+            }
+            live += !f->done;
           }
           if (live > 0 && l.progress == before) {
             std::fprintf(stderr,
                          "zoft kernel emulator: block (%u, %u, %u) deadlocked: %u threads wait "
                          "at a barrier the others never reach\n",
                          x, y, z, live);
+            // The stuck fibers' stacks are abandoned: they start afresh next time.
+            for (Fiber* f : fibers) f->started = false;
             rc = 1;
             break;
           }

@@ -409,7 +409,12 @@ wide! {
                 s.iter_mut().for_each(|x| *x = math::exp(*x - m));
                 let denom = sum_lanes(s);
                 let inv = if denom > 0.0 { 1.0 / denom } else { 0.0 };
-                weighted_sum(s, &vh, padded_hd, padded_hd / LANES, &mut o);
+                if visible == 0 {
+                    // A row that sees no key (an empty sequence) gets zeros, as on the GPU.
+                    o.fill(0.0);
+                } else {
+                    weighted_sum(s, &vh, padded_hd, padded_hd / LANES, &mut o);
+                }
                 // SAFETY: row r, columns of head h: written by this task only (see AttnTask).
                 let dst = unsafe { std::slice::from_raw_parts_mut(t.out.add(r * qc + h * hd), hd) };
                 for (d, &x) in dst.iter_mut().zip(&o) {

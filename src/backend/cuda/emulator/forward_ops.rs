@@ -586,6 +586,8 @@ fn attention_nt4_head_dims_80_and_128_gqa_padding_and_decoding() {
     let cases = [
         // Three of the four accumulator slots in use.
         AttnCase::full(2, 1, 80, 33, &[33, 17]),
+        // An empty sequence beside a full one: both sides write zeros for its rows.
+        AttnCase::full(2, 2, 128, 5, &[5, 0]),
         // The second sequence's cache holds fewer keys than the first's offset: every row of
         // it sees exactly its 43 valid keys.
         AttnCase::decode(4, 2, 128, 5, 72, 60, &[65, 43]),

@@ -91,7 +91,10 @@ impl Emulator {
         std::fs::write(&unit, translation_unit(&csrc)?)?;
         let compile = |out: &Path, soname: &str, sources: &[&Path]| -> Result<()> {
             let res = Command::new(cxx)
-                .args(["-std=c++20", "-O1", "-fPIC", "-shared", "-ffp-contract=off"])
+                // _longjmp between fiber stacks is what the scheduler does; the fortified longjmp
+                // would take it for stack corruption.
+                .args(["-std=c++20", "-O2", "-fPIC", "-shared", "-ffp-contract=off"])
+                .arg("-U_FORTIFY_SOURCE")
                 .arg(format!("-Wl,-soname,{soname}"))
                 .arg("-I")
                 .arg(&emu)
@@ -130,6 +133,11 @@ impl Emulator {
         };
         let driver = open(&driver)?;
         let blas = open(&blas)?;
+        // SAFETY: the setter's signature in cublas.cpp; host_gemm lives as long as the process.
+        unsafe {
+            let set = blas.get::<unsafe extern "C" fn(HostGemm)>(b"zf_emu_set_host_gemm")?;
+            set(host_gemm);
+        }
         let _ = std::fs::remove_dir_all(&dir);
         Ok(Emulator {
             driver,
@@ -200,6 +208,45 @@ fn translation_unit(csrc: &Path) -> Result<String> {
     }
     unit.push_str("  return nullptr;\n}\n");
     Ok(unit)
+}
+
+type HostGemm = unsafe extern "C" fn(i32, i32, i32, *const f32, *const f32, *mut f32);
+
+/// The emulated cuBLAS's products, on all cores: out (column-major [m x n]) = a b^T for
+/// row-major a [m x k] and b [n x k] (cublas.cpp widens, transposes and scales around it).
+unsafe extern "C" fn host_gemm(
+    m: i32,
+    n: i32,
+    k: i32,
+    a: *const f32,
+    b: *const f32,
+    out: *mut f32,
+) {
+    let (m, n, k) = (m as usize, n as usize, k as usize);
+    // SAFETY: cublas.cpp passes buffers of m k, n k and m n floats.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out,
+            m as isize,
+            1,
+            false,
+            a,
+            1,
+            k as isize,
+            b,
+            k as isize,
+            1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        );
+    }
 }
 
 impl Launch for Emulator {
