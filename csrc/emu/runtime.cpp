@@ -161,8 +161,8 @@ extern "C" int zf_emu_launch(void (*trampoline)(void**), void** params, unsigned
           }
           if (live > 0 && l.progress == before) {
             std::fprintf(stderr,
-                         "zoft kernel emulator: block (%u, %u, %u) deadlocked: %u threads wait "
-                         "at a barrier the others never reach\n",
+                         "zoft kernel emulator: block (%u, %u, %u) deadlocked: its %u live threads all "
+                         "wait at barriers that can never complete\n",
                          x, y, z, live);
             // The stuck fibers' stacks are abandoned: they start afresh next time.
             for (Fiber* f : fibers) f->started = false;

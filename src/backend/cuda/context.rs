@@ -72,7 +72,18 @@ pub fn kernels_embedded() -> Result<&'static [u8], String> {
 
 /// Why CUDA cannot be used on this machine, or Ok. Never panics: the driver library is probed
 /// before anything calls into it.
+///
+/// With ZOFT_CUDA_EMULATOR=1 the CUDA device is the kernel emulator, which runs the kernels of
+/// csrc/ on the CPU (see `emulator`): a development aid for running the CUDA paths end to end
+/// where there is no GPU. It compiles the sources of the tree zoft was built from with the
+/// system C++ compiler, and it is slow.
 pub fn cuda_available() -> Result<(), String> {
+    if std::env::var("ZOFT_CUDA_EMULATOR").is_ok_and(|v| v == "1") && !super::emulator::install() {
+        return Err(
+            "ZOFT_CUDA_EMULATOR=1, but there is no C++ compiler to build the kernel emulator with"
+                .into(),
+        );
+    }
     // SAFETY: only tries to open the shared library.
     if !unsafe { sys::is_culib_present() } {
         return Err("the CUDA driver library (libcuda.so) was not found".into());

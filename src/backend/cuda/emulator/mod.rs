@@ -31,6 +31,9 @@ use std::sync::OnceLock;
 /// block can opt into is 227 KB); csrc/emu/driver.cpp reports the same limit.
 const DYNAMIC_SMEM_BYTES: usize = 256 * 1024;
 
+/// Kernels of csrc/emu/selftest.inc, which test the emulator itself.
+const SELFTEST_KERNELS: &[&str] = &["zf_emu_selftest_deadlock"];
+
 type Trampoline = unsafe extern "C" fn(*mut *mut c_void);
 type KernelLookup = unsafe extern "C" fn(*const std::ffi::c_char) -> Option<Trampoline>;
 type LaunchFn =
@@ -199,8 +202,11 @@ fn translation_unit(csrc: &Path) -> Result<String> {
          \x20 static void run(void** p) { call(p, std::index_sequence_for<A...>{}); }\n\
          };\n",
     );
+    let selftest = csrc.join("emu/selftest.inc");
+    writeln!(unit, "#line 1 \"{}\"", selftest.display())?;
+    unit.push_str(&std::fs::read_to_string(&selftest)?);
     unit.push_str("extern \"C\" void (*zf_emu_kernel(const char* name))(void**) {\n");
-    for k in KERNELS {
+    for k in KERNELS.iter().chain(SELFTEST_KERNELS) {
         writeln!(
             unit,
             "  if (!std::strcmp(name, \"{k}\")) return &ZfTrampoline<decltype(&{k}), &{k}>::run;"
@@ -339,6 +345,61 @@ pub(crate) fn same_bits(got: &[f32], want: &[f32], what: &str) {
             got[i].to_bits(),
             want[i],
             want[i].to_bits()
+        );
+    }
+}
+
+#[cfg(test)]
+mod launch_checks {
+    //! The emulator's own failures: what a GPU would refuse or hang on is an error here.
+    use super::*;
+
+    fn out() -> Vec<f32> {
+        vec![f32::NAN; 64]
+    }
+
+    #[test]
+    fn a_block_that_can_never_finish_is_reported_not_hung() {
+        let Some(emu) = emulator() else { return };
+        let mut v = out();
+        let args = Args::default().ptr(addr_mut(&mut v));
+        let err = emu
+            .launch("zf_emu_selftest_deadlock", (2, 1, 1), (32, 1, 1), 0, args)
+            .unwrap_err();
+        assert!(err.to_string().contains("deadlocked"), "{err}");
+        // The fibers left waiting do not poison later launches.
+        let mut words = vec![0u32; 8];
+        let key = super::super::kernels::PhiloxKey {
+            seed: 1,
+            step: 2,
+            tensor: 3,
+        };
+        super::super::kernels::philox_words(emu, addr_mut(&mut words), 2, key, 0).unwrap();
+        let p = crate::rng::Philox::new(1, 2, 3);
+        assert_eq!(words, [p.block(0), p.block(1)].concat());
+    }
+
+    #[test]
+    fn launch_shapes_a_gpu_refuses_are_refused() {
+        let Some(emu) = emulator() else { return };
+        let mut v = out();
+        for (block, smem, what) in [
+            ((2048, 1, 1), 0, "threads"),
+            ((0, 1, 1), 0, "threads"),
+            ((32, 1, 1), DYNAMIC_SMEM_BYTES + 4, "shared memory"),
+        ] {
+            let args = Args::default().ptr(addr_mut(&mut v));
+            let err = emu
+                .launch("zf_emu_selftest_deadlock", (1, 1, 1), block, smem, args)
+                .unwrap_err();
+            assert!(err.to_string().contains(what), "{block:?} {smem}: {err}");
+        }
+        let err = emu
+            .launch("no_such_kernel", (1, 1, 1), (32, 1, 1), 0, Args::default())
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("unknown kernel no_such_kernel"),
+            "{err}"
         );
     }
 }
