@@ -7,6 +7,8 @@
 //! C++ compiler or without compiled kernels, each test prints "skipped: ..." and passes.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use half::bf16;
 use zoft::backend::cpu::CpuBackend;
 use zoft::backend::cuda::{
@@ -24,20 +26,8 @@ use zoft::zo::{Method, Perturb, ZoConfig, ZoOptimizer};
 const F32_TOL: f64 = 1e-5;
 const BF16_TOL: f64 = 1e-2;
 
-/// The backend on the GPU, or on the kernel emulator where there is none, or None after
-/// printing why the test is skipped.
 fn gpu() -> Option<CudaBackend> {
-    if let Err(reason) = cuda_available() {
-        if let Err(why) = kernels_embedded() {
-            println!("skipped: no CUDA device ({reason}) and {why}");
-            return None;
-        }
-        if !zoft::backend::cuda::emulator::install() {
-            println!("skipped: no CUDA device ({reason}) and no C++ compiler for the emulator");
-            return None;
-        }
-    }
-    Some(CudaBackend::new(0).expect("a CUDA device is present but the backend did not start"))
+    common::cuda_or_emulator()
 }
 
 fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {

@@ -4,83 +4,12 @@
 
 mod common;
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use zoft::backend::cpu::CpuBackend;
-use zoft::data::batch::LossKind;
-use zoft::data::jsonl::{Format, Origin};
-use zoft::data::{Example, Task, TaskKind};
 use zoft::model::{Llama, LlamaConfig, LlamaWeights};
-use zoft::train::{load_train_state, train, TrainOptions};
-use zoft::zo::{Method, Perturb, ZoConfig};
-
-/// Label 1 for four examples in five (by the first prompt token); candidates are tokens 5 and 9.
-/// Learning the class prior alone takes the loss from ~ln 2 towards 0.5.
-fn task(cfg: &LlamaConfig) -> Task {
-    let mk = |n: usize, salt: u64| -> Vec<Example> {
-        (0..n)
-            .map(|i| {
-                let prompt = tokens(6, cfg.vocab_size, salt * 1000 + i as u64);
-                let gold = !prompt[0].is_multiple_of(5) as usize;
-                Example {
-                    origin: Origin {
-                        file: PathBuf::from("synthetic"),
-                        line: i + 1,
-                    },
-                    prompt,
-                    candidates: vec![vec![5], vec![9]],
-                    gold,
-                }
-            })
-            .collect()
-    };
-    Task {
-        name: "synthetic".into(),
-        format: Format::Text,
-        kind: TaskKind::Classification,
-        template: None,
-        label_names: vec!["odd".into(), "even".into()],
-        train: mk(48, 1),
-        dev: mk(24, 2),
-        test: mk(24, 3),
-    }
-}
-
-fn options(
-    method: Method,
-    perturb: Perturb,
-    steps: u64,
-    save_every: u64,
-    out: &Path,
-) -> TrainOptions {
-    TrainOptions {
-        zo: ZoConfig {
-            method,
-            perturb,
-            lr: 1e-2,
-            eps: 1e-3,
-            seed: 3,
-            rank: 2,
-            ..Default::default()
-        },
-        steps,
-        batch_size: 4,
-        eval_every: 0,
-        save_every,
-        eval_batch_size: 8,
-        max_eval: 0,
-        loss: LossKind::Classify,
-        out_dir: out.to_path_buf(),
-        progress: false,
-    }
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("zoft-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use zoft::train::{load_train_state, train};
+use zoft::zo::{Method, Perturb};
 
 fn bytes(m: &Llama<CpuBackend>) -> Vec<Vec<u8>> {
     m.weights
@@ -101,7 +30,7 @@ fn load_ckpt(dir: &Path, cfg: &LlamaConfig) -> Llama<CpuBackend> {
 #[test]
 fn resumed_run_equals_uninterrupted_run() {
     let cfg = tiny_config();
-    let t = task(&cfg);
+    let t = synthetic_task(&cfg);
     let no_stop = AtomicBool::new(false);
     for (method, perturb) in [
         (Method::Mezo, Perturb::Inplace),
@@ -112,28 +41,28 @@ fn resumed_run_equals_uninterrupted_run() {
     ] {
         let name = format!("{}-{perturb:?}", method.name());
         // Uninterrupted: 6 steps, checkpoint at 3.
-        let a_dir = scratch(&format!("{name}-a"));
+        let a_dir = scratch_dir(&format!("{name}-a"));
         let mut a = tiny_model(&cfg, 4);
         train(
             &mut a,
             &a_dir,
             &t,
             0,
-            &options(method, perturb, 6, 3, &a_dir),
+            &train_options(method, perturb, 6, 3, &a_dir),
             None,
             &no_stop,
             |_| {},
         )
         .unwrap();
         // Interrupted after 3, then resumed from the checkpoint to 6.
-        let b_dir = scratch(&format!("{name}-b"));
+        let b_dir = scratch_dir(&format!("{name}-b"));
         let mut b = tiny_model(&cfg, 4);
         train(
             &mut b,
             &b_dir,
             &t,
             0,
-            &options(method, perturb, 3, 0, &b_dir),
+            &train_options(method, perturb, 3, 0, &b_dir),
             None,
             &no_stop,
             |_| {},
@@ -148,7 +77,7 @@ fn resumed_run_equals_uninterrupted_run() {
             &ckpt,
             &t,
             0,
-            &options(method, perturb, 6, 0, &b_dir),
+            &train_options(method, perturb, 6, 0, &b_dir),
             Some(state),
             &no_stop,
             |_| {},
@@ -173,15 +102,15 @@ fn resumed_run_equals_uninterrupted_run() {
 #[test]
 fn interruption_saves_a_checkpoint() {
     let cfg = tiny_config();
-    let dir = scratch("stop");
+    let dir = scratch_dir("stop");
     let mut m = tiny_model(&cfg, 4);
     let stop = AtomicBool::new(true);
     let s = train(
         &mut m,
         &dir,
-        &task(&cfg),
+        &synthetic_task(&cfg),
         0,
-        &options(Method::Mezo, Perturb::Inplace, 5, 0, &dir),
+        &train_options(Method::Mezo, Perturb::Inplace, 5, 0, &dir),
         None,
         &stop,
         |_| {},
@@ -194,16 +123,16 @@ fn interruption_saves_a_checkpoint() {
 #[test]
 fn non_finite_loss_stops_and_keeps_last_good_checkpoint() {
     let cfg = tiny_config();
-    let dir = scratch("nan");
+    let dir = scratch_dir("nan");
     let no_stop = AtomicBool::new(false);
     let mut m = tiny_model(&cfg, 4);
-    let t = task(&cfg);
+    let t = synthetic_task(&cfg);
     train(
         &mut m,
         &dir,
         &t,
         0,
-        &options(Method::Mezo, Perturb::Inplace, 2, 0, &dir),
+        &train_options(Method::Mezo, Perturb::Inplace, 2, 0, &dir),
         None,
         &no_stop,
         |_| {},
@@ -219,7 +148,7 @@ fn non_finite_loss_stops_and_keeps_last_good_checkpoint() {
         &dir,
         &t,
         0,
-        &options(Method::Mezo, Perturb::Inplace, 4, 1, &dir),
+        &train_options(Method::Mezo, Perturb::Inplace, 4, 1, &dir),
         Some(state),
         &no_stop,
         |_| {},
@@ -240,12 +169,12 @@ fn non_finite_loss_stops_and_keeps_last_good_checkpoint() {
 #[test]
 fn training_lowers_the_loss_and_raises_accuracy() {
     let cfg = tiny_config();
-    let dir = scratch("learn");
+    let dir = scratch_dir("learn");
     let no_stop = AtomicBool::new(false);
     let mut m = tiny_model(&cfg, 4);
-    let mut opts = options(Method::Mezo, Perturb::Inplace, 300, 0, &dir);
+    let mut opts = train_options(Method::Mezo, Perturb::Inplace, 300, 0, &dir);
     opts.zo.lr = 1e-3;
-    let t = task(&cfg);
+    let t = synthetic_task(&cfg);
     let s = train(&mut m, &dir, &t, 0, &opts, None, &no_stop, |_| {}).unwrap();
     let losses = logged_losses(&dir.join("train_log.jsonl"));
     let (first, last) = first_last_means(&losses, 50);
@@ -263,8 +192,8 @@ fn training_lowers_the_loss_and_raises_accuracy() {
 #[test]
 fn empty_training_split_is_an_error() {
     let cfg = tiny_config();
-    let dir = scratch("empty");
-    let mut t = task(&cfg);
+    let dir = scratch_dir("empty");
+    let mut t = synthetic_task(&cfg);
     t.train.clear();
     let mut m = tiny_model(&cfg, 4);
     let err = train(
@@ -272,7 +201,7 @@ fn empty_training_split_is_an_error() {
         &dir,
         &t,
         0,
-        &options(Method::Mezo, Perturb::Inplace, 2, 0, &dir),
+        &train_options(Method::Mezo, Perturb::Inplace, 2, 0, &dir),
         None,
         &AtomicBool::new(false),
         |_| {},

@@ -1,8 +1,14 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
 use zoft::backend::cpu::CpuBackend;
+use zoft::data::batch::LossKind;
+use zoft::data::jsonl::{Format, Origin};
+use zoft::data::{Example, Task, TaskKind};
 use zoft::model::{DType, Llama, LlamaConfig, LlamaWeights};
+use zoft::train::TrainOptions;
+use zoft::zo::{Method, Perturb, ZoConfig};
 
 /// A tiny LLaMA config: GQA (4 query heads over 2 kv heads), 2 layers.
 pub fn tiny_config() -> LlamaConfig {
@@ -56,4 +62,91 @@ pub fn logged_losses(log: &std::path::Path) -> Vec<f64> {
 pub fn first_last_means(v: &[f64], n: usize) -> (f64, f64) {
     let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
     (mean(&v[..n]), mean(&v[v.len() - n..]))
+}
+
+/// Label 1 for four examples in five (by the first prompt token); candidates are tokens 5 and 9.
+/// Learning the class prior alone takes the loss from ~ln 2 towards 0.5.
+pub fn synthetic_task(cfg: &LlamaConfig) -> Task {
+    let mk = |n: usize, salt: u64| -> Vec<Example> {
+        (0..n)
+            .map(|i| {
+                let prompt = tokens(6, cfg.vocab_size, salt * 1000 + i as u64);
+                let gold = !prompt[0].is_multiple_of(5) as usize;
+                Example {
+                    origin: Origin {
+                        file: PathBuf::from("synthetic"),
+                        line: i + 1,
+                    },
+                    prompt,
+                    candidates: vec![vec![5], vec![9]],
+                    gold,
+                }
+            })
+            .collect()
+    };
+    Task {
+        name: "synthetic".into(),
+        format: Format::Text,
+        kind: TaskKind::Classification,
+        template: None,
+        label_names: vec!["odd".into(), "even".into()],
+        train: mk(48, 1),
+        dev: mk(24, 2),
+        test: mk(24, 3),
+    }
+}
+
+pub fn train_options(
+    method: Method,
+    perturb: Perturb,
+    steps: u64,
+    save_every: u64,
+    out: &Path,
+) -> TrainOptions {
+    TrainOptions {
+        zo: ZoConfig {
+            method,
+            perturb,
+            lr: 1e-2,
+            eps: 1e-3,
+            seed: 3,
+            rank: 2,
+            ..Default::default()
+        },
+        steps,
+        batch_size: 4,
+        eval_every: 0,
+        save_every,
+        eval_batch_size: 8,
+        max_eval: 0,
+        loss: LossKind::Classify,
+        out_dir: out.to_path_buf(),
+        progress: false,
+    }
+}
+
+/// A fresh scratch directory for this test process.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("zoft-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The CUDA backend on the GPU, or on the kernel emulator where there is none, or None after
+/// printing why a test is skipped (no compiled kernels, or no C++ compiler for the emulator).
+#[cfg(feature = "cuda")]
+pub fn cuda_or_emulator() -> Option<zoft::backend::cuda::CudaBackend> {
+    use zoft::backend::cuda::{cuda_available, emulator, kernels_embedded, CudaBackend};
+    if let Err(reason) = cuda_available() {
+        if let Err(why) = kernels_embedded() {
+            println!("skipped: no CUDA device ({reason}) and {why}");
+            return None;
+        }
+        if !emulator::install() {
+            println!("skipped: no CUDA device ({reason}) and no C++ compiler for the emulator");
+            return None;
+        }
+    }
+    Some(CudaBackend::new(0).expect("a CUDA device is present but the backend did not start"))
 }

@@ -1,0 +1,85 @@
+//! The trainer on the CUDA backend (the GPU, or the kernel emulator where there is none), on a
+//! tiny random model and the synthetic task of tests/train.rs: a run interrupted at a checkpoint
+//! and resumed on the device ends on the same bits as the uninterrupted run, the checkpoint
+//! holds the device's weights, and training moves them.
+#![cfg(feature = "cuda")]
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use zoft::backend::cuda::{CudaBackend, CudaWeight};
+use zoft::model::{DType, Llama, LlamaConfig, LlamaWeights};
+use zoft::train::{load_train_state, train};
+use zoft::zo::{Method, Perturb};
+
+fn on_device(g: &CudaBackend, cfg: &LlamaConfig, w: &LlamaWeights) -> Llama<CudaBackend> {
+    Llama::new(
+        cfg.clone(),
+        g.upload_weights(w, DType::F32).unwrap(),
+        g.clone(),
+    )
+}
+
+fn device_bytes(g: &CudaBackend, m: &Llama<CudaBackend>) -> Vec<Vec<u8>> {
+    m.weights
+        .tensors()
+        .iter()
+        .map(|t: &&CudaWeight| g.weight_to_host_tensor(t).unwrap().bytes().to_vec())
+        .collect()
+}
+
+fn file_bytes(dir: &Path, cfg: &LlamaConfig) -> Vec<Vec<u8>> {
+    let w = LlamaWeights::load(dir, cfg).unwrap();
+    w.tensors().iter().map(|t| t.bytes().to_vec()).collect()
+}
+
+#[test]
+fn device_runs_resume_bit_for_bit_and_checkpoint_the_device_weights() {
+    let Some(g) = cuda_or_emulator() else { return };
+    let cfg = tiny_config();
+    let t = synthetic_task(&cfg);
+    let no_stop = AtomicBool::new(false);
+    let start = LlamaWeights::random(&cfg, 4, DType::F32);
+    for (method, perturb) in [
+        (Method::Mezo, Perturb::Inplace),
+        (Method::MezoAdam, Perturb::Inplace),
+        (Method::SparseMezo, Perturb::Fused),
+        (Method::Tezo, Perturb::Fused),
+        (Method::TezoAdam, Perturb::Inplace),
+    ] {
+        let name = format!("cuda-{}-{perturb:?}", method.name());
+        let run = |m: &mut Llama<CudaBackend>, src: &Path, steps, save, out: &Path, resume| {
+            let opts = train_options(method, perturb, steps, save, out);
+            train(m, src, &t, 0, &opts, resume, &no_stop, |_| {}).unwrap();
+        };
+        // Uninterrupted: 6 steps, checkpoint at 3.
+        let a_dir = scratch_dir(&format!("{name}-a"));
+        let mut a = on_device(&g, &cfg, &start);
+        run(&mut a, &a_dir, 6, 3, &a_dir, None);
+        // Interrupted after 3, then resumed on the device from the checkpoint to 6.
+        let b_dir = scratch_dir(&format!("{name}-b"));
+        let mut b = on_device(&g, &cfg, &start);
+        run(&mut b, &b_dir, 3, 0, &b_dir, None);
+        let ckpt = b_dir.join("checkpoint");
+        let state = load_train_state(&ckpt).unwrap();
+        assert_eq!(state.0.step, 3);
+        let mut b2 = on_device(&g, &cfg, &LlamaWeights::load(&ckpt, &cfg).unwrap());
+        run(&mut b2, &ckpt, 6, 0, &b_dir, Some(state));
+
+        let final_a = device_bytes(&g, &a);
+        assert!(
+            final_a == device_bytes(&g, &b2),
+            "{name}: the resumed run differs from the uninterrupted one"
+        );
+        let moved = final_a
+            .iter()
+            .zip(start.tensors())
+            .any(|(x, s)| x[..] != *s.bytes());
+        assert!(moved, "{name}: the weights did not move");
+        assert!(
+            file_bytes(&a_dir.join("checkpoint"), &cfg) == final_a,
+            "{name}: the final checkpoint differs from the device's weights"
+        );
+    }
+}
