@@ -8,9 +8,10 @@
 //! Two ways in:
 //! - `emulator()` (unit tests): an `Emulator` that implements `Launch`, so the launchers of
 //!   kernels.rs run unchanged on host buffers (zo_ops.rs, forward_ops.rs).
-//! - `install()` (tests/cuda_parity.rs): a stand-in for the CUDA driver and cuBLAS (the subset
-//!   zoft calls, csrc/emu/driver.cpp and cublas.cpp), loaded under the sonames libcuda.so and
-//!   libcublas.so before cudarc looks for them, so the whole unchanged CUDA backend runs on it.
+//! - `install()` (tests/cuda_*.rs, ZOFT_CUDA_EMULATOR=1): a stand-in for the CUDA driver and
+//!   cuBLAS (the subset zoft calls, csrc/emu/driver.cpp and cublas.cpp), loaded under the
+//!   sonames libcuda.so and libcublas.so before cudarc looks for them, so the whole unchanged
+//!   CUDA backend runs on it.
 //!
 //! The sources are compiled once per process with the system C++ compiler ($CXX, or c++).
 
