@@ -6,8 +6,9 @@
 // sincosf) can differ from the device in the last place, as nvcc contracts and CUDA's libm
 // rounds differently.
 //
-// Force-included before each kernel source (see src/backend/cuda/emulator.rs, which also turns
-// `__shared__` into `static` and defines the `extern __shared__` arrays).
+// Included first by the one C++ file that src/backend/cuda/emulator/mod.rs makes of csrc/*.cu,
+// where it also turns `__shared__` into `static` (a block's fibers share it; blocks run one at a
+// time) and defines the `extern __shared__` arrays.
 #pragma once
 
 #include <algorithm>
