@@ -11,7 +11,6 @@ use std::sync::atomic::AtomicBool;
 use zoft::backend::cuda::{CudaBackend, CudaWeight};
 use zoft::model::{DType, Llama, LlamaConfig, LlamaWeights};
 use zoft::train::{load_train_state, train};
-use zoft::zo::{Method, Perturb};
 
 fn on_device(g: &CudaBackend, cfg: &LlamaConfig, w: &LlamaWeights) -> Llama<CudaBackend> {
     Llama::new(
@@ -41,13 +40,7 @@ fn device_runs_resume_bit_for_bit_and_checkpoint_the_device_weights() {
     let t = synthetic_task(&cfg);
     let no_stop = AtomicBool::new(false);
     let start = LlamaWeights::random(&cfg, 4, DType::F32);
-    for (method, perturb) in [
-        (Method::Mezo, Perturb::Inplace),
-        (Method::MezoAdam, Perturb::Inplace),
-        (Method::SparseMezo, Perturb::Fused),
-        (Method::Tezo, Perturb::Fused),
-        (Method::TezoAdam, Perturb::Inplace),
-    ] {
+    for (method, perturb) in RESUME_CASES {
         let name = format!("cuda-{}-{perturb:?}", method.name());
         let run = |m: &mut Llama<CudaBackend>, src: &Path, steps, save, out: &Path, resume| {
             let opts = train_options(method, perturb, steps, save, out);

@@ -32,13 +32,7 @@ fn resumed_run_equals_uninterrupted_run() {
     let cfg = tiny_config();
     let t = synthetic_task(&cfg);
     let no_stop = AtomicBool::new(false);
-    for (method, perturb) in [
-        (Method::Mezo, Perturb::Inplace),
-        (Method::MezoAdam, Perturb::Inplace),
-        (Method::SparseMezo, Perturb::Fused),
-        (Method::Tezo, Perturb::Fused),
-        (Method::TezoAdam, Perturb::Inplace),
-    ] {
+    for (method, perturb) in RESUME_CASES {
         let name = format!("{}-{perturb:?}", method.name());
         // Uninterrupted: 6 steps, checkpoint at 3.
         let a_dir = scratch_dir(&format!("{name}-a"));

@@ -3,10 +3,12 @@
 // and f32 accumulation. beta = 0 never reads C, as in cuBLAS. Built with the soname
 // libcublas.so.
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
-// The product, when the loader registers one (zoft registers its CPU GEMM): out = a b^T for
+#include "cuda_emu.h"
+#include "cuda_bf16.h"
+
+// The product, registered by the loader (zoft registers its CPU GEMM): out = a b^T for
 // row-major a [m x k] and b [n x k], out column-major [m x n].
 typedef void (*HostGemm)(int m, int n, int k, const float* a, const float* b, float* out);
 
@@ -19,25 +21,15 @@ constexpr int R_32F = 0, R_16BF = 14;
 int g_handle;
 
 float load(const void* p, int type, size_t i) {
-  if (type == R_32F) return ((const float*)p)[i];
-  const uint32_t u = (uint32_t)((const uint16_t*)p)[i] << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+  return type == R_32F ? ((const float*)p)[i] : __bfloat162float(((const __nv_bfloat16*)p)[i]);
 }
 
 void store(void* p, int type, size_t i, float v) {
   if (type == R_32F) {
     ((float*)p)[i] = v;
-    return;
+  } else {
+    ((__nv_bfloat16*)p)[i] = __float2bfloat16_rn(v);
   }
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    ((uint16_t*)p)[i] = (uint16_t)((u >> 16) | 0x40u);
-    return;
-  }
-  ((uint16_t*)p)[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
 }  // namespace
@@ -58,9 +50,10 @@ int cublasGemmEx(void*, int transa, int transb, int m, int n, int k, const void*
   for (int t : {atype, btype, ctype})
     if (t != R_32F && t != R_16BF) return NOT_SUPPORTED;
   if (m < 0 || n < 0 || k < 0 || lda < 1 || ldb < 1 || ldc < 1) return INVALID_VALUE;
+  if (!g_host_gemm) return NOT_SUPPORTED;
   (void)compute;
   const float a = *(const float*)alpha, b = *(const float*)beta;
-  // Each operand widened once, laid out so that the inner loop runs over k contiguously.
+  // Each operand widened to f32 once, in the row-major layouts the host GEMM takes.
   std::vector<float> at((size_t)m * k), bt((size_t)n * k);
   for (int i = 0; i < m; ++i)
     for (int l = 0; l < k; ++l)
@@ -68,19 +61,9 @@ int cublasGemmEx(void*, int transa, int transb, int m, int n, int k, const void*
   for (int j = 0; j < n; ++j)
     for (int l = 0; l < k; ++l)
       bt[(size_t)j * k + l] = load(B, btype, transb ? j + (size_t)l * ldb : l + (size_t)j * ldb);
+  // k = 0 leaves the product zero.
   std::vector<float> prod((size_t)m * n, 0.0f);
-  if (k > 0 && g_host_gemm) {
-    g_host_gemm(m, n, k, at.data(), bt.data(), prod.data());
-  } else {
-    for (int j = 0; j < n; ++j)
-      for (int i = 0; i < m; ++i) {
-        const float* x = &at[(size_t)i * k];
-        const float* y = &bt[(size_t)j * k];
-        float acc = 0.0f;
-        for (int l = 0; l < k; ++l) acc += x[l] * y[l];
-        prod[i + (size_t)j * m] = acc;
-      }
-  }
+  if (k > 0) g_host_gemm(m, n, k, at.data(), bt.data(), prod.data());
   for (int j = 0; j < n; ++j)
     for (int i = 0; i < m; ++i) {
       const size_t c = i + (size_t)j * ldc;

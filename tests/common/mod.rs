@@ -64,6 +64,15 @@ pub fn first_last_means(v: &[f64], n: usize) -> (f64, f64) {
     (mean(&v[..n]), mean(&v[v.len() - n..]))
 }
 
+/// Every method, each with a perturbation mode, for the trainer's resume tests.
+pub const RESUME_CASES: [(Method, Perturb); 5] = [
+    (Method::Mezo, Perturb::Inplace),
+    (Method::MezoAdam, Perturb::Inplace),
+    (Method::SparseMezo, Perturb::Fused),
+    (Method::Tezo, Perturb::Fused),
+    (Method::TezoAdam, Perturb::Inplace),
+];
+
 /// Label 1 for four examples in five (by the first prompt token); candidates are tokens 5 and 9.
 /// Learning the class prior alone takes the loss from ~ln 2 towards 0.5.
 pub fn synthetic_task(cfg: &LlamaConfig) -> Task {

@@ -106,8 +106,6 @@ pub fn driver_version() -> Result<(i32, i32)> {
     Ok((v / 1000, (v % 1000) / 10))
 }
 
-/// Kernel arguments, each in its own 8-byte slot (cuLaunchKernel reads sizeof(param) bytes from
-/// each pointer, so 4-byte values sit in the low half of a little-endian slot).
 /// What runs kernels: the GPU (`Device`), or in tests the CPU emulation of csrc/ (see
 /// emulator/), so that the launchers in kernels.rs serve both.
 pub(crate) trait Launch {
@@ -124,6 +122,7 @@ pub(crate) trait Launch {
 }
 
 impl Launch for Device {
+    /// Launch errors (and with ZOFT_CUDA_SYNC=1 execution errors) name the kernel.
     fn launch(
         &self,
         name: &'static str,
@@ -132,7 +131,50 @@ impl Launch for Device {
         smem: usize,
         args: Args,
     ) -> Result<()> {
-        Device::launch(self, name, grid, block, smem, args)
+        let f = *self
+            .funcs
+            .get(name)
+            .ok_or_else(|| anyhow!("unknown kernel {name}"))?;
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(()); // nothing to do
+        }
+        if grid.1 > 65535 || grid.2 > 65535 {
+            bail!("kernel {name}: grid {grid:?} exceeds the device limits");
+        }
+        if smem > 48 * 1024 {
+            if smem > self.max_smem_optin {
+                bail!(
+                    "kernel {name} needs {smem} bytes of shared memory; {} has {}",
+                    self.name,
+                    self.max_smem_optin
+                );
+            }
+            // SAFETY: valid function handle and attribute.
+            unsafe {
+                sys::cuFuncSetAttribute(
+                    f,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+            }
+            .result()
+            .map_err(|e| anyhow!("kernel {name}: setting {smem} bytes of shared memory: {e}"))?;
+        }
+        self.bind()?;
+        // SAFETY: the argument list matches the kernel's signature (each launcher in kernels.rs
+        // mirrors its csrc declaration); the slots outlive the call, which copies them.
+        args.with_params(|params| unsafe {
+            result::launch_kernel(f, grid, block, smem as u32, self.stream.cu_stream(), params)
+        })
+        .map_err(|e| {
+            anyhow!("CUDA kernel {name} (grid {grid:?}, block {block:?}) failed to launch: {e}")
+        })?;
+        if self.sync_each_launch {
+            self.stream
+                .synchronize()
+                .map_err(|e| anyhow!("CUDA kernel {name} failed: {e}"))?;
+        }
+        Ok(())
     }
 }
 
@@ -149,6 +191,8 @@ impl<L: Launch + ?Sized> Launch for Arc<L> {
     }
 }
 
+/// Kernel arguments, each in its own 8-byte slot (cuLaunchKernel reads sizeof(param) bytes from
+/// each pointer, so 4-byte values sit in the low half of a little-endian slot).
 #[derive(Default)]
 pub(crate) struct Args {
     slots: Vec<u64>,
@@ -180,9 +224,15 @@ impl Args {
         self.slots.push(v.to_bits() as u64);
         self
     }
-    /// The argument slots, in order (little-endian values in 8-byte slots).
-    pub(crate) fn into_slots(self) -> Vec<u64> {
-        self.slots
+    /// Calls `f` with the kernel parameter array a launch takes (kernelParams): one pointer to
+    /// each slot, valid for the call.
+    pub(crate) fn with_params<R>(mut self, f: impl FnOnce(&mut Vec<*mut c_void>) -> R) -> R {
+        let mut params: Vec<*mut c_void> = self
+            .slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut c_void)
+            .collect();
+        f(&mut params)
     }
 }
 
@@ -311,73 +361,6 @@ impl Device {
         what: impl Fn() -> String,
     ) -> Result<DevBuf> {
         alloc::alloc(&self.stream, &self.mem, bytes, tag, &what)
-    }
-
-    /// Launches kernel `name`; launch errors (and with ZOFT_CUDA_SYNC=1 execution errors) name it.
-    pub(crate) fn launch(
-        &self,
-        name: &'static str,
-        grid: (u32, u32, u32),
-        block: (u32, u32, u32),
-        smem: usize,
-        args: Args,
-    ) -> Result<()> {
-        let f = *self
-            .funcs
-            .get(name)
-            .ok_or_else(|| anyhow!("unknown kernel {name}"))?;
-        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
-            return Ok(()); // nothing to do
-        }
-        if grid.1 > 65535 || grid.2 > 65535 {
-            bail!("kernel {name}: grid {grid:?} exceeds the device limits");
-        }
-        if smem > 48 * 1024 {
-            if smem > self.max_smem_optin {
-                bail!(
-                    "kernel {name} needs {smem} bytes of shared memory; {} has {}",
-                    self.name,
-                    self.max_smem_optin
-                );
-            }
-            // SAFETY: valid function handle and attribute.
-            unsafe {
-                sys::cuFuncSetAttribute(
-                    f,
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )
-            }
-            .result()
-            .map_err(|e| anyhow!("kernel {name}: setting {smem} bytes of shared memory: {e}"))?;
-        }
-        let mut slots = args.slots;
-        let mut params: Vec<*mut c_void> = slots
-            .iter_mut()
-            .map(|s| s as *mut u64 as *mut c_void)
-            .collect();
-        self.bind()?;
-        // SAFETY: the argument list matches the kernel's signature (each launcher in kernels.rs
-        // mirrors its csrc declaration); slots outlive the call, which copies them.
-        unsafe {
-            result::launch_kernel(
-                f,
-                grid,
-                block,
-                smem as u32,
-                self.stream.cu_stream(),
-                &mut params,
-            )
-        }
-        .map_err(|e| {
-            anyhow!("CUDA kernel {name} (grid {grid:?}, block {block:?}) failed to launch: {e}")
-        })?;
-        if self.sync_each_launch {
-            self.stream
-                .synchronize()
-                .map_err(|e| anyhow!("CUDA kernel {name} failed: {e}"))?;
-        }
-        Ok(())
     }
 
     pub(crate) fn sync(&self) -> Result<()> {

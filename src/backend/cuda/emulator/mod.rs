@@ -194,6 +194,11 @@ fn translation_unit(csrc: &Path) -> Result<String> {
         body.push('\n');
     }
     unit.push_str(&body);
+    let selftest = csrc.join("emu/selftest.inc");
+    writeln!(unit, "#line 1 \"{}\"", selftest.display())?;
+    unit.push_str(&std::fs::read_to_string(&selftest)?);
+    // Back in the generated file: the trampolines and the lookup.
+    unit.push_str("#line 1 \"kernels_emulated.cpp (generated)\"\n");
     unit.push_str(
         "\ntemplate <typename F, F f> struct ZfTrampoline;\n\
          template <typename... A, void (*f)(A...)> struct ZfTrampoline<void (*)(A...), f> {\n\
@@ -203,9 +208,6 @@ fn translation_unit(csrc: &Path) -> Result<String> {
          \x20 static void run(void** p) { call(p, std::index_sequence_for<A...>{}); }\n\
          };\n",
     );
-    let selftest = csrc.join("emu/selftest.inc");
-    writeln!(unit, "#line 1 \"{}\"", selftest.display())?;
-    unit.push_str(&std::fs::read_to_string(&selftest)?);
     unit.push_str("extern \"C\" void (*zf_emu_kernel(const char* name))(void**) {\n");
     for k in KERNELS.iter().chain(SELFTEST_KERNELS) {
         writeln!(
@@ -283,14 +285,9 @@ impl Launch for Emulator {
             (lookup(cname.as_ptr()), *launch)
         };
         let kernel = kernel.ok_or_else(|| anyhow!("unknown kernel {name}"))?;
-        let mut slots = args.into_slots();
-        let mut params: Vec<*mut c_void> = slots
-            .iter_mut()
-            .map(|s| s as *mut u64 as *mut c_void)
-            .collect();
         // SAFETY: the launcher's argument list mirrors the kernel's signature, as for the GPU;
         // the pointers it passes are host addresses the test owns.
-        let rc = unsafe {
+        let rc = args.with_params(|params| unsafe {
             launch(
                 kernel,
                 params.as_mut_ptr(),
@@ -301,7 +298,7 @@ impl Launch for Emulator {
                 block.1,
                 block.2,
             )
-        };
+        });
         if rc != 0 {
             bail!("kernel {name} (grid {grid:?}, block {block:?}) deadlocked in the emulator");
         }
