@@ -43,6 +43,28 @@ fn cuda_without_a_usable_device_says_why() {
 }
 
 #[test]
+fn emulated_cuda_without_a_compiler_says_why() {
+    let out = Command::new(env!("CARGO_BIN_EXE_zoft"))
+        .args(["eval", "--device", "cuda"])
+        .env("ZOFT_HOME", std::env::temp_dir().join("zoft-cli-test-home"))
+        .env("ZOFT_CUDA_EMULATOR", "1")
+        .env("CXX", "/nonexistent/c++")
+        // A missing compiler is a failure, not an explanation, where kernels are required.
+        .env_remove("ZOFT_REQUIRE_KERNELS")
+        .output()
+        .expect("running zoft");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "--device cuda succeeded without a compiler"
+    );
+    assert!(
+        err.contains("--device cuda: ZOFT_CUDA_EMULATOR=1, but there is no C++ compiler"),
+        "{err}"
+    );
+}
+
+#[test]
 fn unknown_matmul_precision_is_a_clear_error() {
     let (ok, err) = zoft(&["eval", "--matmul", "fp8"]);
     assert!(!ok, "eval accepted --matmul fp8");
