@@ -7,8 +7,9 @@
 // rounds differently.
 //
 // Included first by the one C++ file that src/backend/cuda/emulator/mod.rs makes of csrc/*.cu,
-// where it also turns `__shared__` into `static` (a block's fibers share it; blocks run one at a
-// time) and defines the `extern __shared__` arrays.
+// where it also turns `__shared__` declarations into ZF_SHARED and defines the
+// `extern __shared__` arrays. That file is compiled with the memory
+// checker's instrumentation (checker.h).
 #pragma once
 
 #include <algorithm>
@@ -18,11 +19,19 @@
 
 #define __host__
 #define __device__
-#define __global__
+// noinline: a kernel keeps the checker's instrumentation (see checker.h) even where the
+// uninstrumented trampoline that calls it could inline it.
+#define __global__ __attribute__((noinline))
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
 #define __CUDACC__ 1
+// `__shared__ T name dims;`, rewritten: a static (the block's fibers share it; blocks run one at
+// a time) that tells the memory checker where it is the first time a thread passes it.
+extern "C" bool zf_check_shared(const void* p, size_t bytes, const char* name);
+#define ZF_SHARED(T, name, dims) \
+  static T name dims;            \
+  static const bool name##_zf_checked = zf_check_shared(&name, sizeof name, #name)
 
 struct uint3 {
   unsigned x, y, z;
@@ -77,21 +86,18 @@ inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 void zf_emu_sync_block();
 void zf_emu_sync_warp();
 unsigned zf_emu_lane();
-// This warp's exchange slots: lane i's value is at slot i.
-uint64_t* zf_emu_warp_slots();
+// Every lane of the caller's warp offers v; returns what src_lane offered. Between two warp
+// barriers, as __shfl_sync is a point every lane of the warp reaches together.
+uint64_t zf_emu_shfl_raw(uint64_t v, unsigned src_lane);
 
 inline void __syncthreads() { zf_emu_sync_block(); }
 
 template <typename T>
 T zf_emu_shfl(T v, unsigned src_lane) {
   static_assert(sizeof(T) <= 8, "shuffled values fit 64 bits");
-  uint64_t* slots = zf_emu_warp_slots();
   uint64_t raw = 0;
   std::memcpy(&raw, &v, sizeof(T));
-  slots[zf_emu_lane()] = raw;
-  zf_emu_sync_warp();
-  raw = slots[src_lane & 31];
-  zf_emu_sync_warp();  // nobody overwrites a slot before every lane has read
+  raw = zf_emu_shfl_raw(raw, src_lane);
   T r;
   std::memcpy(&r, &raw, sizeof(T));
   return r;

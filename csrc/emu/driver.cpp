@@ -1,24 +1,32 @@
 // The part of the CUDA driver API that zoft uses, served on the CPU, so that the unchanged CUDA
 // backend (through cudarc, which loads libcuda.so at run time) can run its tests on a machine
 // without a GPU. "Device" memory is host memory, streams and events are synchronous, the module
-// holds the emulated kernels (see cuda_emu.h) and a launch runs them to completion. Built with
-// the soname libcuda.so and loaded before cudarc looks for the driver (src/backend/cuda/emulator).
+// holds the emulated kernels (see cuda_emu.h) and a launch runs them to completion, under the
+// memory checker (checker.h): an access out of bounds fails the launch as
+// CUDA_ERROR_ILLEGAL_ADDRESS, a race as CUDA_ERROR_LAUNCH_FAILED, and cuGetErrorString gives the
+// checker's report. Fresh allocations are filled with 0xff bytes (NaN as f32 and bf16), as
+// fresh GPU memory holds garbage, so a read of memory nothing wrote shows. Built with the soname
+// libcuda.so and loaded before cudarc looks for the driver (src/backend/cuda/emulator).
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <string>
 
-extern "C" int zf_emu_launch(void (*trampoline)(void**), void** params, unsigned gx, unsigned gy,
-                             unsigned gz, unsigned bx, unsigned by, unsigned bz);
+#include "checker.h"
+
+extern "C" int zf_emu_launch(const char* kernel, void (*trampoline)(void**), void** params,
+                             unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                             unsigned bz, size_t dynamic_smem);
 extern "C" void (*zf_emu_kernel(const char* name))(void**);
 
 namespace {
 
 typedef int CUresult;
 constexpr CUresult OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, NOT_FOUND = 500,
-                   LAUNCH_FAILED = 719;
+                   ILLEGAL_ADDRESS = 700, LAUNCH_FAILED = 719;
 
 // What the emulated device reports: large enough for every test, small enough that a request
 // far past it fails as an out-of-memory error would.
@@ -30,13 +38,22 @@ std::map<unsigned long long, size_t> g_allocs;
 size_t g_held = 0;
 int g_dummy_ctx, g_dummy_module;
 
+// What cuModuleGetFunction hands out.
+struct Function {
+  std::string name;
+  void (*trampoline)(void**);
+};
+std::map<std::string, Function> g_functions;
+
 CUresult alloc(unsigned long long* p, size_t bytes) {
   std::lock_guard<std::mutex> lock(g_mu);
   if (bytes > kTotalBytes - g_held) return OUT_OF_MEMORY;
   void* m = std::aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
   if (!m) return OUT_OF_MEMORY;
+  std::memset(m, 0xff, bytes);
   *p = (unsigned long long)m;
   g_allocs[*p] = bytes;
+  zf_check_track(*p, bytes);
   g_held += bytes;
   return OK;
 }
@@ -47,6 +64,7 @@ CUresult release(unsigned long long p) {
   if (it == g_allocs.end()) return INVALID_VALUE;
   g_held -= it->second;
   g_allocs.erase(it);
+  zf_check_untrack(p);
   std::free((void*)p);
   return OK;
 }
@@ -166,7 +184,10 @@ CUresult cuModuleUnload(void*) { return OK; }
 CUresult cuModuleGetFunction(void** f, void*, const char* name) {
   auto k = zf_emu_kernel(name);
   if (!k) return NOT_FOUND;
-  *f = (void*)k;
+  std::lock_guard<std::mutex> lock(g_mu);
+  Function& fn = g_functions[name];
+  fn = Function{name, k};
+  *f = &fn;
   return OK;
 }
 CUresult cuFuncSetAttribute(void*, int, int) { return OK; }
@@ -177,19 +198,29 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
   if (extra || smem > kDynamicSmemBytes || bx * by * bz == 0 || bx * by * bz > 1024)
     return INVALID_VALUE;
   if (gx == 0 || gy == 0 || gz == 0) return INVALID_VALUE;
-  return zf_emu_launch((void (*)(void**))f, params, gx, gy, gz, bx, by, bz) == 0 ? OK
-                                                                                 : LAUNCH_FAILED;
+  const Function* fn = static_cast<const Function*>(f);
+  switch (zf_emu_launch(fn->name.c_str(), fn->trampoline, params, gx, gy, gz, bx, by, bz, smem)) {
+    case 0: return OK;
+    case 2:
+      std::fprintf(stderr, "zoft kernel emulator: %s\n", zf_emu_last_report());
+      return std::strstr(zf_emu_last_report(), ": race on ") ? LAUNCH_FAILED : ILLEGAL_ADDRESS;
+    default: return LAUNCH_FAILED;
+  }
 }
 
 CUresult cuGetErrorString(CUresult e, const char** s) {
+  const bool checked = (e == ILLEGAL_ADDRESS || e == LAUNCH_FAILED) && *zf_emu_last_report();
   *s = e == OK ? "no error" : e == OUT_OF_MEMORY ? "out of memory (emulated device)"
+                            : checked            ? zf_emu_last_report()
                             : e == LAUNCH_FAILED ? "kernel deadlocked in the emulator"
                                                  : "error in the CUDA emulator";
   return OK;
 }
 CUresult cuGetErrorName(CUresult e, const char** s) {
   *s = e == OK ? "CUDA_SUCCESS" : e == OUT_OF_MEMORY ? "CUDA_ERROR_OUT_OF_MEMORY"
-                                                     : "CUDA_ERROR_EMULATED";
+                            : e == ILLEGAL_ADDRESS ? "CUDA_ERROR_ILLEGAL_ADDRESS"
+                            : e == LAUNCH_FAILED   ? "CUDA_ERROR_LAUNCH_FAILED"
+                                                   : "CUDA_ERROR_EMULATED";
   return OK;
 }
 

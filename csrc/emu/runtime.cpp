@@ -14,6 +14,7 @@
 #include <mutex>
 #include <vector>
 
+#include "checker.h"
 #include "cuda_emu.h"
 
 uint3 threadIdx, blockIdx;
@@ -46,6 +47,7 @@ struct Launch {
   jmp_buf scheduler;
   Fiber* current = nullptr;
   uint64_t progress = 0;  // arrivals, releases and exits: what a deadlock lacks
+  bool aborted = false;   // by the checker
 };
 
 Launch* g_launch = nullptr;
@@ -109,14 +111,27 @@ Fiber* pooled_fiber(unsigned t) {
 void zf_emu_sync_block() { arrive(g_launch->block); }
 void zf_emu_sync_warp() { arrive(g_launch->warps[g_launch->current->linear / 32]); }
 unsigned zf_emu_lane() { return g_launch->current->linear % 32; }
-uint64_t* zf_emu_warp_slots() {
-  return g_launch->slots.data() + 32 * (g_launch->current->linear / 32);
+uint64_t zf_emu_shfl_raw(uint64_t v, unsigned src_lane) {
+  uint64_t* slots = g_launch->slots.data() + 32 * (g_launch->current->linear / 32);
+  slots[zf_emu_lane()] = v;
+  zf_emu_sync_warp();
+  v = slots[src_lane & 31];
+  zf_emu_sync_warp();  // nobody overwrites a slot before every lane has read
+  return v;
 }
 
-// Runs trampoline(params) as kernel<<<grid, block>>>. Returns 0, or 1 when every live thread of
-// a block waits at a barrier that can never complete (the kernel would hang on the GPU).
-extern "C" int zf_emu_launch(void (*trampoline)(void**), void** params, unsigned gx, unsigned gy,
-                             unsigned gz, unsigned bx, unsigned by, unsigned bz) {
+void zf_emu_abort_launch() {
+  g_launch->aborted = true;
+  _longjmp(g_launch->scheduler, 1);
+}
+
+// Runs trampoline(params) as kernel<<<grid, block, dynamic_smem>>>. Returns 0; 1 when every live
+// thread of a block waits at a barrier that can never complete (the kernel would hang on the
+// GPU); 2 when the checker found an access out of bounds or a race (zf_emu_last_report says
+// which).
+extern "C" int zf_emu_launch(const char* kernel, void (*trampoline)(void**), void** params,
+                             unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                             unsigned bz, size_t dynamic_smem) {
   static std::mutex one_at_a_time;
   std::lock_guard<std::mutex> lock(one_at_a_time);
   Launch l;
@@ -135,11 +150,14 @@ extern "C" int zf_emu_launch(void (*trampoline)(void**), void** params, unsigned
   g_launch = &l;
   gridDim = dim3{gx, gy, gz};
   blockDim = dim3{bx, by, bz};
+  const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
+  zf_check_launch_begin(kernel, grid, block, dynamic_smem);
   int rc = 0;
   for (unsigned z = 0; z < gz && rc == 0; ++z)
     for (unsigned y = 0; y < gy && rc == 0; ++y)
       for (unsigned x = 0; x < gx && rc == 0; ++x) {
         blockIdx = uint3{x, y, z};
+        zf_check_block_begin(x + (uint64_t)gx * (y + (uint64_t)gy * z));
         l.block = Barrier{threads, 0, 0};
         for (unsigned w = 0; w < nwarps; ++w)
           l.warps[w] = Barrier{std::min(32u, threads - 32 * w), 0, 0};
@@ -152,12 +170,21 @@ extern "C" int zf_emu_launch(void (*trampoline)(void**), void** params, unsigned
             if (f->done) continue;
             l.current = f;
             threadIdx = f->idx;
+            zf_check_cursor = ZfCheckCursor{f->linear, &l.block.generation,
+                                            &l.warps[f->linear / 32].generation,
+                                            (uintptr_t)f->stack, (uintptr_t)f->stack + kStackBytes};
             if (_setjmp(l.scheduler) == 0) {
               if (f->started) _longjmp(f->resume, 1);
               f->started = true;
               setcontext(&f->start);
             }
+            if (l.aborted) break;
             live += !f->done;
+          }
+          if (l.aborted) {
+            for (Fiber* f : fibers) f->started = false;
+            rc = 2;
+            break;
           }
           if (live > 0 && l.progress == before) {
             std::fprintf(stderr,
@@ -171,6 +198,7 @@ extern "C" int zf_emu_launch(void (*trampoline)(void**), void** params, unsigned
           }
         }
       }
+  zf_check_launch_end();
   g_launch = nullptr;
   return rc;
 }

@@ -2,8 +2,11 @@
 //! the emulation: every CUDA thread is a fiber, blocks run in turn, barriers and warp shuffles
 //! synchronize the fibers, and the rounded float intrinsics keep their IEEE meaning, so the
 //! kernels built only from them (Philox normals, the ZO passes) must give the CPU's bits here as
-//! on the GPU. What it cannot show: timing, races between blocks, and last-place differences of
-//! the device's libm and fma contraction.
+//! on the GPU. Every load and store of a kernel is checked (csrc/emu/checker.cpp): one out of
+//! its allocation, out of the shared memory the launch asked for, or racing with another
+//! thread's (no barrier between, or another block) fails the launch with a report naming the
+//! kernel, the threads and the memory. What it cannot show: timing, and last-place differences
+//! of the device's libm and fma contraction.
 //!
 //! Two ways in:
 //! - `emulator()` (unit tests): an `Emulator` that implements `Launch`, so the launchers of
@@ -13,7 +16,9 @@
 //!   sonames libcuda.so and libcublas.so before cudarc looks for them, so the whole unchanged
 //!   CUDA backend runs on it.
 //!
-//! The sources are compiled once per process with the system C++ compiler ($CXX, or c++).
+//! The sources are compiled once per process with the system C++ compiler ($CXX, or c++); the
+//! kernels with its thread-sanitizer instrumentation, whose hooks the checker defines.
+//! ZOFT_EMU_CHECK=0 turns the checks off (for long emulated runs).
 
 #[cfg(test)]
 mod forward_ops;
@@ -33,12 +38,22 @@ use std::sync::OnceLock;
 const DYNAMIC_SMEM_BYTES: usize = 256 * 1024;
 
 /// Kernels of csrc/emu/selftest.inc, which test the emulator itself.
-const SELFTEST_KERNELS: &[&str] = &["zf_emu_selftest_deadlock"];
+const SELFTEST_KERNELS: &[&str] = &["zf_emu_selftest_deadlock", "zf_emu_selftest_checker"];
 
 type Trampoline = unsafe extern "C" fn(*mut *mut c_void);
 type KernelLookup = unsafe extern "C" fn(*const std::ffi::c_char) -> Option<Trampoline>;
-type LaunchFn =
-    unsafe extern "C" fn(Trampoline, *mut *mut c_void, u32, u32, u32, u32, u32, u32) -> i32;
+type LaunchFn = unsafe extern "C" fn(
+    *const std::ffi::c_char,
+    Trampoline,
+    *mut *mut c_void,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    usize,
+) -> i32;
 
 /// The emulated kernels and driver (libcuda.so) and cuBLAS (libcublas.so), loaded for the
 /// life of the process.
@@ -93,38 +108,59 @@ impl Emulator {
         std::fs::create_dir_all(&dir)?;
         let unit = dir.join("kernels_emulated.cpp");
         std::fs::write(&unit, translation_unit(&csrc)?)?;
-        let compile = |out: &Path, soname: &str, sources: &[&Path]| -> Result<()> {
+        let run = |what: &str, args: &[&std::ffi::OsStr]| -> Result<()> {
             let res = Command::new(cxx)
                 // _longjmp between fiber stacks is what the scheduler does; the fortified longjmp
                 // would take it for stack corruption.
-                .args(["-std=c++20", "-O2", "-fPIC", "-shared", "-ffp-contract=off"])
+                .args(["-std=c++20", "-O2", "-fPIC", "-ffp-contract=off"])
                 .arg("-U_FORTIFY_SOURCE")
-                .arg(format!("-Wl,-soname,{soname}"))
                 .arg("-I")
                 .arg(&emu)
                 .arg("-I")
                 .arg(&csrc)
-                .args(sources)
-                .arg("-o")
-                .arg(out)
+                .args(args)
                 .output()
                 .map_err(|e| anyhow!("running the C++ compiler {cxx:?}: {e}"))?;
             if !res.status.success() {
                 bail!(
-                    "compiling {soname} for the CPU failed:\n{}",
+                    "compiling {what} for the CPU failed:\n{}",
                     String::from_utf8_lossy(&res.stderr)
                 );
             }
             Ok(())
         };
+        // The kernels alone carry the checker's instrumentation; -z defs makes a hook the
+        // compiler wants and checker.cpp lacks a build error, not a failure to load. Static
+        // initializers (ZF_SHARED's) need no locking: launches run one at a time.
+        let kernels = dir.join("kernels_emulated.o");
+        let mut args: Vec<&std::ffi::OsStr> =
+            ["-fsanitize=thread", "-fno-threadsafe-statics", "-c"]
+                .iter()
+                .map(|a| a.as_ref())
+                .collect();
+        args.extend([unit.as_os_str(), "-o".as_ref(), kernels.as_os_str()]);
+        run("the kernels", &args)?;
+        let link = |out: &Path, soname: &str, sources: &[&Path]| -> Result<()> {
+            let mut args: Vec<&std::ffi::OsStr> = vec!["-shared".as_ref(), "-Wl,-z,defs".as_ref()];
+            let soname = format!("-Wl,-soname,{soname}");
+            args.push(soname.as_ref());
+            args.extend(sources.iter().map(|p| p.as_os_str()));
+            args.extend(["-o".as_ref(), out.as_os_str()]);
+            run(&out.display().to_string(), &args)
+        };
         let driver = dir.join("libcuda.so");
-        compile(
+        link(
             &driver,
             "libcuda.so",
-            &[&unit, &emu.join("runtime.cpp"), &emu.join("driver.cpp")],
+            &[
+                &kernels,
+                &emu.join("runtime.cpp"),
+                &emu.join("driver.cpp"),
+                &emu.join("checker.cpp"),
+            ],
         )?;
         let blas = dir.join("libcublas.so");
-        compile(&blas, "libcublas.so", &[&emu.join("cublas.cpp")])?;
+        link(&blas, "libcublas.so", &[&emu.join("cublas.cpp")])?;
         // Global, so that cudarc's dlopen("libcuda.so") and dlopen("libcublas.so") find these by
         // soname rather than searching the library path.
         let open = |p: &Path| -> Result<libloading::Library> {
@@ -150,19 +186,22 @@ impl Emulator {
     }
 }
 
-/// One C++ file: the dynamic shared arrays, every csrc/*.cu with `__shared__` made `static` (a
-/// block's threads share it; blocks run one at a time), and a trampoline per kernel of KERNELS
-/// that unpacks a CUDA-style parameter array into the kernel's arguments.
+/// One C++ file: the dynamic shared arrays (and their list, for the checker), every csrc/*.cu
+/// with `__shared__` made `ZF_SHARED` (static: a block's threads share it; blocks run one at a
+/// time), and a trampoline per kernel of KERNELS that unpacks a CUDA-style parameter array into
+/// the kernel's arguments.
 fn translation_unit(csrc: &Path) -> Result<String> {
     let mut sources: Vec<PathBuf> = std::fs::read_dir(csrc)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "cu"))
         .collect();
     sources.sort();
+    sources.push(csrc.join("emu/selftest.inc"));
     let mut unit = String::from(
         "#include \"cuda_emu.h\"\n#include <cstring>\n#include <type_traits>\n#include <utility>\n",
     );
     let mut body = String::new();
+    let mut dynamic = Vec::new();
     for path in &sources {
         let src = std::fs::read_to_string(path)?;
         for line in src.lines().filter(|l| l.contains("extern __shared__")) {
@@ -185,26 +224,47 @@ fn translation_unit(csrc: &Path) -> Result<String> {
                 unit,
                 "alignas(16) {ty} {name}[{DYNAMIC_SMEM_BYTES} / sizeof({ty})];"
             )?;
+            dynamic.push(format!("(float*){name}"));
         }
         writeln!(body, "#line 1 \"{}\"", path.display())?;
-        body.push_str(
-            &src.replace("extern __shared__", "extern")
-                .replace("__shared__", "static"),
-        );
-        body.push('\n');
+        for line in src.lines() {
+            match line.split_once("__shared__") {
+                Some((head, _)) if head.trim_end().ends_with("extern") => {
+                    body.push_str(&line.replace("extern __shared__", "extern"))
+                }
+                Some((head, decl)) => {
+                    let shared = static_shared(decl).ok_or_else(|| {
+                        anyhow!("{}: unexpected shared array: {line}", path.display())
+                    })?;
+                    body.push_str(head);
+                    body.push_str(&shared);
+                }
+                None => body.push_str(line),
+            }
+            body.push('\n');
+        }
     }
+    dynamic.push("nullptr".into());
+    writeln!(
+        unit,
+        "extern \"C\" float* const zf_emu_dsmem_arrays[] = {{{}}};\n\
+         extern \"C\" const unsigned zf_emu_dsmem_count = {};\n\
+         extern \"C\" const size_t zf_emu_dsmem_bytes = {DYNAMIC_SMEM_BYTES};",
+        dynamic.join(", "),
+        dynamic.len() - 1
+    )?;
     unit.push_str(&body);
-    let selftest = csrc.join("emu/selftest.inc");
-    writeln!(unit, "#line 1 \"{}\"", selftest.display())?;
-    unit.push_str(&std::fs::read_to_string(&selftest)?);
     // Back in the generated file: the trampolines and the lookup.
     unit.push_str("#line 1 \"kernels_emulated.cpp (generated)\"\n");
     unit.push_str(
         "\ntemplate <typename F, F f> struct ZfTrampoline;\n\
          template <typename... A, void (*f)(A...)> struct ZfTrampoline<void (*)(A...), f> {\n\
-         \x20 template <size_t... I> static void call(void** p, std::index_sequence<I...>) {\n\
+         \x20 // Not checked: the parameter array is the launcher's memory, not the kernel's.\n\
+         \x20 template <size_t... I> __attribute__((no_sanitize(\"thread\")))\n\
+         \x20 static void call(void** p, std::index_sequence<I...>) {\n\
          \x20   f(*static_cast<std::remove_cv_t<A>*>(p[I])...);\n\
          \x20 }\n\
+         \x20 __attribute__((no_sanitize(\"thread\")))\n\
          \x20 static void run(void** p) { call(p, std::index_sequence_for<A...>{}); }\n\
          };\n",
     );
@@ -217,6 +277,26 @@ fn translation_unit(csrc: &Path) -> Result<String> {
     }
     unit.push_str("  return nullptr;\n}\n");
     Ok(unit)
+}
+
+/// ` T name[N]...; // ...` (what follows `__shared__`) as `ZF_SHARED(T, name, [N]...); // ...`
+/// (csrc/emu/cuda_emu.h); None for any other form.
+fn static_shared(decl: &str) -> Option<String> {
+    let (decl, rest) = decl.split_once(';')?;
+    let (head, dims) = match decl.find('[') {
+        Some(i) => decl.split_at(i),
+        None => (decl, ""),
+    };
+    let (ty, name) = head.trim().rsplit_once(char::is_whitespace)?;
+    let ident = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_alphanumeric() || c == '_');
+    if !ident(name) || ty.contains(',') || ty.trim().is_empty() || dims.contains(',') {
+        return None;
+    }
+    Some(format!(
+        "ZF_SHARED({}, {name}, {});{rest}",
+        ty.trim(),
+        dims.trim()
+    ))
 }
 
 type HostGemm = unsafe extern "C" fn(i32, i32, i32, *const f32, *const f32, *mut f32);
@@ -289,6 +369,7 @@ impl Launch for Emulator {
         // the pointers it passes are host addresses the test owns.
         let rc = args.with_params(|params| unsafe {
             launch(
+                cname.as_ptr(),
                 kernel,
                 params.as_mut_ptr(),
                 grid.0,
@@ -297,25 +378,66 @@ impl Launch for Emulator {
                 block.0,
                 block.1,
                 block.2,
+                smem,
             )
         });
-        if rc != 0 {
-            bail!("kernel {name} (grid {grid:?}, block {block:?}) deadlocked in the emulator");
+        match rc {
+            0 => Ok(()),
+            2 => bail!("{}", self.last_report()),
+            _ => bail!("kernel {name} (grid {grid:?}, block {block:?}) deadlocked in the emulator"),
         }
-        Ok(())
     }
 }
 
-/// The address of a host buffer the kernel only reads, as a kernel argument.
+impl Emulator {
+    /// What the checker said of the last launch it stopped.
+    fn last_report(&self) -> String {
+        // SAFETY: checker.cpp's accessor; the report is a NUL-terminated static buffer.
+        unsafe {
+            let report = self
+                .driver
+                .get::<unsafe extern "C" fn() -> *const std::ffi::c_char>(b"zf_emu_last_report")
+                .expect("zf_emu_last_report is defined by checker.cpp");
+            std::ffi::CStr::from_ptr(report())
+                .to_string_lossy()
+                .into_owned()
+        }
+    }
+
+    /// Lets kernels launched from this thread use `bytes` bytes at `base` as device memory (host
+    /// buffers given to them directly, in the unit tests); the checker refuses accesses outside
+    /// every such range.
+    #[cfg(test)]
+    fn track(&self, base: usize, bytes: usize) {
+        // SAFETY: checker.cpp's registration, which only records the range.
+        unsafe {
+            let track = self
+                .driver
+                .get::<unsafe extern "C" fn(usize, usize)>(b"zf_check_track_host")
+                .expect("zf_check_track_host is defined by checker.cpp");
+            track(base, bytes);
+        }
+    }
+}
+
+/// The address of a host buffer the kernel only reads, as a kernel argument; the kernel may
+/// read all of the buffer and nothing else.
 #[cfg(test)]
 pub(crate) fn addr<T>(v: &[T]) -> u64 {
+    if let Some(emu) = emulator() {
+        emu.track(v.as_ptr() as usize, std::mem::size_of_val(v));
+    }
     v.as_ptr() as u64
 }
 
 /// The address of a host buffer the kernel writes (taken from a unique borrow, so that the
-/// compiler does not assume the buffer unchanged).
+/// compiler does not assume the buffer unchanged); the kernel may use all of the buffer and
+/// nothing else.
 #[cfg(test)]
 pub(crate) fn addr_mut<T>(v: &mut [T]) -> u64 {
+    if let Some(emu) = emulator() {
+        emu.track(v.as_ptr() as usize, std::mem::size_of_val(v));
+    }
     v.as_mut_ptr() as u64
 }
 
@@ -375,6 +497,214 @@ mod launch_checks {
         super::super::kernels::philox_words(emu, addr_mut(&mut words), 2, key, 0).unwrap();
         let p = crate::rng::Philox::new(1, 2, 3);
         assert_eq!(words, [p.block(0), p.block(1)].concat());
+    }
+
+    /// zf_emu_selftest_checker in `mode` on the first 8 floats of a 16-float buffer (the other
+    /// 8 are not the kernel's), blocks of 64 threads.
+    fn checker_case(emu: &Emulator, mode: i32, grid: u32, smem: usize) -> (Result<()>, Vec<f32>) {
+        let mut v = vec![f32::NAN; 16];
+        let args = Args::default().ptr(addr_mut(&mut v[..8])).i32(8).i32(mode);
+        let res = emu.launch(
+            "zf_emu_selftest_checker",
+            (grid, 1, 1),
+            (64, 1, 1),
+            smem,
+            args,
+        );
+        (res, v)
+    }
+
+    #[test]
+    fn the_checker_reports_accesses_out_of_bounds_and_races() {
+        let Some(emu) = emulator() else { return };
+        let cases: &[(i32, u32, usize, &[&str])] = &[
+            (
+                1,
+                1,
+                0,
+                &[
+                    "thread (0, 0, 0) of block (0, 0, 0) writes 4 bytes",
+                    "outside every device allocation: 0 bytes past the end of the 32-byte one",
+                ],
+            ),
+            (
+                2,
+                1,
+                0,
+                &[
+                    "race on static shared array tile (256 bytes)",
+                    "thread (32, 0, 0) of block (0, 0, 0) reads 4 bytes",
+                    "that thread (0, 0, 0) of block (0, 0, 0) wrote, with no __syncthreads between",
+                ],
+            ),
+            (
+                3,
+                2,
+                0,
+                &[
+                    "race on device memory",
+                    "thread (0, 0, 0) of block (1, 0, 0) writes",
+                    "that thread (0, 0, 0) of block (0, 0, 0) wrote",
+                    "the blocks of a launch are not ordered",
+                ],
+            ),
+            (
+                5,
+                1,
+                0,
+                &[
+                    "thread (1, 0, 0) of block (0, 0, 0) reads 4 bytes",
+                    "or warp barrier",
+                ],
+            ),
+            (
+                6,
+                1,
+                32,
+                &[
+                    "reads 4 bytes",
+                    "offset 32 of dynamic shared memory, of which the launch asked for 32 bytes",
+                ],
+            ),
+            (
+                7,
+                1,
+                0,
+                &[
+                    "thread (5, 0, 0) of block (0, 0, 0) writes 4 bytes",
+                    "that thread (3, 0, 0)",
+                ],
+            ),
+        ];
+        for &(mode, grid, smem, says) in cases {
+            let (res, v) = checker_case(emu, mode, grid, smem);
+            let err = res.unwrap_err().to_string();
+            assert!(
+                err.starts_with("kernel zf_emu_selftest_checker (grid ("),
+                "mode {mode}: {err}"
+            );
+            assert!(
+                err.contains("[in zf_emu_selftest_checker+"),
+                "mode {mode}: {err}"
+            );
+            for s in says {
+                assert!(err.contains(s), "mode {mode}: {s:?} not in {err:?}");
+            }
+            // The launch stopped before the offending access: nothing past out[8) changed.
+            assert!(v[8..].iter().all(|x| x.is_nan()), "mode {mode}: {v:?}");
+        }
+    }
+
+    #[test]
+    fn the_checker_passes_what_barriers_order() {
+        let Some(emu) = emulator() else { return };
+        // Through __syncthreads: thread t wrote tile[t], thread i < 8 reads tile[63 - i].
+        let (res, v) = checker_case(emu, 0, 1, 0);
+        res.unwrap();
+        let want: Vec<f32> = (0..8).map(|i| (63 - i) as f32).collect();
+        assert_eq!(v[..8], want);
+        // Through a shuffle, within a warp.
+        let (res, v) = checker_case(emu, 4, 1, 0);
+        res.unwrap();
+        assert_eq!(v[1], 2.0);
+    }
+
+    #[test]
+    fn the_driver_fails_checked_launches_as_a_gpu_would_and_fresh_memory_is_garbage() {
+        use std::ffi::{c_char, CStr};
+        use std::ptr::null_mut;
+        let Some(emu) = emulator() else { return };
+        type Launch = unsafe extern "C" fn(
+            *mut c_void,
+            u32,
+            u32,
+            u32,
+            u32,
+            u32,
+            u32,
+            u32,
+            *mut c_void,
+            *mut *mut c_void,
+            *mut *mut c_void,
+        ) -> i32;
+        type Describe = unsafe extern "C" fn(i32, *mut *const c_char) -> i32;
+        // SAFETY: driver.cpp's entry points, with the CUDA driver API's signatures.
+        unsafe {
+            let d = &emu.driver;
+            let alloc = d.get::<unsafe extern "C" fn(*mut u64, usize) -> i32>(b"cuMemAlloc_v2");
+            let free = d
+                .get::<unsafe extern "C" fn(u64) -> i32>(b"cuMemFree_v2")
+                .unwrap();
+            let dtoh = d
+                .get::<unsafe extern "C" fn(*mut c_void, u64, usize) -> i32>(b"cuMemcpyDtoH_v2")
+                .unwrap();
+            let function = d
+                .get::<unsafe extern "C" fn(*mut *mut c_void, *mut c_void, *const c_char) -> i32>(
+                    b"cuModuleGetFunction",
+                )
+                .unwrap();
+            let launch = d.get::<Launch>(b"cuLaunchKernel").unwrap();
+            let name = d.get::<Describe>(b"cuGetErrorName").unwrap();
+            let string = d.get::<Describe>(b"cuGetErrorString").unwrap();
+            let describe = |f: &Describe, rc: i32| {
+                let mut s = std::ptr::null();
+                f(rc, &mut s);
+                CStr::from_ptr(s).to_string_lossy().into_owned()
+            };
+
+            let mut buf = 0u64;
+            assert_eq!(alloc.unwrap()(&mut buf, 32), 0);
+            let mut fresh = [0u8; 32];
+            assert_eq!(dtoh(fresh.as_mut_ptr().cast(), buf, 32), 0);
+            assert_eq!(fresh, [0xff; 32], "fresh device memory reads as NaN");
+
+            let mut kernel = null_mut();
+            assert_eq!(
+                function(&mut kernel, null_mut(), c"zf_emu_selftest_checker".as_ptr()),
+                0
+            );
+            for (mode, grid, code, says) in [
+                (
+                    1,
+                    1,
+                    "CUDA_ERROR_ILLEGAL_ADDRESS",
+                    "outside every device allocation: 0 bytes past the end of the 32-byte one",
+                ),
+                (
+                    3,
+                    2,
+                    "CUDA_ERROR_LAUNCH_FAILED",
+                    "race on device memory (offset 0 of the 32-byte",
+                ),
+            ] {
+                let (mut out, mut n, mut mode) = (buf, 8i32, mode);
+                let mut params: [*mut c_void; 3] = [
+                    (&mut out as *mut u64).cast(),
+                    (&mut n as *mut i32).cast(),
+                    (&mut mode as *mut i32).cast(),
+                ];
+                let rc = launch(
+                    kernel,
+                    grid,
+                    1,
+                    1,
+                    64,
+                    1,
+                    1,
+                    0,
+                    null_mut(),
+                    params.as_mut_ptr(),
+                    null_mut(),
+                );
+                assert_eq!(describe(&name, rc), code, "mode {mode}");
+                let text = describe(&string, rc);
+                assert!(
+                    text.starts_with("kernel zf_emu_selftest_checker") && text.contains(says),
+                    "mode {mode}: {text}"
+                );
+            }
+            assert_eq!(free(buf), 0);
+        }
     }
 
     #[test]

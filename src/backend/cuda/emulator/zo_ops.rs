@@ -70,7 +70,7 @@ fn copy(t: &HostTensor) -> HostTensor {
 
 /// The host address of a tensor's storage, for a kernel to write in place.
 fn storage(t: &mut HostTensor) -> u64 {
-    t.bytes_mut().as_mut_ptr() as u64
+    addr_mut(t.bytes_mut())
 }
 
 fn elem_z(z: ZSpec) -> ElemZ {
@@ -304,7 +304,7 @@ fn perturbed_copies_and_gathered_rows_have_the_cpu_pass_bits() {
             let (r0, nr) = (3, 20);
             let elt = dtype.size();
             let mut dst = tensor(&vec![f32::NAN; nr * cols], &[nr, cols], dtype);
-            let src = w.bytes()[r0 * cols * elt..].as_ptr() as u64;
+            let src = addr(&w.bytes()[r0 * cols * elt..]);
             let (n, start) = (nr * cols, (r0 * cols) as u64);
             kernels::zo_perturbed_copy(
                 emu,

@@ -1,0 +1,504 @@
+// The emulator's memory checker (see checker.h): bounds and races of every access an emulated
+// kernel makes, through the thread-sanitizer hooks the compiler puts before each load and store
+// of the instrumented kernels. Compiled without instrumentation itself.
+//
+// Bounds. An access must lie in the running thread's stack, in one device allocation (as
+// requested, not as rounded by the allocator), in the launch's dynamic shared memory (the bytes
+// the launch asked for, not the emulator's 256 KB), in the static shared arrays, or in the
+// emulator's own globals (threadIdx, ...). Anything else is out of bounds.
+//
+// Races. Device and shared memory have a shadow cell per 2 bytes holding the last write and the
+// last read (block, thread, and the barrier epochs the thread had passed). Two accesses to the
+// same bytes by different threads, one of them a write, race unless a barrier lies between:
+// a __syncthreads completed after the first (same block), or a warp barrier (the shuffles) when
+// both threads are in one warp. Blocks are never ordered within a launch; launches are (one
+// stream), so the shadow of device memory starts empty at each launch, and that of shared memory
+// at each block. Keeping one read per cell can miss a race with an earlier reader; it never
+// reports one that is not there.
+#include <cxxabi.h>
+#include <dlfcn.h>
+#include <link.h>
+
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "checker.h"
+
+ZfCheckCursor zf_check_cursor;
+
+// The dynamic shared arrays (all alias offset 0 of the block's dynamic shared memory on a GPU)
+// and their size, from the generated translation unit; the static ones tell zf_check_shared.
+extern "C" float* const zf_emu_dsmem_arrays[];
+extern "C" const unsigned zf_emu_dsmem_count;
+extern "C" const size_t zf_emu_dsmem_bytes;
+
+namespace {
+
+struct Cell {
+  uint32_t w_block, r_block;  // State::block_id; 0: none
+  uint32_t w_epoch, r_epoch;  // block epoch << 16 | warp epoch (both mod 2^16)
+  uint16_t w_thread, r_thread;
+};
+constexpr uint16_t kManyBlocks = 0x8000;  // r_thread flag: read by more than one block
+
+constexpr unsigned kPageShift = 16;  // shadow pages cover 64 KiB of address space
+constexpr size_t kPageCells = (size_t(1) << kPageShift) / 2;
+constexpr size_t kShadowCap = size_t(1) << 30;
+
+// Where an access lands, for reports (formatted only then).
+struct Memory {
+  enum Kind { Device, StaticShared, DynamicShared } kind;
+  uintptr_t base;
+  size_t bytes;
+  const char* name;  // of a static shared array
+  bool shared() const { return kind != Device; }
+};
+
+void describe(const Memory& m, uintptr_t addr, char* buf, size_t n) {
+  switch (m.kind) {
+    case Memory::Device:
+      std::snprintf(buf, n, "device memory (offset %lu of the %zu-byte allocation at %#lx)",
+                    (unsigned long)(addr - m.base), m.bytes, (unsigned long)m.base);
+      break;
+    case Memory::StaticShared:
+      std::snprintf(buf, n, "static shared array %s (%zu bytes)", m.name, m.bytes);
+      break;
+    case Memory::DynamicShared:
+      std::snprintf(buf, n, "dynamic shared memory (offset %lu)", (unsigned long)(addr - m.base));
+      break;
+  }
+}
+
+struct Access {
+  uintptr_t addr;
+  unsigned bytes;
+  bool write;
+  void* pc;
+};
+
+struct State {
+  bool in_launch = false, races = true;
+  const char* kernel = "";
+  unsigned grid[3] = {}, block[3] = {};
+  size_t dynamic_smem = 0;
+  // Blocks are numbered across launches (from 1), so shared-memory cells of another launch's
+  // blocks are as stale as those of another block.
+  uint32_t block_id = 0, first_block_id = 1;
+  // The last device ranges hit (kernels alternate among a few buffers), and where the rest live.
+  static constexpr unsigned kHits = 4;
+  uintptr_t hit_lo[kHits] = {}, hit_hi[kHits] = {};
+  unsigned next_hit = 0;
+  uintptr_t image_lo = 0, image_hi = 0;
+  std::unordered_map<uintptr_t, Cell*> pages;
+  uintptr_t last_page = ~uintptr_t(0);
+  Cell* last_cells = nullptr;
+  struct StaticShared {
+    uintptr_t lo, hi;
+    const char* name;
+    std::vector<Cell> cells;
+  };
+  std::vector<StaticShared> static_smem;
+  std::vector<Cell> dynamic_smem_cells;
+  bool cap_said = false;
+};
+State g;
+
+// base -> bytes: the driver's allocations, and the host buffers this OS thread handed to kernels
+// (a unit test's; every test runs on a thread of its own, so none sees another's stale ones).
+std::mutex g_ranges_mu;
+std::map<uintptr_t, size_t> g_ranges;
+thread_local std::map<uintptr_t, size_t> t_host_ranges;
+char g_report[2048];
+
+// The lowest and highest address of the loaded object (this library) holding `probe`.
+void find_image(const void* probe, uintptr_t* lo, uintptr_t* hi) {
+  struct Find {
+    uintptr_t probe, lo, hi;
+  } find{(uintptr_t)probe, ~uintptr_t(0), 0};
+  dl_iterate_phdr(
+      [](dl_phdr_info* i, size_t, void* data) {
+        Find* f = static_cast<Find*>(data);
+        uintptr_t lo = ~uintptr_t(0), hi = 0;
+        bool mine = false;
+        for (int s = 0; s < i->dlpi_phnum; ++s) {
+          const ElfW(Phdr)& ph = i->dlpi_phdr[s];
+          if (ph.p_type != PT_LOAD) continue;
+          const uintptr_t a = i->dlpi_addr + ph.p_vaddr, b = a + ph.p_memsz;
+          lo = std::min(lo, a);
+          hi = std::max(hi, b);
+          mine |= a <= f->probe && f->probe < b;
+        }
+        if (!mine) return 0;
+        f->lo = lo;
+        f->hi = hi;
+        return 1;
+      },
+      &find);
+  *lo = find.lo;
+  *hi = find.hi;
+}
+
+void say(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  std::vsnprintf(g_report, sizeof g_report, fmt, ap);
+  va_end(ap);
+}
+
+// "thread (x, y, z) of block (x, y, z)"
+const char* who(uint32_t block_id, unsigned thread, char* buf, size_t n) {
+  const uint64_t b = block_id - g.first_block_id;
+  const unsigned bx = g.block[0], by = g.block[1], gx = g.grid[0], gy = g.grid[1];
+  std::snprintf(buf, n, "thread (%u, %u, %u) of block (%llu, %llu, %llu)", thread % bx,
+                (thread / bx) % by, thread / (bx * by), (unsigned long long)(b % gx),
+                (unsigned long long)((b / gx) % gy), (unsigned long long)(b / ((uint64_t)gx * gy)));
+  return buf;
+}
+
+// The function an access was made from, for reports.
+void where(void* pc, char* buf, size_t n) {
+  Dl_info info;
+  if (!dladdr(pc, &info) || !info.dli_sname) {
+    std::snprintf(buf, n, "?");
+    return;
+  }
+  int status = 0;
+  char* demangled = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+  std::snprintf(buf, n, "%s+%#lx", status == 0 ? demangled : info.dli_sname,
+                (unsigned long)((char*)pc - (char*)info.dli_saddr));
+  std::free(demangled);
+}
+
+void out_of_bounds(const Access& a, const char* what) {
+  char w[96], at[256];
+  who(g.block_id, zf_check_cursor.thread, w, sizeof w);
+  where(a.pc, at, sizeof at);
+  say("kernel %s (grid (%u, %u, %u), block (%u, %u, %u)): %s %s %u bytes at %#lx, %s [in %s]",
+      g.kernel, g.grid[0], g.grid[1], g.grid[2], g.block[0], g.block[1], g.block[2], w,
+      a.write ? "writes" : "reads", a.bytes, (unsigned long)a.addr, what, at);
+}
+
+// Out of every known range: name the allocation it follows, when one ends close before it.
+void outside_everything(const Access& a) {
+  uintptr_t base = 0;
+  size_t bytes = 0;
+  auto nearest = [&](const std::map<uintptr_t, size_t>& ranges) {
+    auto next = ranges.upper_bound(a.addr);
+    if (next != ranges.begin() && std::prev(next)->first >= base) {
+      base = std::prev(next)->first;
+      bytes = std::prev(next)->second;
+    }
+  };
+  {
+    std::lock_guard<std::mutex> lock(g_ranges_mu);
+    nearest(g_ranges);
+  }
+  nearest(t_host_ranges);
+  char what[256];
+  const uintptr_t past = a.addr - (base + bytes);
+  if (base && past < 65536)
+    std::snprintf(what, sizeof what,
+                  "outside every device allocation: %lu bytes past the end of the %zu-byte one "
+                  "at %#lx",
+                  (unsigned long)past, bytes, (unsigned long)base);
+  else
+    std::snprintf(what, sizeof what, "outside every device allocation");
+  out_of_bounds(a, what);
+}
+
+uint32_t epoch_now() {
+  return (*zf_check_cursor.block_epoch & 0xffffu) << 16 | (*zf_check_cursor.warp_epoch & 0xffffu);
+}
+
+// Whether an earlier access by (block_id, thread, epoch) is ordered before the running thread's.
+bool ordered(uint32_t block_id, unsigned thread, uint32_t epoch) {
+  const unsigned me = zf_check_cursor.thread;
+  if (block_id != g.block_id) return false;
+  if (thread == me) return true;
+  const uint32_t now = epoch_now();
+  if ((epoch >> 16) != (now >> 16)) return true;
+  return thread / 32 == me / 32 && (epoch & 0xffffu) != (now & 0xffffu);
+}
+
+const char* barrier_missing(unsigned other) {
+  return other / 32 == zf_check_cursor.thread / 32
+             ? "with no __syncthreads or warp barrier between them"
+             : "with no __syncthreads between them";
+}
+
+void race(const Access& a, const Memory& m, const char* them, bool other_wrote,
+          const char* why) {
+  char me[96], at[256], memory[160];
+  describe(m, a.addr, memory, sizeof memory);
+  who(g.block_id, zf_check_cursor.thread, me, sizeof me);
+  where(a.pc, at, sizeof at);
+  say("kernel %s (grid (%u, %u, %u), block (%u, %u, %u)): race on %s: %s %s %u bytes at %#lx "
+      "that %s %s, %s [in %s]",
+      g.kernel, g.grid[0], g.grid[1], g.grid[2], g.block[0], g.block[1], g.block[2], memory, me,
+      a.write ? "writes" : "reads", a.bytes, (unsigned long)a.addr, them,
+      other_wrote ? "wrote" : "read", why, at);
+}
+
+void race_with(const Access& a, const Memory& memory, uint32_t block_id, unsigned thread,
+               bool other_wrote) {
+  char them[96];
+  who(block_id, thread, them, sizeof them);
+  race(a, memory, them, other_wrote,
+       block_id != g.block_id ? "and the blocks of a launch are not ordered"
+                              : barrier_missing(thread));
+}
+
+// Updates the cells of one access; false (after a report) on a race. In shared memory, cells
+// of earlier blocks are empty (every block has its own).
+bool track(Cell* cells, const Access& a, const Memory& memory) {
+  const bool shared = memory.shared();
+  const unsigned me = zf_check_cursor.thread;
+  const uint32_t now = epoch_now();
+  const uintptr_t granules = ((a.addr + a.bytes - 1) >> 1) - (a.addr >> 1) + 1;
+  for (uintptr_t i = 0; i < granules; ++i) {
+    Cell& c = cells[i];
+    if (shared && c.w_block != g.block_id) c.w_block = 0;
+    if (shared && c.r_block != g.block_id) c.r_block = 0;
+    if (c.w_block && !ordered(c.w_block, c.w_thread, c.w_epoch)) {
+      race_with(a, memory, c.w_block, c.w_thread, true);
+      return false;
+    }
+    const bool many_blocks = c.r_thread & kManyBlocks;
+    const unsigned reader = c.r_thread & ~kManyBlocks;
+    if (a.write) {
+      if (many_blocks) {
+        // At least one of the reading blocks is not this one.
+        race(a, memory, "threads of several blocks", false,
+             "and the blocks of a launch are not ordered");
+        return false;
+      }
+      if (c.r_block && !ordered(c.r_block, reader, c.r_epoch)) {
+        race_with(a, memory, c.r_block, reader, false);
+        return false;
+      }
+      c = Cell{g.block_id, 0, now, 0, (uint16_t)me, 0};
+    } else {
+      const bool many = many_blocks || (c.r_block && c.r_block != g.block_id);
+      c.r_block = g.block_id;
+      c.r_epoch = now;
+      c.r_thread = (uint16_t)(me | (many ? kManyBlocks : 0));
+    }
+  }
+  return true;
+}
+
+Cell* global_cells(uintptr_t addr) {
+  const uintptr_t page = addr >> kPageShift;
+  if (page != g.last_page) {
+    Cell*& cells = g.pages[page];
+    if (!cells) {
+      if ((g.pages.size() + 1) * kPageCells * sizeof(Cell) > kShadowCap) {
+        g.pages.erase(page);
+        g.races = false;
+        if (!g.cap_said) {
+          std::fprintf(stderr,
+                       "zoft kernel emulator: kernel %s touches more device memory than the race "
+                       "checker follows (%zu MiB of shadow); its races, and those of later such "
+                       "launches, are not checked (bounds still are)\n",
+                       g.kernel, kShadowCap >> 20);
+          g.cap_said = true;
+        }
+        return nullptr;
+      }
+      cells = static_cast<Cell*>(std::calloc(kPageCells + 8, sizeof(Cell)));
+    }
+    g.last_page = page;
+    g.last_cells = cells;
+  }
+  return g.last_cells + ((addr & ((uintptr_t(1) << kPageShift) - 1)) >> 1);
+}
+
+// False (after a report) when the access is out of bounds or races.
+bool check(const Access& a) {
+  const ZfCheckCursor& c = zf_check_cursor;
+  const uintptr_t end = a.addr + a.bytes;
+  if (a.addr >= c.stack_lo && end <= c.stack_hi) return true;
+  unsigned hit = 0;
+  while (hit < State::kHits && !(a.addr >= g.hit_lo[hit] && end <= g.hit_hi[hit])) ++hit;
+  if (hit == State::kHits) {
+    // Shared memory.
+    for (State::StaticShared& r : g.static_smem) {
+      if (a.addr < r.lo || a.addr >= r.hi) continue;
+      const Memory m{Memory::StaticShared, r.lo, r.hi - r.lo, r.name};
+      if (end > r.hi) {
+        char memory[160], what[192];
+        describe(m, a.addr, memory, sizeof memory);
+        std::snprintf(what, sizeof what, "running past the end of %s", memory);
+        out_of_bounds(a, what);
+        return false;
+      }
+      return track(&r.cells[(a.addr - r.lo) >> 1], a, m);
+    }
+    for (unsigned i = 0; i < zf_emu_dsmem_count; ++i) {
+      const uintptr_t lo = (uintptr_t)zf_emu_dsmem_arrays[i];
+      if (a.addr < lo || a.addr >= lo + zf_emu_dsmem_bytes) continue;
+      if (end - lo > g.dynamic_smem) {
+        char what[128];
+        std::snprintf(what, sizeof what,
+                      "offset %lu of dynamic shared memory, of which the launch asked for %zu "
+                      "bytes",
+                      (unsigned long)(a.addr - lo), g.dynamic_smem);
+        out_of_bounds(a, what);
+        return false;
+      }
+      // All dynamic arrays are one memory: share the cells.
+      const Memory m{Memory::DynamicShared, lo, g.dynamic_smem, nullptr};
+      return track(&g.dynamic_smem_cells[(a.addr - lo) >> 1], a, m);
+    }
+    if (a.addr >= g.image_lo && end <= g.image_hi) return true;  // the emulator's globals
+    bool found = false, partial = false;
+    size_t bytes = 0;
+    uintptr_t base = 0;
+    auto look = [&](const std::map<uintptr_t, size_t>& ranges) {
+      auto next = ranges.upper_bound(a.addr);
+      if (found || next == ranges.begin()) return;
+      auto r = std::prev(next);
+      if (a.addr >= r->first + r->second) return;
+      found = true;
+      base = r->first;
+      bytes = r->second;
+      partial = end > base + bytes;
+    };
+    {
+      std::lock_guard<std::mutex> lock(g_ranges_mu);
+      look(g_ranges);
+    }
+    look(t_host_ranges);
+    if (!found) {
+      outside_everything(a);
+      return false;
+    }
+    if (partial) {
+      char what[160];
+      std::snprintf(what, sizeof what, "running past the end of the %zu-byte allocation at %#lx",
+                    bytes, (unsigned long)base);
+      out_of_bounds(a, what);
+      return false;
+    }
+    hit = g.next_hit;
+    g.next_hit = (g.next_hit + 1) % State::kHits;
+    g.hit_lo[hit] = base;
+    g.hit_hi[hit] = base + bytes;
+  }
+  if (!g.races) return true;
+  Cell* cells = global_cells(a.addr);
+  if (!cells) return true;
+  // An access that straddles two shadow pages is tracked in the first one's spare cells only.
+  return track(cells, a, Memory{Memory::Device, g.hit_lo[hit], g.hit_hi[hit] - g.hit_lo[hit], nullptr});
+}
+
+inline void hook(uintptr_t addr, unsigned bytes, bool write, void* pc) {
+  if (!g.in_launch) return;
+  if (!check(Access{addr, bytes, write, pc})) {
+    g.in_launch = false;
+    zf_emu_abort_launch();
+  }
+}
+
+}  // namespace
+
+bool zf_check_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("ZOFT_EMU_CHECK");
+    return !(v && std::strcmp(v, "0") == 0);
+  }();
+  return on;
+}
+
+void zf_check_launch_begin(const char* kernel, const unsigned grid[3], const unsigned block[3],
+                           size_t dynamic_smem) {
+  g_report[0] = 0;
+  if (!zf_check_enabled()) return;
+  if (!g.image_hi) {
+    find_image((void*)&zf_check_launch_begin, &g.image_lo, &g.image_hi);
+    g.dynamic_smem_cells.resize(zf_emu_dsmem_bytes / 2 + 8);
+  }
+  g.kernel = kernel;
+  std::memcpy(g.grid, grid, sizeof g.grid);
+  std::memcpy(g.block, block, sizeof g.block);
+  g.dynamic_smem = dynamic_smem;
+  for (unsigned i = 0; i < State::kHits; ++i) g.hit_lo[i] = g.hit_hi[i] = 0;
+  g.races = true;
+  g.in_launch = true;
+}
+
+void zf_check_block_begin(uint64_t block_linear) {
+  g.block_id = g.first_block_id + (uint32_t)block_linear;
+}
+
+void zf_check_launch_end() {
+  g.in_launch = false;
+  g.first_block_id = g.block_id + 1;
+  if (g.first_block_id == 0) g.first_block_id = 1;
+  for (auto& p : g.pages) std::free(p.second);
+  g.pages.clear();
+  g.last_page = ~uintptr_t(0);
+  g.last_cells = nullptr;
+}
+
+extern "C" const char* zf_emu_last_report() { return g_report; }
+
+extern "C" bool zf_check_shared(const void* p, size_t bytes, const char* name) {
+  const uintptr_t lo = (uintptr_t)p;
+  g.static_smem.push_back(State::StaticShared{lo, lo + bytes, name, std::vector<Cell>(bytes / 2 + 9)});
+  return true;
+}
+
+extern "C" void zf_check_track(uintptr_t base, size_t bytes) {
+  std::lock_guard<std::mutex> lock(g_ranges_mu);
+  g_ranges[base] = bytes;
+}
+
+extern "C" void zf_check_untrack(uintptr_t base) {
+  std::lock_guard<std::mutex> lock(g_ranges_mu);
+  g_ranges.erase(base);
+}
+
+extern "C" void zf_check_track_host(uintptr_t base, size_t bytes) {
+  // A new range replaces the stale ones it overlaps (buffers freed since).
+  auto& ranges = t_host_ranges;
+  auto it = ranges.upper_bound(base);
+  if (it != ranges.begin() && std::prev(it)->first + std::prev(it)->second > base) --it;
+  while (it != ranges.end() && it->first < base + bytes) it = ranges.erase(it);
+  ranges[base] = bytes;
+}
+
+// The hooks of -fsanitize=thread instrumentation.
+#define ZF_HOOKS(N)                                                                        \
+  extern "C" void __tsan_read##N(void* p) {                                                \
+    hook((uintptr_t)p, N, false, __builtin_return_address(0));                             \
+  }                                                                                        \
+  extern "C" void __tsan_write##N(void* p) {                                               \
+    hook((uintptr_t)p, N, true, __builtin_return_address(0));                              \
+  }                                                                                        \
+  extern "C" void __tsan_unaligned_read##N(void* p) {                                      \
+    hook((uintptr_t)p, N, false, __builtin_return_address(0));                             \
+  }                                                                                        \
+  extern "C" void __tsan_unaligned_write##N(void* p) {                                     \
+    hook((uintptr_t)p, N, true, __builtin_return_address(0));                              \
+  }
+ZF_HOOKS(1)
+ZF_HOOKS(2)
+ZF_HOOKS(4)
+ZF_HOOKS(8)
+ZF_HOOKS(16)
+extern "C" void __tsan_read_range(void* p, unsigned long n) {
+  hook((uintptr_t)p, (unsigned)n, false, __builtin_return_address(0));
+}
+extern "C" void __tsan_write_range(void* p, unsigned long n) {
+  hook((uintptr_t)p, (unsigned)n, true, __builtin_return_address(0));
+}
+extern "C" void __tsan_func_entry(void*) {}
+extern "C" void __tsan_func_exit() {}
+extern "C" void __tsan_init() {}

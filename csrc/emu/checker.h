@@ -1,0 +1,43 @@
+// The emulator's memory checker (checker.cpp), as the scheduler (runtime.cpp) and the driver
+// (driver.cpp) see it. The kernels are compiled with the compiler's thread-sanitizer
+// instrumentation, whose hooks (__tsan_read4, __tsan_write8, ...) checker.cpp defines itself:
+// every load and store a kernel makes is checked against the device allocations, the launch's
+// shared memory and the running thread's stack, and against the other threads' accesses of the
+// same launch for races. The first violation aborts the launch with a report.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+// Who is running, as the scheduler sets it before it resumes a fiber.
+struct ZfCheckCursor {
+  unsigned thread;               // linear index in the block
+  const unsigned* block_epoch;   // completed __syncthreads of the block
+  const unsigned* warp_epoch;    // completed barriers (shuffles) of the thread's warp
+  uintptr_t stack_lo, stack_hi;  // the fiber's stack
+};
+extern ZfCheckCursor zf_check_cursor;
+
+// Reads ZOFT_EMU_CHECK (0 turns the checker off) once.
+bool zf_check_enabled();
+void zf_check_launch_begin(const char* kernel, const unsigned grid[3], const unsigned block[3],
+                           size_t dynamic_smem);
+void zf_check_block_begin(uint64_t block_linear);
+void zf_check_launch_end();
+
+// A static shared array (see ZF_SHARED in cuda_emu.h), on its first use.
+extern "C" bool zf_check_shared(const void* p, size_t bytes, const char* name);
+
+// The report of the last aborted launch ("" when none).
+extern "C" const char* zf_emu_last_report();
+
+// Device memory the kernels may use: the driver's allocations (requested sizes, not the
+// allocator's rounding), and host buffers the calling thread hands to kernels directly (the
+// unit tests').
+extern "C" void zf_check_track(uintptr_t base, size_t bytes);
+extern "C" void zf_check_untrack(uintptr_t base);
+extern "C" void zf_check_track_host(uintptr_t base, size_t bytes);
+
+// Called by the checker on a violation, from the running fiber: ends the launch now (before the
+// offending access happens). Defined in runtime.cpp.
+[[noreturn]] void zf_emu_abort_launch();
