@@ -2,6 +2,10 @@
 // kernel makes, through the thread-sanitizer hooks the compiler puts before each load and store
 // of the instrumented kernels. Compiled without instrumentation itself.
 //
+// Alignment. Outside the thread's stack, an access of a 2-, 4-, 8- or 16-byte type must be
+// aligned to its size, as on a GPU. (The kernels are compiled without scalar replacement of
+// aggregates, so a float4 load stays one 16-byte access rather than four 4-byte ones.)
+//
 // Bounds. An access must lie in the running thread's stack, in one device allocation (as
 // requested, not as rounded by the allocator), in the launch's dynamic shared memory (the bytes
 // the launch asked for, not the emulator's 256 KB), in the static shared arrays, or in the
@@ -79,6 +83,7 @@ struct Access {
   uintptr_t addr;
   unsigned bytes;
   bool write;
+  bool natural;  // an access of the type's own size and alignment (not memcpy-like)
   void* pc;
 };
 
@@ -324,6 +329,15 @@ bool check(const Access& a) {
   const ZfCheckCursor& c = zf_check_cursor;
   const uintptr_t end = a.addr + a.bytes;
   if (a.addr >= c.stack_lo && end <= c.stack_hi) return true;
+  if (a.natural && (a.addr & (a.bytes - 1))) {
+    // A GPU faults on this (misaligned address); a CPU does not: a float4 load from a pointer
+    // that is only 4-byte aligned, say.
+    char what[96];
+    std::snprintf(what, sizeof what, "which is not %u-byte aligned (a GPU faults: misaligned address)",
+                  a.bytes);
+    out_of_bounds(a, what);
+    return false;
+  }
   unsigned hit = 0;
   while (hit < State::kHits && !(a.addr >= g.hit_lo[hit] && end <= g.hit_hi[hit])) ++hit;
   if (hit == State::kHits) {
@@ -398,9 +412,9 @@ bool check(const Access& a) {
   return track(cells, a, Memory{Memory::Device, g.hit_lo[hit], g.hit_hi[hit] - g.hit_lo[hit], nullptr});
 }
 
-inline void hook(uintptr_t addr, unsigned bytes, bool write, void* pc) {
+inline void hook(uintptr_t addr, unsigned bytes, bool write, bool natural, void* pc) {
   if (!g.in_launch) return;
-  if (!check(Access{addr, bytes, write, pc})) {
+  if (!check(Access{addr, bytes, write, natural, pc})) {
     g.in_launch = false;
     zf_emu_abort_launch();
   }
@@ -477,16 +491,16 @@ extern "C" void zf_check_track_host(uintptr_t base, size_t bytes) {
 // The hooks of -fsanitize=thread instrumentation.
 #define ZF_HOOKS(N)                                                                        \
   extern "C" void __tsan_read##N(void* p) {                                                \
-    hook((uintptr_t)p, N, false, __builtin_return_address(0));                             \
+    hook((uintptr_t)p, N, false, true, __builtin_return_address(0));                       \
   }                                                                                        \
   extern "C" void __tsan_write##N(void* p) {                                               \
-    hook((uintptr_t)p, N, true, __builtin_return_address(0));                              \
+    hook((uintptr_t)p, N, true, true, __builtin_return_address(0));                        \
   }                                                                                        \
   extern "C" void __tsan_unaligned_read##N(void* p) {                                      \
-    hook((uintptr_t)p, N, false, __builtin_return_address(0));                             \
+    hook((uintptr_t)p, N, false, false, __builtin_return_address(0));                      \
   }                                                                                        \
   extern "C" void __tsan_unaligned_write##N(void* p) {                                     \
-    hook((uintptr_t)p, N, true, __builtin_return_address(0));                              \
+    hook((uintptr_t)p, N, true, false, __builtin_return_address(0));                       \
   }
 ZF_HOOKS(1)
 ZF_HOOKS(2)
@@ -494,10 +508,10 @@ ZF_HOOKS(4)
 ZF_HOOKS(8)
 ZF_HOOKS(16)
 extern "C" void __tsan_read_range(void* p, unsigned long n) {
-  hook((uintptr_t)p, (unsigned)n, false, __builtin_return_address(0));
+  hook((uintptr_t)p, (unsigned)n, false, false, __builtin_return_address(0));
 }
 extern "C" void __tsan_write_range(void* p, unsigned long n) {
-  hook((uintptr_t)p, (unsigned)n, true, __builtin_return_address(0));
+  hook((uintptr_t)p, (unsigned)n, true, false, __builtin_return_address(0));
 }
 extern "C" void __tsan_func_entry(void*) {}
 extern "C" void __tsan_func_exit() {}

@@ -3,7 +3,8 @@
 // without a GPU. "Device" memory is host memory, streams and events are synchronous, the module
 // holds the emulated kernels (see cuda_emu.h) and a launch runs them to completion, under the
 // memory checker (checker.h): an access out of bounds fails the launch as
-// CUDA_ERROR_ILLEGAL_ADDRESS, a race as CUDA_ERROR_LAUNCH_FAILED, and cuGetErrorString gives the
+// CUDA_ERROR_ILLEGAL_ADDRESS, a misaligned one as CUDA_ERROR_MISALIGNED_ADDRESS, a race as
+// CUDA_ERROR_LAUNCH_FAILED, and cuGetErrorString gives the
 // checker's report. Fresh allocations are filled with 0xff bytes (NaN as f32 and bf16), as
 // fresh GPU memory holds garbage, so a read of memory nothing wrote shows. Built with the soname
 // libcuda.so and loaded before cudarc looks for the driver (src/backend/cuda/emulator).
@@ -26,7 +27,7 @@ namespace {
 
 typedef int CUresult;
 constexpr CUresult OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, NOT_FOUND = 500,
-                   ILLEGAL_ADDRESS = 700, LAUNCH_FAILED = 719;
+                   ILLEGAL_ADDRESS = 700, MISALIGNED_ADDRESS = 716, LAUNCH_FAILED = 719;
 
 // What the emulated device reports: large enough for every test, small enough that a request
 // far past it fails as an out-of-memory error would.
@@ -203,13 +204,16 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
     case 0: return OK;
     case 2:
       std::fprintf(stderr, "zoft kernel emulator: %s\n", zf_emu_last_report());
-      return std::strstr(zf_emu_last_report(), ": race on ") ? LAUNCH_FAILED : ILLEGAL_ADDRESS;
+      if (std::strstr(zf_emu_last_report(), ": race on ")) return LAUNCH_FAILED;
+      return std::strstr(zf_emu_last_report(), "misaligned address") ? MISALIGNED_ADDRESS
+                                                                     : ILLEGAL_ADDRESS;
     default: return LAUNCH_FAILED;
   }
 }
 
 CUresult cuGetErrorString(CUresult e, const char** s) {
-  const bool checked = (e == ILLEGAL_ADDRESS || e == LAUNCH_FAILED) && *zf_emu_last_report();
+  const bool checked =
+      (e == ILLEGAL_ADDRESS || e == MISALIGNED_ADDRESS || e == LAUNCH_FAILED) && *zf_emu_last_report();
   *s = e == OK ? "no error" : e == OUT_OF_MEMORY ? "out of memory (emulated device)"
                             : checked            ? zf_emu_last_report()
                             : e == LAUNCH_FAILED ? "kernel deadlocked in the emulator"
@@ -219,6 +223,7 @@ CUresult cuGetErrorString(CUresult e, const char** s) {
 CUresult cuGetErrorName(CUresult e, const char** s) {
   *s = e == OK ? "CUDA_SUCCESS" : e == OUT_OF_MEMORY ? "CUDA_ERROR_OUT_OF_MEMORY"
                             : e == ILLEGAL_ADDRESS ? "CUDA_ERROR_ILLEGAL_ADDRESS"
+                            : e == MISALIGNED_ADDRESS ? "CUDA_ERROR_MISALIGNED_ADDRESS"
                             : e == LAUNCH_FAILED   ? "CUDA_ERROR_LAUNCH_FAILED"
                                                    : "CUDA_ERROR_EMULATED";
   return OK;
