@@ -44,9 +44,14 @@ extern "C" const size_t zf_emu_dsmem_bytes;
 
 namespace {
 
+// The barriers a thread had passed: __syncthreads of its block, and those of its warp.
+struct Epoch {
+  uint32_t block, warp;
+};
+
 struct Cell {
   uint32_t w_block, r_block;  // State::block_id; 0: none
-  uint32_t w_epoch, r_epoch;  // block epoch << 16 | warp epoch (both mod 2^16)
+  Epoch w_epoch, r_epoch;
   uint16_t w_thread, r_thread;
 };
 constexpr uint16_t kManyBlocks = 0x8000;  // r_thread flag: read by more than one block
@@ -119,7 +124,8 @@ State g;
 std::mutex g_ranges_mu;
 std::map<uintptr_t, size_t> g_ranges;
 thread_local std::map<uintptr_t, size_t> t_host_ranges;
-char g_report[2048];
+// The launching thread's: tests launch from many threads, each reading its own report.
+thread_local char g_report[2048];
 
 // The lowest and highest address of the loaded object (this library) holding `probe`.
 void find_image(const void* probe, uintptr_t* lo, uintptr_t* hi) {
@@ -217,18 +223,16 @@ void outside_everything(const Access& a) {
   out_of_bounds(a, what);
 }
 
-uint32_t epoch_now() {
-  return (*zf_check_cursor.block_epoch & 0xffffu) << 16 | (*zf_check_cursor.warp_epoch & 0xffffu);
-}
+Epoch epoch_now() { return Epoch{*zf_check_cursor.block_epoch, *zf_check_cursor.warp_epoch}; }
 
 // Whether an earlier access by (block_id, thread, epoch) is ordered before the running thread's.
-bool ordered(uint32_t block_id, unsigned thread, uint32_t epoch) {
+bool ordered(uint32_t block_id, unsigned thread, Epoch epoch) {
   const unsigned me = zf_check_cursor.thread;
   if (block_id != g.block_id) return false;
   if (thread == me) return true;
-  const uint32_t now = epoch_now();
-  if ((epoch >> 16) != (now >> 16)) return true;
-  return thread / 32 == me / 32 && (epoch & 0xffffu) != (now & 0xffffu);
+  const Epoch now = epoch_now();
+  if (epoch.block != now.block) return true;
+  return thread / 32 == me / 32 && epoch.warp != now.warp;
 }
 
 const char* barrier_missing(unsigned other) {
@@ -264,12 +268,12 @@ void race_with(const Access& a, const Memory& memory, uint32_t block_id, unsigne
 bool track(Cell* cells, const Access& a, const Memory& memory) {
   const bool shared = memory.shared();
   const unsigned me = zf_check_cursor.thread;
-  const uint32_t now = epoch_now();
+  const Epoch now = epoch_now();
   const uintptr_t granules = ((a.addr + a.bytes - 1) >> 1) - (a.addr >> 1) + 1;
   for (uintptr_t i = 0; i < granules; ++i) {
     Cell& c = cells[i];
     if (shared && c.w_block != g.block_id) c.w_block = 0;
-    if (shared && c.r_block != g.block_id) c.r_block = 0;
+    if (shared && c.r_block != g.block_id) c.r_block = c.r_thread = 0;
     if (c.w_block && !ordered(c.w_block, c.w_thread, c.w_epoch)) {
       race_with(a, memory, c.w_block, c.w_thread, true);
       return false;
@@ -287,7 +291,7 @@ bool track(Cell* cells, const Access& a, const Memory& memory) {
         race_with(a, memory, c.r_block, reader, false);
         return false;
       }
-      c = Cell{g.block_id, 0, now, 0, (uint16_t)me, 0};
+      c = Cell{g.block_id, 0, now, Epoch{}, (uint16_t)me, 0};
     } else {
       const bool many = many_blocks || (c.r_block && c.r_block != g.block_id);
       c.r_block = g.block_id;

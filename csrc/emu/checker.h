@@ -28,7 +28,7 @@ void zf_check_launch_end();
 // A static shared array (see ZF_SHARED in cuda_emu.h), on its first use.
 extern "C" bool zf_check_shared(const void* p, size_t bytes, const char* name);
 
-// The report of the last aborted launch ("" when none).
+// The report of the last launch this thread made, when the checker stopped it ("" when not).
 extern "C" const char* zf_emu_last_report();
 
 // Device memory the kernels may use: the driver's allocations (requested sizes, not the

@@ -3,9 +3,9 @@
 //! synchronize the fibers, and the rounded float intrinsics keep their IEEE meaning, so the
 //! kernels built only from them (Philox normals, the ZO passes) must give the CPU's bits here as
 //! on the GPU. Every load and store of a kernel is checked (csrc/emu/checker.cpp): one out of
-//! its allocation, out of the shared memory the launch asked for, or racing with another
-//! thread's (no barrier between, or another block) fails the launch with a report naming the
-//! kernel, the threads and the memory. What it cannot show: timing, and last-place differences
+//! its allocation, out of the shared memory the launch asked for, not aligned to its size, or
+//! racing with another thread's (no barrier between, or another block) fails the launch with a
+//! report naming the kernel, the threads and the memory. What it cannot show: timing, and last-place differences
 //! of the device's libm and fma contraction.
 //!
 //! Two ways in:
@@ -588,6 +588,15 @@ mod launch_checks {
                 &[
                     "reads 16 bytes",
                     "which is not 16-byte aligned (a GPU faults",
+                ],
+            ),
+            (
+                9,
+                3,
+                0,
+                &[
+                    "thread (0, 0, 0) of block (2, 0, 0) writes 4 bytes",
+                    "that threads of several blocks read",
                 ],
             ),
         ];
