@@ -32,7 +32,11 @@ constexpr CUresult OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, NOT_FOUND = 500
 // What the emulated device reports: large enough for every test, small enough that a request
 // far past it fails as an out-of-memory error would.
 constexpr size_t kTotalBytes = size_t(16) << 30;
-constexpr size_t kDynamicSmemBytes = 256 * 1024;
+// Shared memory per block: 48 KB unless the kernel opts in to more (cuFuncSetAttribute), up to
+// an H100's 227 KB, as on the GPU. The emulator's dynamic shared arrays hold 256 KB.
+constexpr size_t kDefaultSmemBytes = 48 * 1024;
+constexpr size_t kOptInSmemBytes = 227 * 1024;
+constexpr int kAttrMaxDynamicSmem = 8;  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 
 std::mutex g_mu;
 std::map<unsigned long long, size_t> g_allocs;
@@ -43,6 +47,7 @@ int g_dummy_ctx, g_dummy_module;
 struct Function {
   std::string name;
   void (*trampoline)(void**);
+  size_t max_dynamic_smem = kDefaultSmemBytes;
 };
 std::map<std::string, Function> g_functions;
 
@@ -96,7 +101,7 @@ CUresult cuDeviceGetAttribute(int* v, int attr, int) {
   switch (attr) {
     case 75: *v = 9; break;                     // compute capability major
     case 76: *v = 0; break;                     // minor
-    case 97: *v = (int)kDynamicSmemBytes; break;  // max shared memory per block (opt-in)
+    case 97: *v = (int)kOptInSmemBytes; break;  // max shared memory per block (opt-in)
     case 115: *v = 1; break;                    // memory pools (async allocation)
     case 1: *v = 1024; break;                   // max threads per block
     case 10: *v = 32; break;                    // warp size
@@ -187,19 +192,28 @@ CUresult cuModuleGetFunction(void** f, void*, const char* name) {
   if (!k) return NOT_FOUND;
   std::lock_guard<std::mutex> lock(g_mu);
   Function& fn = g_functions[name];
-  fn = Function{name, k};
+  if (!fn.trampoline) fn = Function{name, k};
   *f = &fn;
   return OK;
 }
-CUresult cuFuncSetAttribute(void*, int, int) { return OK; }
+CUresult cuFuncSetAttribute(void* f, int attr, int v) {
+  if (attr != kAttrMaxDynamicSmem) return OK;
+  if (v < 0 || (size_t)v > kOptInSmemBytes) return INVALID_VALUE;
+  std::lock_guard<std::mutex> lock(g_mu);
+  static_cast<Function*>(f)->max_dynamic_smem = (size_t)v;
+  return OK;
+}
 CUresult cuFuncGetAttribute(int* v, int, void*) { *v = 0; return OK; }
 
 CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned smem, void*, void** params, void** extra) {
-  if (extra || smem > kDynamicSmemBytes || bx * by * bz == 0 || bx * by * bz > 1024)
-    return INVALID_VALUE;
-  if (gx == 0 || gy == 0 || gz == 0) return INVALID_VALUE;
   const Function* fn = static_cast<const Function*>(f);
+  if (extra || bx * by * bz == 0 || bx * by * bz > 1024) return INVALID_VALUE;
+  if (gx == 0 || gy == 0 || gz == 0) return INVALID_VALUE;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    if (smem > fn->max_dynamic_smem) return INVALID_VALUE;  // over 48 KB without opting in
+  }
   switch (zf_emu_launch(fn->name.c_str(), fn->trampoline, params, gx, gy, gz, bx, by, bz, smem)) {
     case 0: return OK;
     case 2:
@@ -222,6 +236,8 @@ CUresult cuGetErrorString(CUresult e, const char** s) {
 }
 CUresult cuGetErrorName(CUresult e, const char** s) {
   *s = e == OK ? "CUDA_SUCCESS" : e == OUT_OF_MEMORY ? "CUDA_ERROR_OUT_OF_MEMORY"
+                            : e == INVALID_VALUE ? "CUDA_ERROR_INVALID_VALUE"
+                            : e == NOT_FOUND     ? "CUDA_ERROR_NOT_FOUND"
                             : e == ILLEGAL_ADDRESS ? "CUDA_ERROR_ILLEGAL_ADDRESS"
                             : e == MISALIGNED_ADDRESS ? "CUDA_ERROR_MISALIGNED_ADDRESS"
                             : e == LAUNCH_FAILED   ? "CUDA_ERROR_LAUNCH_FAILED"

@@ -634,7 +634,7 @@ mod launch_checks {
     }
 
     #[test]
-    fn the_driver_fails_checked_launches_as_a_gpu_would_and_fresh_memory_is_garbage() {
+    fn the_driver_fails_launches_as_a_gpu_would_and_fresh_memory_is_garbage() {
         use std::ffi::{c_char, CStr};
         use std::ptr::null_mut;
         let Some(emu) = emulator() else { return };
@@ -733,6 +733,43 @@ mod launch_checks {
                     "mode {mode}: {text}"
                 );
             }
+
+            // Over 48 KB of shared memory needs the kernel's opt-in, up to 227 KB, as on an H100.
+            let set = d
+                .get::<unsafe extern "C" fn(*mut c_void, i32, i32) -> i32>(b"cuFuncSetAttribute")
+                .unwrap();
+            let mut run = |smem: u32| {
+                let (mut out, mut n, mut mode) = (buf, 8i32, 0i32);
+                let mut params: [*mut c_void; 3] = [
+                    (&mut out as *mut u64).cast(),
+                    (&mut n as *mut i32).cast(),
+                    (&mut mode as *mut i32).cast(),
+                ];
+                let rc = launch(
+                    kernel,
+                    1,
+                    1,
+                    1,
+                    64,
+                    1,
+                    1,
+                    smem,
+                    null_mut(),
+                    params.as_mut_ptr(),
+                    null_mut(),
+                );
+                describe(&name, rc)
+            };
+            const MAX_DYNAMIC_SMEM: i32 = 8;
+            assert_eq!(set(kernel, MAX_DYNAMIC_SMEM, 48 << 10), 0);
+            assert_eq!(run(48 << 10), "CUDA_SUCCESS");
+            assert_eq!(run(64 << 10), "CUDA_ERROR_INVALID_VALUE");
+            assert_eq!(set(kernel, MAX_DYNAMIC_SMEM, 64 << 10), 0);
+            assert_eq!(run(64 << 10), "CUDA_SUCCESS");
+            assert_eq!(
+                describe(&name, set(kernel, MAX_DYNAMIC_SMEM, 228 << 10)),
+                "CUDA_ERROR_INVALID_VALUE"
+            );
             assert_eq!(free(buf), 0);
         }
     }
