@@ -17,8 +17,10 @@
 // a __syncthreads completed after the first (same block), or a warp barrier (the shuffles) when
 // both threads are in one warp. Blocks are never ordered within a launch; launches are (one
 // stream), so the shadow of device memory starts empty at each launch, and that of shared memory
-// at each block. Keeping one read per cell can miss a race with an earlier reader; it never
-// reports one that is not there.
+// at each block. A cell keeps one read (plus a flag for reads from several blocks), so a race
+// with an earlier reader of the same block can be missed; keeping fewer records only ever
+// misses races, it never invents one. A launch whose device memory needs more than 1 GiB of
+// shadow has its races unchecked past that point (said once on stderr); bounds still are.
 #include <cxxabi.h>
 #include <dlfcn.h>
 #include <link.h>

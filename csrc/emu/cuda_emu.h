@@ -8,8 +8,8 @@
 //
 // Included first by the one C++ file that src/backend/cuda/emulator/mod.rs makes of csrc/*.cu,
 // where it also turns `__shared__` declarations into ZF_SHARED and defines the
-// `extern __shared__` arrays. That file is compiled with the memory
-// checker's instrumentation (checker.h).
+// `extern __shared__` arrays. That file is compiled with the memory checker's instrumentation
+// (checker.h).
 #pragma once
 
 #include <algorithm>

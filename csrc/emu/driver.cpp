@@ -208,8 +208,10 @@ CUresult cuFuncGetAttribute(int* v, int, void*) { *v = 0; return OK; }
 CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned smem, void*, void** params, void** extra) {
   const Function* fn = static_cast<const Function*>(f);
-  if (extra || bx * by * bz == 0 || bx * by * bz > 1024) return INVALID_VALUE;
-  if (gx == 0 || gy == 0 || gz == 0) return INVALID_VALUE;
+  // A GPU's limits: 1024 threads a block (z at most 64), 2^31 - 1 blocks in x, 65535 in y and z.
+  if (extra || bx * by * bz == 0 || bx * by * bz > 1024 || bz > 64) return INVALID_VALUE;
+  if (gx == 0 || gy == 0 || gz == 0 || gx > 0x7fffffffu || gy > 65535 || gz > 65535)
+    return INVALID_VALUE;
   {
     std::lock_guard<std::mutex> lock(g_mu);
     if (smem > fn->max_dynamic_smem) return INVALID_VALUE;  // over 48 KB without opting in

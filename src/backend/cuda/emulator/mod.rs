@@ -734,11 +734,12 @@ mod launch_checks {
                 );
             }
 
-            // Over 48 KB of shared memory needs the kernel's opt-in, up to 227 KB, as on an H100.
+            // A grid stops at 65535 blocks in y; over 48 KB of shared memory needs the kernel's
+            // opt-in, up to 227 KB, as on an H100.
             let set = d
                 .get::<unsafe extern "C" fn(*mut c_void, i32, i32) -> i32>(b"cuFuncSetAttribute")
                 .unwrap();
-            let mut run = |smem: u32| {
+            let run = |grid_y: u32, smem: u32| {
                 let (mut out, mut n, mut mode) = (buf, 8i32, 0i32);
                 let mut params: [*mut c_void; 3] = [
                     (&mut out as *mut u64).cast(),
@@ -748,7 +749,7 @@ mod launch_checks {
                 let rc = launch(
                     kernel,
                     1,
-                    1,
+                    grid_y,
                     1,
                     64,
                     1,
@@ -762,14 +763,15 @@ mod launch_checks {
             };
             const MAX_DYNAMIC_SMEM: i32 = 8;
             assert_eq!(set(kernel, MAX_DYNAMIC_SMEM, 48 << 10), 0);
-            assert_eq!(run(48 << 10), "CUDA_SUCCESS");
-            assert_eq!(run(64 << 10), "CUDA_ERROR_INVALID_VALUE");
+            assert_eq!(run(1, 48 << 10), "CUDA_SUCCESS");
+            assert_eq!(run(1, 64 << 10), "CUDA_ERROR_INVALID_VALUE");
             assert_eq!(set(kernel, MAX_DYNAMIC_SMEM, 64 << 10), 0);
-            assert_eq!(run(64 << 10), "CUDA_SUCCESS");
+            assert_eq!(run(1, 64 << 10), "CUDA_SUCCESS");
             assert_eq!(
                 describe(&name, set(kernel, MAX_DYNAMIC_SMEM, 228 << 10)),
                 "CUDA_ERROR_INVALID_VALUE"
             );
+            assert_eq!(run(65536, 0), "CUDA_ERROR_INVALID_VALUE");
             assert_eq!(free(buf), 0);
         }
     }
