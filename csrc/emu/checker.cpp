@@ -11,6 +11,9 @@
 // the launch asked for, not the emulator's 256 KB), in the static shared arrays, or in the
 // emulator's own globals (threadIdx, ...). Anything else is out of bounds.
 //
+// Shared memory holds nothing at the start of a block: reading bytes no thread of the block has
+// written is reported (on a GPU they hold whatever an earlier block left).
+//
 // Races. Device and shared memory have a shadow cell per 2 bytes holding the last write and the
 // last read (block, thread, and the barrier epochs the thread had passed). Two accesses to the
 // same bytes by different threads, one of them a write, race unless a barrier lies between:
@@ -157,7 +160,11 @@ void find_image(const void* probe, uintptr_t* lo, uintptr_t* hi) {
   *hi = find.hi;
 }
 
-void say(const char* fmt, ...) {
+// What the last stopped launch of this thread ran into (checker.h's ZfViolation).
+thread_local int t_violation = 0;
+
+void say(ZfViolation kind, const char* fmt, ...) {
+  t_violation = kind;
   va_list ap;
   va_start(ap, fmt);
   std::vsnprintf(g_report, sizeof g_report, fmt, ap);
@@ -188,11 +195,12 @@ void where(void* pc, char* buf, size_t n) {
   std::free(demangled);
 }
 
-void out_of_bounds(const Access& a, const char* what) {
+// "kernel K (grid, block): thread T of block B reads N bytes at A, <what> [in F]"
+void bad_access(ZfViolation kind, const Access& a, const char* what) {
   char w[96], at[256];
   who(g.block_id, zf_check_cursor.thread, w, sizeof w);
   where(a.pc, at, sizeof at);
-  say("kernel %s (grid (%u, %u, %u), block (%u, %u, %u)): %s %s %u bytes at %#lx, %s [in %s]",
+  say(kind, "kernel %s (grid (%u, %u, %u), block (%u, %u, %u)): %s %s %u bytes at %#lx, %s [in %s]",
       g.kernel, g.grid[0], g.grid[1], g.grid[2], g.block[0], g.block[1], g.block[2], w,
       a.write ? "writes" : "reads", a.bytes, (unsigned long)a.addr, what, at);
 }
@@ -222,7 +230,7 @@ void outside_everything(const Access& a) {
                   (unsigned long)past, bytes, (unsigned long)base);
   else
     std::snprintf(what, sizeof what, "outside every device allocation");
-  out_of_bounds(a, what);
+  bad_access(ZF_OUT_OF_BOUNDS, a, what);
 }
 
 Epoch epoch_now() { return Epoch{*zf_check_cursor.block_epoch, *zf_check_cursor.warp_epoch}; }
@@ -249,7 +257,7 @@ void race(const Access& a, const Memory& m, const char* them, bool other_wrote,
   describe(m, a.addr, memory, sizeof memory);
   who(g.block_id, zf_check_cursor.thread, me, sizeof me);
   where(a.pc, at, sizeof at);
-  say("kernel %s (grid (%u, %u, %u), block (%u, %u, %u)): race on %s: %s %s %u bytes at %#lx "
+  say(ZF_RACE, "kernel %s (grid (%u, %u, %u), block (%u, %u, %u)): race on %s: %s %s %u bytes at %#lx "
       "that %s %s, %s [in %s]",
       g.kernel, g.grid[0], g.grid[1], g.grid[2], g.block[0], g.block[1], g.block[2], memory, me,
       a.write ? "writes" : "reads", a.bytes, (unsigned long)a.addr, them,
@@ -276,6 +284,16 @@ bool track(Cell* cells, const Access& a, const Memory& memory) {
     Cell& c = cells[i];
     if (shared && c.w_block != g.block_id) c.w_block = 0;
     if (shared && c.r_block != g.block_id) c.r_block = c.r_thread = 0;
+    if (shared && !a.write && !c.w_block) {
+      char desc[160], what[256];
+      describe(memory, a.addr, desc, sizeof desc);
+      std::snprintf(what, sizeof what,
+                    "in %s, which no thread of this block wrote (a GPU gives whatever was left "
+                    "there)",
+                    desc);
+      bad_access(ZF_UNINITIALIZED, a, what);
+      return false;
+    }
     if (c.w_block && !ordered(c.w_block, c.w_thread, c.w_epoch)) {
       race_with(a, memory, c.w_block, c.w_thread, true);
       return false;
@@ -341,7 +359,7 @@ bool check(const Access& a) {
     char what[96];
     std::snprintf(what, sizeof what, "which is not %u-byte aligned (a GPU faults: misaligned address)",
                   a.bytes);
-    out_of_bounds(a, what);
+    bad_access(ZF_MISALIGNED, a, what);
     return false;
   }
   unsigned hit = 0;
@@ -355,7 +373,7 @@ bool check(const Access& a) {
         char memory[160], what[192];
         describe(m, a.addr, memory, sizeof memory);
         std::snprintf(what, sizeof what, "running past the end of %s", memory);
-        out_of_bounds(a, what);
+        bad_access(ZF_OUT_OF_BOUNDS, a, what);
         return false;
       }
       return track(&r.cells[(a.addr - r.lo) >> 1], a, m);
@@ -369,7 +387,7 @@ bool check(const Access& a) {
                       "offset %lu of dynamic shared memory, of which the launch asked for %zu "
                       "bytes",
                       (unsigned long)(a.addr - lo), g.dynamic_smem);
-        out_of_bounds(a, what);
+        bad_access(ZF_OUT_OF_BOUNDS, a, what);
         return false;
       }
       // All dynamic arrays are one memory: share the cells.
@@ -403,7 +421,7 @@ bool check(const Access& a) {
       char what[160];
       std::snprintf(what, sizeof what, "running past the end of the %zu-byte allocation at %#lx",
                     bytes, (unsigned long)base);
-      out_of_bounds(a, what);
+      bad_access(ZF_OUT_OF_BOUNDS, a, what);
       return false;
     }
     hit = g.next_hit;
@@ -468,6 +486,7 @@ void zf_check_launch_end() {
 }
 
 extern "C" const char* zf_emu_last_report() { return g_report; }
+extern "C" int zf_emu_last_violation() { return *g_report ? t_violation : ZF_NONE; }
 
 extern "C" bool zf_check_shared(const void* p, size_t bytes, const char* name) {
   const uintptr_t lo = (uintptr_t)p;

@@ -28,8 +28,11 @@ void zf_check_launch_end();
 // A static shared array (see ZF_SHARED in cuda_emu.h), on its first use.
 extern "C" bool zf_check_shared(const void* p, size_t bytes, const char* name);
 
-// The report of the last launch this thread made, when the checker stopped it ("" when not).
+// The report of the last launch this thread made, when the checker stopped it ("" when not),
+// and what it found.
+enum ZfViolation { ZF_NONE, ZF_OUT_OF_BOUNDS, ZF_MISALIGNED, ZF_RACE, ZF_UNINITIALIZED };
 extern "C" const char* zf_emu_last_report();
+extern "C" int zf_emu_last_violation();
 
 // Device memory the kernels may use: the driver's allocations (requested sizes, not the
 // allocator's rounding), and host buffers the calling thread hands to kernels directly (the

@@ -220,9 +220,11 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
     case 0: return OK;
     case 2:
       std::fprintf(stderr, "zoft kernel emulator: %s\n", zf_emu_last_report());
-      if (std::strstr(zf_emu_last_report(), ": race on ")) return LAUNCH_FAILED;
-      return std::strstr(zf_emu_last_report(), "misaligned address") ? MISALIGNED_ADDRESS
-                                                                     : ILLEGAL_ADDRESS;
+      switch (zf_emu_last_violation()) {
+        case ZF_OUT_OF_BOUNDS: return ILLEGAL_ADDRESS;
+        case ZF_MISALIGNED: return MISALIGNED_ADDRESS;
+        default: return LAUNCH_FAILED;  // a race or a read of unwritten shared memory
+      }
     default: return LAUNCH_FAILED;
   }
 }

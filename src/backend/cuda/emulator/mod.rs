@@ -3,9 +3,10 @@
 //! synchronize the fibers, and the rounded float intrinsics keep their IEEE meaning, so the
 //! kernels built only from them (Philox normals, the ZO passes) must give the CPU's bits here as
 //! on the GPU. Every load and store of a kernel is checked (csrc/emu/checker.cpp): one out of
-//! its allocation, out of the shared memory the launch asked for, not aligned to its size, or
-//! racing with another thread's (no barrier between, or another block) fails the launch with a
-//! report naming the kernel, the threads and the memory. What it cannot show: timing, and last-place differences
+//! its allocation, out of the shared memory the launch asked for, not aligned to its size,
+//! racing with another thread's (no barrier between, or another block), or reading shared
+//! memory the block never wrote fails the launch with a report naming the kernel, the threads
+//! and the memory. What it cannot show: timing, and last-place differences
 //! of the device's libm and fma contraction.
 //!
 //! Two ways in:
@@ -599,6 +600,15 @@ mod launch_checks {
                     "that threads of several blocks read",
                 ],
             ),
+            (
+                10,
+                1,
+                0,
+                &[
+                    "reads 4 bytes",
+                    "in static shared array tile (256 bytes), which no thread of this block wrote",
+                ],
+            ),
         ];
         for &(mode, grid, smem, says) in cases {
             let (res, v) = checker_case(emu, mode, grid, smem);
@@ -705,6 +715,12 @@ mod launch_checks {
                     1,
                     "CUDA_ERROR_MISALIGNED_ADDRESS",
                     "which is not 16-byte aligned",
+                ),
+                (
+                    10,
+                    1,
+                    "CUDA_ERROR_LAUNCH_FAILED",
+                    "which no thread of this block wrote",
                 ),
             ] {
                 let (mut out, mut n, mut mode) = (buf, 8i32, mode);
