@@ -2,9 +2,10 @@
 // of a block is a fiber of one OS thread, blocks run one after another, and __syncthreads and
 // the warp shuffles are barriers between the fibers. The float intrinsics keep their meaning
 // (each __f*_rn is one correctly rounded IEEE operation, __fmaf_rn one fused multiply-add), so
-// kernels built only from them give the GPU's bits; plain expressions and libm functions (expf,
-// sincosf) can differ from the device in the last place, as nvcc contracts and CUDA's libm
-// rounds differently.
+// kernels built only from them give the GPU's bits. Plain expressions may be contracted into
+// fused multiply-adds, here (where the CPU has FMA) as by nvcc, though not at the same places,
+// and libm functions (expf, sincosf) round differently from CUDA's: those can differ from the
+// device in the last place.
 //
 // Included first by the one C++ file that src/backend/cuda/emulator/mod.rs makes of csrc/*.cu,
 // where it also turns `__shared__` declarations into ZF_SHARED and defines the
@@ -73,13 +74,24 @@ inline uint32_t __float_as_uint(float f) {
   return u;
 }
 
-// Separate functions and -ffp-contract=off (without -mfma there is no fused instruction to
-// contract into anyway) keep each operation rounded on its own.
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
-inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+// nvcc never fuses an intrinsic into a multiply-add, whatever it does with plain expressions.
+// Here the compiler may contract plain expressions too (the emulator builds with contraction
+// where the CPU has FMA, as nvcc's default -fmad=true does), so each intrinsic's operands and
+// result pass through an empty asm, which the compiler cannot see through: every intrinsic
+// stays one rounded operation.
+inline float zf_emu_opaque(float v) {
+#if defined(__x86_64__)
+  asm("" : "+x"(v));
+#else
+  asm("" : "+r"(v));
+#endif
+  return v;
+}
+inline float __fadd_rn(float a, float b) { return zf_emu_opaque(zf_emu_opaque(a) + zf_emu_opaque(b)); }
+inline float __fsub_rn(float a, float b) { return zf_emu_opaque(zf_emu_opaque(a) - zf_emu_opaque(b)); }
+inline float __fmul_rn(float a, float b) { return zf_emu_opaque(zf_emu_opaque(a) * zf_emu_opaque(b)); }
+inline float __fdiv_rn(float a, float b) { return zf_emu_opaque(zf_emu_opaque(a) / zf_emu_opaque(b)); }
+inline float __fsqrt_rn(float a) { return zf_emu_opaque(std::sqrt(zf_emu_opaque(a))); }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 
 // Barriers of the emulated block (every live thread) and of the caller's warp.

@@ -95,6 +95,17 @@ pub fn install() -> bool {
     emulator().is_some()
 }
 
+/// Plain float expressions in the kernels contract into fused multiply-adds where the CPU has
+/// them, as nvcc contracts by default (-fmad=true), so that a kernel whose bits the tests pin
+/// must get them from intrinsics, which neither compiler fuses (cuda_emu.h keeps them apart).
+fn contraction() -> &'static [&'static str] {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        return &["-ffp-contract=fast", "-mfma"];
+    }
+    &["-ffp-contract=off"]
+}
+
 /// $CXX, or c++.
 fn compiler() -> String {
     std::env::var("CXX").unwrap_or_else(|_| "c++".into())
@@ -113,7 +124,7 @@ impl Emulator {
             let res = Command::new(cxx)
                 // _longjmp between fiber stacks is what the scheduler does; the fortified longjmp
                 // would take it for stack corruption.
-                .args(["-std=c++20", "-O2", "-fPIC", "-ffp-contract=off"])
+                .args(["-std=c++20", "-O2", "-fPIC"])
                 .arg("-U_FORTIFY_SOURCE")
                 .arg("-I")
                 .arg(&emu)
@@ -143,6 +154,7 @@ impl Emulator {
             "-c",
         ]
         .iter()
+        .chain(contraction())
         .map(|a| a.as_ref())
         .collect();
         args.extend([unit.as_os_str(), "-o".as_ref(), kernels.as_os_str()]);
