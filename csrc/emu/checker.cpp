@@ -494,6 +494,25 @@ extern "C" bool zf_check_shared(const void* p, size_t bytes, const char* name) {
   return true;
 }
 
+extern "C" int zf_check_device_range(uintptr_t p, size_t bytes, char* why, size_t why_len) {
+  auto in = [&](const std::map<uintptr_t, size_t>& ranges) {
+    auto next = ranges.upper_bound(p);
+    if (next == ranges.begin()) return false;
+    auto r = std::prev(next);
+    if (p >= r->first + r->second) return false;
+    if (p + bytes <= r->first + r->second) return true;
+    std::snprintf(why, why_len, "running %zu bytes past the end of the %zu-byte allocation at %#lx",
+                  (size_t)(p + bytes - r->first - r->second), r->second, (unsigned long)r->first);
+    return false;
+  };
+  std::snprintf(why, why_len, "outside every device allocation");
+  {
+    std::lock_guard<std::mutex> lock(g_ranges_mu);
+    if (in(g_ranges)) return 1;
+  }
+  return in(t_host_ranges);
+}
+
 extern "C" void zf_check_track(uintptr_t base, size_t bytes) {
   std::lock_guard<std::mutex> lock(g_ranges_mu);
   g_ranges[base] = bytes;

@@ -40,6 +40,9 @@ extern "C" int zf_emu_last_violation();
 extern "C" void zf_check_track(uintptr_t base, size_t bytes);
 extern "C" void zf_check_untrack(uintptr_t base);
 extern "C" void zf_check_track_host(uintptr_t base, size_t bytes);
+// Whether [p, p + bytes) lies inside one of those ranges (1), or why not (0): for the emulated
+// cuBLAS, whose host GEMM the instrumentation does not see.
+extern "C" int zf_check_device_range(uintptr_t p, size_t bytes, char* why, size_t why_len);
 
 // Called by the checker on a violation, from the running fiber: ends the launch now (before the
 // offending access happens). Defined in runtime.cpp.

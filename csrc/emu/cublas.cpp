@@ -1,8 +1,12 @@
 // The part of cuBLAS that zoft uses (one GEMM entry point), on the CPU, for the emulated CUDA
 // device of driver.cpp: column-major C = alpha op(A) op(B) + beta C with f32 or bf16 operands
-// and f32 accumulation. beta = 0 never reads C, as in cuBLAS. Built with the soname
-// libcublas.so.
+// and f32 accumulation. beta = 0 never reads C, as in cuBLAS. Leading dimensions below what
+// cuBLAS accepts are refused as there, and every operand must lie inside one device allocation
+// (the memory checker of the emulated driver says; cuBLAS on a GPU would read or write past it).
+// Built with the soname libcublas.so.
+#include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <vector>
 
 #include "cuda_emu.h"
@@ -12,11 +16,16 @@
 // row-major a [m x k] and b [n x k], out column-major [m x n].
 typedef void (*HostGemm)(int m, int n, int k, const float* a, const float* b, float* out);
 
+// Whether [p, p + bytes) lies inside one device allocation; if not, why (registered by the
+// loader: the emulated driver's checker).
+typedef int (*RangeCheck)(uintptr_t p, size_t bytes, char* why, size_t why_len);
+
 namespace {
 
 HostGemm g_host_gemm = nullptr;
+RangeCheck g_range_check = nullptr;
 
-constexpr int OK = 0, INVALID_VALUE = 7, NOT_SUPPORTED = 15;
+constexpr int OK = 0, INVALID_VALUE = 7, EXECUTION_FAILED = 13, NOT_SUPPORTED = 15;
 constexpr int R_32F = 0, R_16BF = 14;
 int g_handle;
 
@@ -32,11 +41,27 @@ void store(void* p, int type, size_t i, float v) {
   }
 }
 
+// Bytes from the first element to one past the last of a column-major rows x cols operand.
+size_t span(int rows, int cols, int ld, int type) {
+  if (rows == 0 || cols == 0) return 0;
+  return ((size_t)(cols - 1) * ld + rows) * (type == R_32F ? 4 : 2);
+}
+
+bool inside(const char* what, const void* p, size_t bytes) {
+  char why[512];
+  if (bytes == 0 || !g_range_check || g_range_check((uintptr_t)p, bytes, why, sizeof why))
+    return true;
+  std::fprintf(stderr, "zoft kernel emulator: cublasGemmEx: %s spans %zu bytes from %p, %s\n", what,
+               bytes, p, why);
+  return false;
+}
+
 }  // namespace
 
 extern "C" {
 
 void zf_emu_set_host_gemm(HostGemm f) { g_host_gemm = f; }
+void zf_emu_set_range_check(RangeCheck f) { g_range_check = f; }
 
 int cublasCreate_v2(void** handle) { *handle = &g_handle; return OK; }
 int cublasDestroy_v2(void*) { return OK; }
@@ -49,8 +74,17 @@ int cublasGemmEx(void*, int transa, int transb, int m, int n, int k, const void*
                  const void* beta, void* C, int ctype, int ldc, int compute, int) {
   for (int t : {atype, btype, ctype})
     if (t != R_32F && t != R_16BF) return NOT_SUPPORTED;
-  if (m < 0 || n < 0 || k < 0 || lda < 1 || ldb < 1 || ldc < 1) return INVALID_VALUE;
+  // op(A) is m x k, stored k x m when transposed; op(B) k x n, stored n x k when transposed.
+  const int a_rows = transa ? k : m, a_cols = transa ? m : k;
+  const int b_rows = transb ? n : k, b_cols = transb ? k : n;
+  if (m < 0 || n < 0 || k < 0) return INVALID_VALUE;
+  if (lda < std::max(1, a_rows) || ldb < std::max(1, b_rows) || ldc < std::max(1, m))
+    return INVALID_VALUE;
   if (!g_host_gemm) return NOT_SUPPORTED;
+  if (!inside("A", A, span(a_rows, a_cols, lda, atype)) ||
+      !inside("B", B, span(b_rows, b_cols, ldb, btype)) ||
+      !inside("C", C, span(m, n, ldc, ctype)))
+    return EXECUTION_FAILED;
   (void)compute;
   const float a = *(const float*)alpha, b = *(const float*)beta;
   // Each operand widened to f32 once, in the row-major layouts the host GEMM takes.

@@ -192,10 +192,14 @@ impl Emulator {
         };
         let driver = open(&driver)?;
         let blas = open(&blas)?;
-        // SAFETY: the setter's signature in cublas.cpp; host_gemm lives as long as the process.
+        // SAFETY: the setters' signatures in cublas.cpp; host_gemm, and the driver library
+        // (kept in the Emulator, which lives as long as the process) outlive every call.
         unsafe {
             let set = blas.get::<unsafe extern "C" fn(HostGemm)>(b"zf_emu_set_host_gemm")?;
             set(host_gemm);
+            let check = *driver.get::<RangeCheck>(b"zf_check_device_range")?;
+            let set = blas.get::<unsafe extern "C" fn(RangeCheck)>(b"zf_emu_set_range_check")?;
+            set(check);
         }
         let _ = std::fs::remove_dir_all(&dir);
         Ok(Emulator {
@@ -317,6 +321,8 @@ fn static_shared(decl: &str) -> Option<String> {
         dims.trim()
     ))
 }
+
+type RangeCheck = unsafe extern "C" fn(usize, usize, *mut std::ffi::c_char, usize) -> i32;
 
 type HostGemm = unsafe extern "C" fn(i32, i32, i32, *const f32, *const f32, *mut f32);
 
@@ -801,6 +807,101 @@ mod launch_checks {
             );
             assert_eq!(run(65536, 0), "CUDA_ERROR_INVALID_VALUE");
             assert_eq!(free(buf), 0);
+        }
+    }
+
+    #[test]
+    fn the_emulated_cublas_multiplies_and_refuses_operands_past_their_allocations() {
+        use std::ptr::null_mut;
+        let Some(emu) = emulator() else { return };
+        type Gemm = unsafe extern "C" fn(
+            *mut c_void,
+            i32,
+            i32,
+            i32,
+            i32,
+            i32,
+            *const f32,
+            u64,
+            i32,
+            i32,
+            u64,
+            i32,
+            i32,
+            *const f32,
+            u64,
+            i32,
+            i32,
+            i32,
+            i32,
+        ) -> i32;
+        const N: i32 = 0;
+        const F32: i32 = 0;
+        // SAFETY: driver.cpp's and cublas.cpp's entry points, with CUDA's signatures.
+        unsafe {
+            let alloc = emu
+                .driver
+                .get::<unsafe extern "C" fn(*mut u64, usize) -> i32>(b"cuMemAlloc_v2")
+                .unwrap();
+            let htod = emu
+                .driver
+                .get::<unsafe extern "C" fn(u64, *const c_void, usize) -> i32>(b"cuMemcpyHtoD_v2")
+                .unwrap();
+            let dtoh = emu
+                .driver
+                .get::<unsafe extern "C" fn(*mut c_void, u64, usize) -> i32>(b"cuMemcpyDtoH_v2")
+                .unwrap();
+            let gemm = emu._blas.get::<Gemm>(b"cublasGemmEx").unwrap();
+            let upload = |v: &[f32]| {
+                let mut d = 0u64;
+                assert_eq!(alloc(&mut d, 4 * v.len()), 0);
+                assert_eq!(htod(d, v.as_ptr().cast(), 4 * v.len()), 0);
+                d
+            };
+            // Column-major a [2 x 3], b [3 x 2].
+            let (a, b) = (
+                [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0],
+                [1.0f32, 0.5, -1.0, 2.0, 0.0, 1.0],
+            );
+            let (da, db, dc) = (upload(&a), upload(&b), upload(&[f32::NAN; 4]));
+            let (one, zero) = (1.0f32, 0.0f32);
+            let run = |k: i32, lda: i32| {
+                gemm(
+                    null_mut(),
+                    N,
+                    N,
+                    2,
+                    2,
+                    k,
+                    &one,
+                    da,
+                    F32,
+                    lda,
+                    db,
+                    F32,
+                    3,
+                    &zero,
+                    dc,
+                    F32,
+                    2,
+                    0,
+                    -1,
+                )
+            };
+            assert_eq!(run(3, 2), 0);
+            let mut c = [0.0f32; 4];
+            assert_eq!(dtoh(c.as_mut_ptr().cast(), dc, 16), 0);
+            let want: Vec<f32> = (0..4)
+                .map(|idx| {
+                    let (i, j) = (idx % 2, idx / 2);
+                    (0..3).map(|l| a[i + 2 * l] * b[l + 3 * j]).sum()
+                })
+                .collect();
+            assert_eq!(c.to_vec(), want);
+            // lda 3 spans (3 - 1) 3 + 2 = 8 floats of a 6-float allocation: refused as a failure.
+            assert_eq!(run(3, 3), 13, "CUBLAS_STATUS_EXECUTION_FAILED");
+            // lda below the rows of a: refused as cuBLAS does.
+            assert_eq!(run(3, 1), 7, "CUBLAS_STATUS_INVALID_VALUE");
         }
     }
 
