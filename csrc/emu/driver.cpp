@@ -3,9 +3,9 @@
 // without a GPU. "Device" memory is host memory, streams and events are synchronous, the module
 // holds the emulated kernels (see cuda_emu.h) and a launch runs them to completion, under the
 // memory checker (checker.h): an access out of bounds fails the launch as
-// CUDA_ERROR_ILLEGAL_ADDRESS, a misaligned one as CUDA_ERROR_MISALIGNED_ADDRESS, a race as
-// CUDA_ERROR_LAUNCH_FAILED, and cuGetErrorString gives the
-// checker's report. Fresh allocations are filled with 0xff bytes (NaN as f32 and bf16), as
+// CUDA_ERROR_ILLEGAL_ADDRESS, a misaligned one as CUDA_ERROR_MISALIGNED_ADDRESS, a race or a
+// read of unwritten shared memory as CUDA_ERROR_LAUNCH_FAILED, and cuGetErrorString gives the
+// checker's report. Launches past a GPU's limits are refused as there. Fresh allocations are filled with 0xff bytes (NaN as f32 and bf16), as
 // fresh GPU memory holds garbage, so a read of memory nothing wrote shows. Built with the soname
 // libcuda.so and loaded before cudarc looks for the driver (src/backend/cuda/emulator).
 #include <chrono>

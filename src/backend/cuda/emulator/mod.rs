@@ -6,8 +6,8 @@
 //! its allocation, out of the shared memory the launch asked for, not aligned to its size,
 //! racing with another thread's (no barrier between, or another block), or reading shared
 //! memory the block never wrote fails the launch with a report naming the kernel, the threads
-//! and the memory. What it cannot show: timing, and last-place differences
-//! of the device's libm and fma contraction.
+//! and the memory. What it cannot show: timing, and last-place differences of the device's libm
+//! and of where nvcc (rather than the C++ compiler) contracts into fused multiply-adds.
 //!
 //! Two ways in:
 //! - `emulator()` (unit tests): an `Emulator` that implements `Launch`, so the launchers of
@@ -267,7 +267,7 @@ fn translation_unit(csrc: &Path) -> Result<String> {
             body.push('\n');
         }
     }
-    dynamic.push("nullptr".into());
+    dynamic.push("nullptr".into()); // never empty: C++ has no zero-length arrays
     writeln!(
         unit,
         "extern \"C\" float* const zf_emu_dsmem_arrays[] = {{{}}};\n\
@@ -902,6 +902,25 @@ mod launch_checks {
             assert_eq!(run(3, 3), 13, "CUBLAS_STATUS_EXECUTION_FAILED");
             // lda below the rows of a: refused as cuBLAS does.
             assert_eq!(run(3, 1), 7, "CUBLAS_STATUS_INVALID_VALUE");
+        }
+    }
+
+    #[test]
+    fn shared_declarations_are_rewritten_or_refused() {
+        assert_eq!(
+            static_shared(" float scratch[32];  // per warp").as_deref(),
+            Some("ZF_SHARED(float, scratch, [32]);  // per warp")
+        );
+        assert_eq!(
+            static_shared(" double tile[32][33];").as_deref(),
+            Some("ZF_SHARED(double, tile, [32][33]);")
+        );
+        assert_eq!(
+            static_shared(" unsigned long long count;").as_deref(),
+            Some("ZF_SHARED(unsigned long long, count, );")
+        );
+        for unexpected in [" float a[2], b[2];", " float a[2]", " float[4];", " x;"] {
+            assert_eq!(static_shared(unexpected), None, "{unexpected:?}");
         }
     }
 
