@@ -715,7 +715,31 @@ mod launch_checks {
                 function(&mut kernel, null_mut(), c"zf_emu_selftest_checker".as_ptr()),
                 0
             );
-            for (mode, grid, code, says) in [
+            // zf_emu_selftest_checker in `mode` on buf, blocks of 64 threads; the result code.
+            let run = |mode: i32, grid: (u32, u32), smem: u32| {
+                let (mut out, mut n, mut mode) = (buf, 8i32, mode);
+                let mut params: [*mut c_void; 3] = [
+                    (&mut out as *mut u64).cast(),
+                    (&mut n as *mut i32).cast(),
+                    (&mut mode as *mut i32).cast(),
+                ];
+                let (gx, gy) = grid;
+                let args = params.as_mut_ptr();
+                launch(
+                    kernel,
+                    gx,
+                    gy,
+                    1,
+                    64,
+                    1,
+                    1,
+                    smem,
+                    null_mut(),
+                    args,
+                    null_mut(),
+                )
+            };
+            for (mode, blocks, code, says) in [
                 (
                     1,
                     1,
@@ -741,25 +765,7 @@ mod launch_checks {
                     "which no thread of this block wrote",
                 ),
             ] {
-                let (mut out, mut n, mut mode) = (buf, 8i32, mode);
-                let mut params: [*mut c_void; 3] = [
-                    (&mut out as *mut u64).cast(),
-                    (&mut n as *mut i32).cast(),
-                    (&mut mode as *mut i32).cast(),
-                ];
-                let rc = launch(
-                    kernel,
-                    grid,
-                    1,
-                    1,
-                    64,
-                    1,
-                    1,
-                    0,
-                    null_mut(),
-                    params.as_mut_ptr(),
-                    null_mut(),
-                );
+                let rc = run(mode, (blocks, 1), 0);
                 assert_eq!(describe(&name, rc), code, "mode {mode}");
                 let text = describe(&string, rc);
                 assert!(
@@ -769,43 +775,22 @@ mod launch_checks {
             }
 
             // A grid stops at 65535 blocks in y; over 48 KB of shared memory needs the kernel's
-            // opt-in, up to 227 KB, as on an H100.
+            // opt-in, up to 227 KB, as on an H100 (mode 0 is a correct kernel).
             let set = d
                 .get::<unsafe extern "C" fn(*mut c_void, i32, i32) -> i32>(b"cuFuncSetAttribute")
                 .unwrap();
-            let run = |grid_y: u32, smem: u32| {
-                let (mut out, mut n, mut mode) = (buf, 8i32, 0i32);
-                let mut params: [*mut c_void; 3] = [
-                    (&mut out as *mut u64).cast(),
-                    (&mut n as *mut i32).cast(),
-                    (&mut mode as *mut i32).cast(),
-                ];
-                let rc = launch(
-                    kernel,
-                    1,
-                    grid_y,
-                    1,
-                    64,
-                    1,
-                    1,
-                    smem,
-                    null_mut(),
-                    params.as_mut_ptr(),
-                    null_mut(),
-                );
-                describe(&name, rc)
-            };
+            let correct = |grid_y: u32, smem: u32| describe(&name, run(0, (1, grid_y), smem));
             const MAX_DYNAMIC_SMEM: i32 = 8;
             assert_eq!(set(kernel, MAX_DYNAMIC_SMEM, 48 << 10), 0);
-            assert_eq!(run(1, 48 << 10), "CUDA_SUCCESS");
-            assert_eq!(run(1, 64 << 10), "CUDA_ERROR_INVALID_VALUE");
+            assert_eq!(correct(1, 48 << 10), "CUDA_SUCCESS");
+            assert_eq!(correct(1, 64 << 10), "CUDA_ERROR_INVALID_VALUE");
             assert_eq!(set(kernel, MAX_DYNAMIC_SMEM, 64 << 10), 0);
-            assert_eq!(run(1, 64 << 10), "CUDA_SUCCESS");
+            assert_eq!(correct(1, 64 << 10), "CUDA_SUCCESS");
             assert_eq!(
                 describe(&name, set(kernel, MAX_DYNAMIC_SMEM, 228 << 10)),
                 "CUDA_ERROR_INVALID_VALUE"
             );
-            assert_eq!(run(65536, 0), "CUDA_ERROR_INVALID_VALUE");
+            assert_eq!(correct(65536, 0), "CUDA_ERROR_INVALID_VALUE");
             assert_eq!(free(buf), 0);
         }
     }
