@@ -205,29 +205,42 @@ void bad_access(ZfViolation kind, const Access& a, const char* what) {
       a.write ? "writes" : "reads", a.bytes, (unsigned long)a.addr, what, at);
 }
 
-// Out of every known range: name the allocation it follows, when one ends close before it.
-void outside_everything(const Access& a) {
+// A device range ({0, 0}: none).
+struct Range {
   uintptr_t base = 0;
   size_t bytes = 0;
-  auto nearest = [&](const std::map<uintptr_t, size_t>& ranges) {
-    auto next = ranges.upper_bound(a.addr);
-    if (next != ranges.begin() && std::prev(next)->first >= base) {
-      base = std::prev(next)->first;
-      bytes = std::prev(next)->second;
-    }
+  uintptr_t end() const { return base + bytes; }
+  bool holds(uintptr_t p) const { return p >= base && p < end(); }
+};
+
+// The device range holding `addr` (the driver's before this thread's host buffers), else the
+// nearest one below it.
+Range range_at(uintptr_t addr) {
+  Range below;
+  auto visit = [&](const std::map<uintptr_t, size_t>& ranges) {
+    auto next = ranges.upper_bound(addr);
+    if (next == ranges.begin()) return false;
+    const Range r{std::prev(next)->first, std::prev(next)->second};
+    if (r.holds(addr) || r.base >= below.base) below = r;
+    return r.holds(addr);
   };
   {
     std::lock_guard<std::mutex> lock(g_ranges_mu);
-    nearest(g_ranges);
+    if (visit(g_ranges)) return below;
   }
-  nearest(t_host_ranges);
+  visit(t_host_ranges);
+  return below;
+}
+
+// Out of every range: name the one it follows (`below`), when that ends close before it.
+void outside_everything(const Access& a, const Range& below) {
   char what[256];
-  const uintptr_t past = a.addr - (base + bytes);
-  if (base && past < 65536)
+  const uintptr_t past = a.addr - below.end();
+  if (below.base && past < 65536)
     std::snprintf(what, sizeof what,
                   "outside every device allocation: %lu bytes past the end of the %zu-byte one "
                   "at %#lx",
-                  (unsigned long)past, bytes, (unsigned long)base);
+                  (unsigned long)past, below.bytes, (unsigned long)below.base);
   else
     std::snprintf(what, sizeof what, "outside every device allocation");
   bad_access(ZF_OUT_OF_BOUNDS, a, what);
@@ -395,39 +408,22 @@ bool check(const Access& a) {
       return track(&g.dynamic_smem_cells[(a.addr - lo) >> 1], a, m);
     }
     if (a.addr >= g.image_lo && end <= g.image_hi) return true;  // the emulator's globals
-    bool found = false, partial = false;
-    size_t bytes = 0;
-    uintptr_t base = 0;
-    auto look = [&](const std::map<uintptr_t, size_t>& ranges) {
-      auto next = ranges.upper_bound(a.addr);
-      if (found || next == ranges.begin()) return;
-      auto r = std::prev(next);
-      if (a.addr >= r->first + r->second) return;
-      found = true;
-      base = r->first;
-      bytes = r->second;
-      partial = end > base + bytes;
-    };
-    {
-      std::lock_guard<std::mutex> lock(g_ranges_mu);
-      look(g_ranges);
-    }
-    look(t_host_ranges);
-    if (!found) {
-      outside_everything(a);
+    const Range r = range_at(a.addr);
+    if (!r.holds(a.addr)) {
+      outside_everything(a, r);
       return false;
     }
-    if (partial) {
+    if (end > r.end()) {
       char what[160];
       std::snprintf(what, sizeof what, "running past the end of the %zu-byte allocation at %#lx",
-                    bytes, (unsigned long)base);
+                    r.bytes, (unsigned long)r.base);
       bad_access(ZF_OUT_OF_BOUNDS, a, what);
       return false;
     }
     hit = g.next_hit;
     g.next_hit = (g.next_hit + 1) % State::kHits;
-    g.hit_lo[hit] = base;
-    g.hit_hi[hit] = base + bytes;
+    g.hit_lo[hit] = r.base;
+    g.hit_hi[hit] = r.end();
   }
   if (!g.races) return true;
   Cell* cells = global_cells(a.addr);
@@ -495,22 +491,17 @@ extern "C" bool zf_check_shared(const void* p, size_t bytes, const char* name) {
 }
 
 extern "C" int zf_check_device_range(uintptr_t p, size_t bytes, char* why, size_t why_len) {
-  auto in = [&](const std::map<uintptr_t, size_t>& ranges) {
-    auto next = ranges.upper_bound(p);
-    if (next == ranges.begin()) return false;
-    auto r = std::prev(next);
-    if (p >= r->first + r->second) return false;
-    if (p + bytes <= r->first + r->second) return true;
-    std::snprintf(why, why_len, "running %zu bytes past the end of the %zu-byte allocation at %#lx",
-                  (size_t)(p + bytes - r->first - r->second), r->second, (unsigned long)r->first);
-    return false;
-  };
-  std::snprintf(why, why_len, "outside every device allocation");
-  {
-    std::lock_guard<std::mutex> lock(g_ranges_mu);
-    if (in(g_ranges)) return 1;
+  const Range r = range_at(p);
+  if (!r.holds(p)) {
+    std::snprintf(why, why_len, "outside every device allocation");
+    return 0;
   }
-  return in(t_host_ranges);
+  if (p + bytes > r.end()) {
+    std::snprintf(why, why_len, "running %zu bytes past the end of the %zu-byte allocation at %#lx",
+                  (size_t)(p + bytes - r.end()), r.bytes, (unsigned long)r.base);
+    return 0;
+  }
+  return 1;
 }
 
 extern "C" void zf_check_track(uintptr_t base, size_t bytes) {
@@ -518,9 +509,13 @@ extern "C" void zf_check_track(uintptr_t base, size_t bytes) {
   g_ranges[base] = bytes;
 }
 
-extern "C" void zf_check_untrack(uintptr_t base) {
+extern "C" bool zf_check_untrack(uintptr_t base, size_t* bytes) {
   std::lock_guard<std::mutex> lock(g_ranges_mu);
-  g_ranges.erase(base);
+  auto it = g_ranges.find(base);
+  if (it == g_ranges.end()) return false;
+  *bytes = it->second;
+  g_ranges.erase(it);
+  return true;
 }
 
 extern "C" void zf_check_track_host(uintptr_t base, size_t bytes) {

@@ -35,10 +35,11 @@ extern "C" const char* zf_emu_last_report();
 extern "C" int zf_emu_last_violation();
 
 // Device memory the kernels may use: the driver's allocations (requested sizes, not the
-// allocator's rounding), and host buffers the calling thread hands to kernels directly (the
-// unit tests').
+// allocator's rounding; the driver's only record of them: untrack gives the size back, or false
+// for a pointer it never allocated), and host buffers the calling thread hands to kernels
+// directly (the unit tests').
 extern "C" void zf_check_track(uintptr_t base, size_t bytes);
-extern "C" void zf_check_untrack(uintptr_t base);
+extern "C" bool zf_check_untrack(uintptr_t base, size_t* bytes);
 extern "C" void zf_check_track_host(uintptr_t base, size_t bytes);
 // Whether [p, p + bytes) lies inside one of those ranges (1), or why not (0): for the emulated
 // cuBLAS, whose host GEMM the instrumentation does not see.

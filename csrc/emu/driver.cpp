@@ -39,8 +39,7 @@ constexpr size_t kOptInSmemBytes = 227 * 1024;
 constexpr int kAttrMaxDynamicSmem = 8;  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 
 std::mutex g_mu;
-std::map<unsigned long long, size_t> g_allocs;
-size_t g_held = 0;
+size_t g_held = 0;  // the allocations themselves are the checker's record (zf_check_track)
 int g_dummy_ctx, g_dummy_module;
 
 // What cuModuleGetFunction hands out.
@@ -58,7 +57,6 @@ CUresult alloc(unsigned long long* p, size_t bytes) {
   if (!m) return OUT_OF_MEMORY;
   std::memset(m, 0xff, bytes);
   *p = (unsigned long long)m;
-  g_allocs[*p] = bytes;
   zf_check_track(*p, bytes);
   g_held += bytes;
   return OK;
@@ -66,11 +64,9 @@ CUresult alloc(unsigned long long* p, size_t bytes) {
 
 CUresult release(unsigned long long p) {
   std::lock_guard<std::mutex> lock(g_mu);
-  auto it = g_allocs.find(p);
-  if (it == g_allocs.end()) return INVALID_VALUE;
-  g_held -= it->second;
-  g_allocs.erase(it);
-  zf_check_untrack(p);
+  size_t bytes;
+  if (!zf_check_untrack(p, &bytes)) return INVALID_VALUE;
+  g_held -= bytes;
   std::free((void*)p);
   return OK;
 }

@@ -460,9 +460,7 @@ pub(crate) fn addr<T>(v: &[T]) -> u64 {
 /// nothing else.
 #[cfg(test)]
 pub(crate) fn addr_mut<T>(v: &mut [T]) -> u64 {
-    if let Some(emu) = emulator() {
-        emu.track(v.as_ptr() as usize, std::mem::size_of_val(v));
-    }
+    addr(v);
     v.as_mut_ptr() as u64
 }
 
@@ -502,6 +500,10 @@ mod launch_checks {
     fn out() -> Vec<f32> {
         vec![f32::NAN; 64]
     }
+
+    // The emulated driver's entry points the tests below call directly.
+    type MemAlloc = unsafe extern "C" fn(*mut u64, usize) -> i32;
+    type MemcpyDtoH = unsafe extern "C" fn(*mut c_void, u64, usize) -> i32;
 
     #[test]
     fn a_block_that_can_never_finish_is_reported_not_hung() {
@@ -683,13 +685,11 @@ mod launch_checks {
         // SAFETY: driver.cpp's entry points, with the CUDA driver API's signatures.
         unsafe {
             let d = &emu.driver;
-            let alloc = d.get::<unsafe extern "C" fn(*mut u64, usize) -> i32>(b"cuMemAlloc_v2");
+            let alloc = d.get::<MemAlloc>(b"cuMemAlloc_v2");
             let free = d
                 .get::<unsafe extern "C" fn(u64) -> i32>(b"cuMemFree_v2")
                 .unwrap();
-            let dtoh = d
-                .get::<unsafe extern "C" fn(*mut c_void, u64, usize) -> i32>(b"cuMemcpyDtoH_v2")
-                .unwrap();
+            let dtoh = d.get::<MemcpyDtoH>(b"cuMemcpyDtoH_v2").unwrap();
             let function = d
                 .get::<unsafe extern "C" fn(*mut *mut c_void, *mut c_void, *const c_char) -> i32>(
                     b"cuModuleGetFunction",
@@ -792,6 +792,11 @@ mod launch_checks {
             );
             assert_eq!(correct(65536, 0), "CUDA_ERROR_INVALID_VALUE");
             assert_eq!(free(buf), 0);
+            assert_eq!(
+                free(buf),
+                1,
+                "a pointer freed already is CUDA_ERROR_INVALID_VALUE"
+            );
         }
     }
 
@@ -824,18 +829,12 @@ mod launch_checks {
         const F32: i32 = 0;
         // SAFETY: driver.cpp's and cublas.cpp's entry points, with CUDA's signatures.
         unsafe {
-            let alloc = emu
-                .driver
-                .get::<unsafe extern "C" fn(*mut u64, usize) -> i32>(b"cuMemAlloc_v2")
-                .unwrap();
+            let alloc = emu.driver.get::<MemAlloc>(b"cuMemAlloc_v2").unwrap();
             let htod = emu
                 .driver
                 .get::<unsafe extern "C" fn(u64, *const c_void, usize) -> i32>(b"cuMemcpyHtoD_v2")
                 .unwrap();
-            let dtoh = emu
-                .driver
-                .get::<unsafe extern "C" fn(*mut c_void, u64, usize) -> i32>(b"cuMemcpyDtoH_v2")
-                .unwrap();
+            let dtoh = emu.driver.get::<MemcpyDtoH>(b"cuMemcpyDtoH_v2").unwrap();
             let gemm = emu._blas.get::<Gemm>(b"cublasGemmEx").unwrap();
             let upload = |v: &[f32]| {
                 let mut d = 0u64;
