@@ -1043,6 +1043,11 @@ fn zo_optimizer_steps_bit_identical() {
             let mut gm = Llama::new(cfg.clone(), dev_w, g.clone());
             let zc = ZoConfig {
                 method,
+                // Sparse-MeZO runs only fused; the others' passes run in place.
+                perturb: match method {
+                    Method::SparseMezo => Perturb::Fused,
+                    _ => Perturb::Inplace,
+                },
                 lr: 1e-3,
                 weight_decay: 0.1,
                 seed: 77 + mi as u64,

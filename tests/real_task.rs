@@ -89,7 +89,7 @@ fn mezo_adam_learns_sentiment() {
 
 #[test]
 fn sparse_mezo_learns_sentiment() {
-    run(Method::SparseMezo, 1e-4, Perturb::Inplace);
+    run(Method::SparseMezo, 1e-4, Perturb::Fused);
 }
 
 #[test]

@@ -5,53 +5,12 @@
 mod common;
 use common::*;
 use zoft::backend::cpu::CpuBackend;
-use zoft::backend::{LinearHook, NoHook, SeqLayout};
-use zoft::model::{DType, HostTensor, Llama, LlamaConfig, LlamaWeights};
+use zoft::backend::NoHook;
+use zoft::model::{DType, HostTensor, Llama, LlamaWeights};
 use zoft::zo::direction::{is_matrix, Factors, StepKey};
 use zoft::zo::hook::FusedHook;
 use zoft::zo::passes::ZoBackend;
 use zoft::zo::{Method, Perturb, ZoConfig, ZoOptimizer};
-
-fn micro_config() -> LlamaConfig {
-    let mut c = tiny_config();
-    c.hidden_size = 16;
-    c.intermediate_size = 24;
-    c.num_hidden_layers = 1;
-    c.num_attention_heads = 2;
-    c.num_key_value_heads = Some(1);
-    c.vocab_size = 23;
-    c
-}
-
-struct Batch {
-    ids: Vec<u32>,
-    layout: SeqLayout,
-    targets: Vec<i32>,
-}
-
-fn batch(cfg: &LlamaConfig, seed: u64) -> Batch {
-    let (b, t) = (3, 6);
-    let ids = tokens(b * t, cfg.vocab_size, seed);
-    let mut targets = vec![-1; b * t];
-    for s in 0..b {
-        for p in 0..t - 1 {
-            targets[s * t + p] = ids[s * t + p + 1] as i32;
-        }
-    }
-    Batch {
-        ids,
-        layout: SeqLayout::full(b, t, &[t; 3]),
-        targets,
-    }
-}
-
-fn loss_of(m: &Llama<CpuBackend>, bt: &Batch, hook: &mut dyn LinearHook<CpuBackend>) -> f32 {
-    let lp = m
-        .target_logprobs(&bt.ids, &bt.layout, &bt.targets, hook)
-        .unwrap();
-    let n = bt.targets.iter().filter(|&&t| t >= 0).count();
-    -(lp.iter().map(|&x| x as f64).sum::<f64>() / n as f64) as f32
-}
 
 /// Central finite differences of the loss for every parameter, accumulated in f64.
 fn fd_gradient(m: &mut Llama<CpuBackend>, bt: &Batch) -> Vec<Vec<f64>> {
@@ -300,7 +259,12 @@ fn fused_forward_sees_the_inplace_perturbed_weights() {
                     ..Default::default()
                 };
                 let fused = ZoOptimizer::new(zc(Perturb::Fused), &fused_model).unwrap();
-                let inplace = ZoOptimizer::new(zc(Perturb::Inplace), &inplace_model).unwrap();
+                // Sparse-MeZO runs only fused, but its move from offset 0 is the in-place one.
+                let mover = match method {
+                    Method::SparseMezo => Perturb::Fused,
+                    _ => Perturb::Inplace,
+                };
+                let inplace = ZoOptimizer::new(zc(mover), &inplace_model).unwrap();
                 let (key, eps) = (fused.key(3), 5e-2);
                 let mut hook = CpuBackend::fused_hook(&fused, &fused_model, key, eps).unwrap();
                 let via_hook = loss_of(&fused_model, &bt, &mut *hook);
@@ -596,6 +560,13 @@ fn bad_arguments_give_clear_errors() {
         },
         "weight decay is not supported with tezo-adam --perturb fused",
     );
+    check(
+        |c| {
+            c.method = Method::SparseMezo;
+            c.perturb = Perturb::Inplace;
+        },
+        "sparse-mezo runs only with --perturb fused",
+    );
     let e = Perturb::parse("sideways").unwrap_err().to_string();
     assert!(e.contains("inplace or fused"), "{e}");
     let e = Perturb::parse_or_auto("sideways").unwrap_err().to_string();
@@ -603,7 +574,7 @@ fn bad_arguments_give_clear_errors() {
 }
 
 #[test]
-fn auto_perturb_is_in_place_for_f32_weights_and_fused_through_bf16() {
+fn auto_perturb_is_in_place_for_f32_weights_and_fused_through_bf16_or_for_sparse_mezo() {
     assert_eq!(Perturb::parse_or_auto("auto").unwrap(), None);
     assert_eq!(
         Perturb::parse_or_auto("fused").unwrap(),
@@ -617,11 +588,14 @@ fn auto_perturb_is_in_place_for_f32_weights_and_fused_through_bf16() {
         weight_decay,
         ..Default::default()
     };
-    for method in [Method::Mezo, Method::SparseMezo, Method::Tezo] {
+    for method in [Method::Mezo, Method::Tezo] {
         let c = zc(method, 0.0);
         assert_eq!(Perturb::auto::<CpuBackend>(&c, &f32_w), Perturb::Inplace);
         assert_eq!(Perturb::auto::<CpuBackend>(&c, &bf16_w), Perturb::Fused);
     }
+    // Sparse-MeZO cannot run in place (ZoConfig::validate).
+    let c = zc(Method::SparseMezo, 0.0);
+    assert_eq!(Perturb::auto::<CpuBackend>(&c, &f32_w), Perturb::Fused);
     // One bf16 tensor among f32 ones is enough to drift.
     let mut mixed = LlamaWeights::random(&cfg, 1, DType::F32);
     let t = &mixed.layers[0].wq;

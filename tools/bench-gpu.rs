@@ -307,6 +307,9 @@ fn model_rows(
                 lr: 1e-6,
                 ..Default::default()
             };
+            if zc.validate().is_err() {
+                continue; // a combination zoft refuses (Sparse-MeZO in place)
+            }
             let mut opt = ZoOptimizer::new(zc, &model)?;
             g.mem().reset_peaks();
             let mut step = 0u64;

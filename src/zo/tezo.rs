@@ -65,19 +65,25 @@ impl LowRank {
             }
             return Ok(());
         }
+        // Decoupled decay acts on w0 (w <- w - lr (step + wd w0)). The tensor still holds
+        // w0 + offset Z, so decaying it first scales that perturbation by (1 - lr wd) too,
+        // and the restore below takes back exactly the scaled amount.
+        let keep = if lr_wd > 0.0 {
+            backend.zo_decay(t, lr_wd)?;
+            1.0 - lr_wd
+        } else {
+            1.0
+        };
         let tau = Factors::tau(key, id, self.rank());
         // Z is linear in its coefficients: restore and update are one combined rank-r pass.
         let c: Vec<f32> = tau
             .iter()
             .zip(delta)
-            .map(|(t, d)| -offset * t + d)
+            .map(|(t, d)| -offset * keep * t + d)
             .collect();
         if c.iter().any(|&v| v != 0.0) {
             let z = ZSpec::LowRank { coef: &c };
             backend.zo_pass(t, id, key, z, 0.0, Rule::Move { to: 1.0 }, None)?;
-        }
-        if lr_wd > 0.0 {
-            backend.zo_decay(t, lr_wd)?;
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use zoft::backend::cpu::CpuBackend;
+use zoft::backend::{LinearHook, SeqLayout};
 use zoft::data::batch::LossKind;
 use zoft::data::jsonl::{Format, Origin};
 use zoft::data::{Example, Task, TaskKind};
@@ -158,4 +159,49 @@ pub fn cuda_or_emulator() -> Option<zoft::backend::cuda::CudaBackend> {
         }
     }
     Some(CudaBackend::new(0).expect("a CUDA device is present but the backend did not start"))
+}
+
+/// A micro LLaMA (1 layer, hidden 16, vocab 23), small enough for per-element checks.
+pub fn micro_config() -> LlamaConfig {
+    let mut c = tiny_config();
+    c.hidden_size = 16;
+    c.intermediate_size = 24;
+    c.num_hidden_layers = 1;
+    c.num_attention_heads = 2;
+    c.num_key_value_heads = Some(1);
+    c.vocab_size = 23;
+    c
+}
+
+/// Next-token targets over `ids`, laid out as full sequences.
+pub struct Batch {
+    pub ids: Vec<u32>,
+    pub layout: SeqLayout,
+    pub targets: Vec<i32>,
+}
+
+/// 3 sequences of 6 random tokens, each predicting its next token.
+pub fn batch(cfg: &LlamaConfig, seed: u64) -> Batch {
+    let (b, t) = (3, 6);
+    let ids = tokens(b * t, cfg.vocab_size, seed);
+    let mut targets = vec![-1; b * t];
+    for s in 0..b {
+        for p in 0..t - 1 {
+            targets[s * t + p] = ids[s * t + p + 1] as i32;
+        }
+    }
+    Batch {
+        ids,
+        layout: SeqLayout::full(b, t, &[t; 3]),
+        targets,
+    }
+}
+
+/// Mean next-token cross-entropy of the batch, through `hook`.
+pub fn loss_of(m: &Llama<CpuBackend>, bt: &Batch, hook: &mut dyn LinearHook<CpuBackend>) -> f32 {
+    let lp = m
+        .target_logprobs(&bt.ids, &bt.layout, &bt.targets, hook)
+        .unwrap();
+    let n = bt.targets.iter().filter(|&&t| t >= 0).count();
+    -(lp.iter().map(|&x| x as f64).sum::<f64>() / n as f64) as f32
 }

@@ -69,6 +69,9 @@ fn main() -> anyhow::Result<()> {
                 seed: 1,
                 ..Default::default()
             };
+            if zc.validate().is_err() {
+                continue; // a combination zoft refuses (Sparse-MeZO in place)
+            }
             let mut opt = ZoOptimizer::new(zc, &model)?;
             // One in-place perturbation pass over every tensor, timed apart from the step (a
             // step in place runs three such passes, the last with the update folded in).
