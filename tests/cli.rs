@@ -1,5 +1,5 @@
-//! The command line's device and precision choices: errors that say what was wrong, before any
-//! model is read.
+//! The command line's device, precision and method choices: errors that say what was wrong,
+//! before any model is read.
 
 use std::process::Command;
 
@@ -93,4 +93,26 @@ fn unknown_perturb_mode_is_a_clear_error() {
         err.contains("unknown perturb mode \"sideways\": expected inplace, fused or auto"),
         "{err}"
     );
+}
+
+#[test]
+fn sparse_mezo_in_place_is_refused_and_auto_is_accepted() {
+    let (ok, err) = zoft(&["train", "--method", "sparse-mezo", "--perturb", "inplace"]);
+    assert!(!ok, "train accepted sparse-mezo in place");
+    assert!(
+        err.contains("sparse-mezo runs only with --perturb fused"),
+        "{err}"
+    );
+    // The defaults (Sparse-MeZO, perturb auto) pass the checks and get as far as the model.
+    let missing = std::env::temp_dir().join("zoft-cli-test-no-such-model");
+    let (ok, err) = zoft(&[
+        "train",
+        "--device",
+        "cpu",
+        "--model",
+        missing.to_str().unwrap(),
+    ]);
+    assert!(!ok, "train ran without a model");
+    assert!(err.contains("zoft-cli-test-no-such-model"), "{err}");
+    assert!(!err.contains("perturb"), "{err}");
 }

@@ -338,8 +338,12 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     let loss: LossKind = a.loss.parse()?;
     let zo = ZoConfig {
         method,
-        // `auto` is resolved once the weights are loaded (train_on).
-        perturb: Perturb::parse_or_auto(&a.perturb)?.unwrap_or(Perturb::Inplace),
+        // `auto` is resolved once the weights are loaded (train_on); until then a mode this
+        // method accepts stands in, so that validate() checks the other settings.
+        perturb: Perturb::parse_or_auto(&a.perturb)?.unwrap_or(match method {
+            Method::SparseMezo => Perturb::Fused,
+            _ => Perturb::Inplace,
+        }),
         eps: a.eps,
         lr: a.lr.unwrap_or_else(|| default_lr(method)),
         weight_decay: a.weight_decay,

@@ -16,7 +16,10 @@ use std::path::Path;
 pub enum ZSpec<'a> {
     /// z = normal(seed, step, id), element index as counter.
     Dense,
-    /// The dense z, zeroed where the unperturbed |w0| > threshold.
+    /// The dense z, zeroed where the unperturbed |w0| > threshold. A pass from a nonzero
+    /// offset takes an element to be perturbed when |w - offset z| <= threshold, which misreads
+    /// an unperturbed element within |offset z| above the threshold: the optimizer passes
+    /// Sparse-MeZO's tensors only from offset 0 (it runs fused).
     Sparse { threshold: f32 },
     /// Z = U diag(coef) V^T / sqrt(r) with the run's fixed factors of this matrix,
     /// r = coef.len().
