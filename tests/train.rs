@@ -81,10 +81,12 @@ fn resumed_run_equals_uninterrupted_run() {
             bytes(&a) == bytes(&b2),
             "{name}: resumed run differs from the uninterrupted one"
         );
-        assert!(
-            bytes(&a) != bytes(&tiny_model(&cfg, 4)),
-            "{name}: weights did not move"
-        );
+        // Every method trains every tensor, so each must have moved; for TeZO fused, whose
+        // update stays low-rank in memory, that means saving folded it into the weights.
+        let initial = bytes(&tiny_model(&cfg, 4));
+        for (i, (now, before)) in bytes(&a).iter().zip(&initial).enumerate() {
+            assert!(now != before, "{name}: tensor {i} did not move");
+        }
         // The final checkpoint holds the final weights.
         assert!(
             bytes(&load_ckpt(&a_dir.join("checkpoint"), &cfg)) == bytes(&a),
