@@ -1043,11 +1043,8 @@ fn zo_optimizer_steps_bit_identical() {
             let mut gm = Llama::new(cfg.clone(), dev_w, g.clone());
             let zc = ZoConfig {
                 method,
-                // Sparse-MeZO runs only fused; the others' passes run in place.
-                perturb: match method {
-                    Method::SparseMezo => Perturb::Fused,
-                    _ => Perturb::Inplace,
-                },
+                // In place where allowed: every pass then runs on both backends.
+                perturb: Perturb::in_place_if_allowed(method),
                 lr: 1e-3,
                 weight_decay: 0.1,
                 seed: 77 + mi as u64,

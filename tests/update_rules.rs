@@ -168,8 +168,8 @@ impl Reference {
             let t = &mut self.tensors[id];
             // Decoupled weight decay, none for the norm gains (the 1-D tensors).
             let wd = if t.is_matrix() { wd } else { 0.0 };
-            let adam = matches!(method, Method::MezoAdam | Method::TezoAdam);
-            match (adam, tau) {
+            let uses_adam = matches!(method, Method::MezoAdam | Method::TezoAdam);
+            match (uses_adam, tau) {
                 (false, _) => {
                     for (w, z) in t.w.iter_mut().zip(&z) {
                         // Sparse-MeZO: an element outside the mask does not move at all.
@@ -181,10 +181,7 @@ impl Reference {
                 (true, None) => {
                     let elems = t.w.iter_mut().zip(&z).zip(t.m.iter_mut().zip(&mut t.v));
                     for ((w, z), (m, v)) in elems {
-                        let ge = g * z;
-                        *m = BETA1 * *m + (1.0 - BETA1) * ge;
-                        *v = BETA2 * *v + (1.0 - BETA2) * ge * ge;
-                        let step = (*m / c1) / ((*v / c2).sqrt() + ADAM_EPS);
+                        let step = adam(m, v, g * z, c1, c2);
                         *w -= lr * (step + wd * *w);
                     }
                 }
@@ -193,10 +190,7 @@ impl Reference {
                     // fixed factors: W <- W - lr wd W + U diag(delta) V^T / sqrt(r).
                     let mut delta = [0.0; RANK];
                     for k in 0..RANK {
-                        let ge = g * tau[k];
-                        t.m[k] = BETA1 * t.m[k] + (1.0 - BETA1) * ge;
-                        t.v[k] = BETA2 * t.v[k] + (1.0 - BETA2) * ge * ge;
-                        delta[k] = -lr * (t.m[k] / c1) / ((t.v[k] / c2).sqrt() + ADAM_EPS);
+                        delta[k] = -lr * adam(&mut t.m[k], &mut t.v[k], g * tau[k], c1, c2);
                     }
                     let cols = t.shape[1];
                     for (i, w) in t.w.iter_mut().enumerate() {
@@ -210,6 +204,13 @@ impl Reference {
             }
         }
     }
+}
+
+/// AdamW's moments after gradient estimate `ge`, and its bias-corrected step direction.
+fn adam(m: &mut f64, v: &mut f64, ge: f64, c1: f64, c2: f64) -> f64 {
+    *m = BETA1 * *m + (1.0 - BETA1) * ge;
+    *v = BETA2 * *v + (1.0 - BETA2) * ge * ge;
+    (*m / c1) / ((*v / c2).sqrt() + ADAM_EPS)
 }
 
 /// Loss of the batch on a model holding `weights`.
@@ -227,8 +228,8 @@ fn compare(method: Method, perturb: Perturb, wd: f64, steps: u32) -> f64 {
     let bt = batch(&cfg, 4);
     let mut m = tiny_model(&cfg, 12);
     let mut scratch = tiny_model(&cfg, 12);
-    let adam = matches!(method, Method::MezoAdam | Method::TezoAdam);
-    let lr = if adam { 1e-3 } else { 5e-3 };
+    let uses_adam = matches!(method, Method::MezoAdam | Method::TezoAdam);
+    let lr = if uses_adam { 1e-3 } else { 5e-3 };
     let eps = 1e-3f32;
     let zc = ZoConfig {
         method,
@@ -315,7 +316,7 @@ fn every_method_updates_as_its_definition_says() {
             // Sparse-MeZO runs only fused; TeZO's fused update stays low-rank, without decay
             // (ZoConfig::validate).
             let wd = match (method, perturb) {
-                (Method::SparseMezo, Perturb::Inplace) => continue,
+                (m, Perturb::Inplace) if !m.runs_in_place() => continue,
                 (Method::Tezo | Method::TezoAdam, Perturb::Fused) => 0.0,
                 _ => 0.5,
             };

@@ -260,10 +260,7 @@ fn fused_forward_sees_the_inplace_perturbed_weights() {
                 };
                 let fused = ZoOptimizer::new(zc(Perturb::Fused), &fused_model).unwrap();
                 // Sparse-MeZO runs only fused, but its move from offset 0 is the in-place one.
-                let mover = match method {
-                    Method::SparseMezo => Perturb::Fused,
-                    _ => Perturb::Inplace,
-                };
+                let mover = Perturb::in_place_if_allowed(method);
                 let inplace = ZoOptimizer::new(zc(mover), &inplace_model).unwrap();
                 let (key, eps) = (fused.key(3), 5e-2);
                 let mut hook = CpuBackend::fused_hook(&fused, &fused_model, key, eps).unwrap();
@@ -593,7 +590,7 @@ fn auto_perturb_is_in_place_for_f32_weights_and_fused_through_bf16_or_for_sparse
         assert_eq!(Perturb::auto::<CpuBackend>(&c, &f32_w), Perturb::Inplace);
         assert_eq!(Perturb::auto::<CpuBackend>(&c, &bf16_w), Perturb::Fused);
     }
-    // Sparse-MeZO cannot run in place (ZoConfig::validate).
+    // Sparse-MeZO cannot run in place (Method::runs_in_place).
     let c = zc(Method::SparseMezo, 0.0);
     assert_eq!(Perturb::auto::<CpuBackend>(&c, &f32_w), Perturb::Fused);
     // One bf16 tensor among f32 ones is enough to drift.

@@ -340,10 +340,8 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         method,
         // `auto` is resolved once the weights are loaded (train_on); until then a mode this
         // method accepts stands in, so that validate() checks the other settings.
-        perturb: Perturb::parse_or_auto(&a.perturb)?.unwrap_or(match method {
-            Method::SparseMezo => Perturb::Fused,
-            _ => Perturb::Inplace,
-        }),
+        perturb: Perturb::parse_or_auto(&a.perturb)?
+            .unwrap_or(Perturb::in_place_if_allowed(method)),
         eps: a.eps,
         lr: a.lr.unwrap_or_else(|| default_lr(method)),
         weight_decay: a.weight_decay,

@@ -45,6 +45,16 @@ impl Method {
         })
     }
 
+    /// Whether the method can run with `--perturb inplace`. Sparse-MeZO cannot: once an
+    /// element has moved to w0 + eps z, whether it belongs to the mask (|w0| <= h) can no longer
+    /// be read off the weights, since an element that stayed at w0 = x outside the mask and one
+    /// inside it that moved from x - eps z both hold x. Telling them apart takes a stored bit
+    /// per weight; the fused mode never perturbs the weights, so it reads the mask off the true
+    /// w0 and stores nothing.
+    pub fn runs_in_place(self) -> bool {
+        self != Method::SparseMezo
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Method::Mezo => "mezo",
@@ -90,18 +100,28 @@ impl Perturb {
         }
     }
 
+    /// In place where `method` can run so, fused otherwise: a mode every method accepts, for
+    /// when the weights that `auto` looks at are not loaded yet.
+    pub fn in_place_if_allowed(method: Method) -> Self {
+        if method.runs_in_place() {
+            Perturb::Inplace
+        } else {
+            Perturb::Fused
+        }
+    }
+
     /// The mode for `cfg` on these weights: in place when every tensor is stored in f32, where
     /// the round trip +eps z, -2 eps z, +eps z stays within an ulp and in place is as fast or
     /// faster with the lower peak; fused otherwise, because through bf16 storage the round trip
     /// drifts (tests/zo.rs measures it) and the fused mode never writes a perturbation. TeZO
     /// with weight decay stays in place, the one mode that can apply it. Sparse-MeZO is always
-    /// fused: in place it would have to store its mask (see `ZoConfig::validate`).
+    /// fused: in place it would have to store its mask (see `Method::runs_in_place`).
     pub fn auto<B: ZoBackend>(cfg: &ZoConfig, weights: &LlamaWeights<B::Weight>) -> Self {
         let all_f32 = weights
             .tensors()
             .into_iter()
             .all(|t| B::weight_dtype(t) == DType::F32);
-        if cfg.method == Method::SparseMezo {
+        if !cfg.method.runs_in_place() {
             Perturb::Fused
         } else if all_f32 || cfg.decay_needs_inplace() {
             Perturb::Inplace
@@ -170,12 +190,7 @@ impl ZoConfig {
         if self.weight_decay < 0.0 {
             bail!("weight decay must be >= 0, got {}", self.weight_decay);
         }
-        if self.perturb == Perturb::Inplace && self.method == Method::SparseMezo {
-            // Once an element has moved to w0 + eps z, whether it belongs to the mask
-            // (|w0| <= h) can no longer be read off the weights: an element that stayed at
-            // w0 = x outside the mask and one inside it that moved from x - eps z both hold x.
-            // Telling them apart takes a stored bit per weight; the fused mode never perturbs
-            // the weights, so it reads the mask off the true w0 and stores nothing.
+        if self.perturb == Perturb::Inplace && !self.method.runs_in_place() {
             bail!(
                 "sparse-mezo runs only with --perturb fused (or auto): in place, its mask \
                  could not be recomputed from the perturbed weights without storing it"

@@ -2,7 +2,7 @@
 //! percentile of |w| is computed once before training; an element moves only where the
 //! unperturbed |w| <= h. The mask is recomputed on the fly and never stored, which is why
 //! Sparse-MeZO runs only with the fused perturbation: its weights always hold the true w0
-//! (in place, the mask could not be told from the perturbed weights; see `ZoConfig::validate`).
+//! (in place, the mask could not be told from the perturbed weights; see `Method::runs_in_place`).
 
 use super::direction::{Direction, StepKey};
 use super::mezo::{decay_for, sgd_update};
