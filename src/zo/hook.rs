@@ -357,3 +357,35 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::RunningLogSumExp;
+
+    #[test]
+    fn running_log_sum_exp_equals_the_whole_row_as_later_blocks_raise_the_max() {
+        // The running max rises by several units from block to block (a sum not rescaled to
+        // a new max would be off by far more than rounding), and the last third sits low.
+        let row: Vec<f32> = (0..300)
+            .map(|i| {
+                let x = i as f32;
+                0.05 * x + 3.0 * (0.37 * x).sin() - if i > 200 { 15.0 } else { 0.0 }
+            })
+            .collect();
+        let target = 123;
+        let max = row.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v as f64));
+        let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+        let exact = row[target] as f64 - (max + sum.ln());
+        for block in [1, 7, 64, 300] {
+            let mut run = RunningLogSumExp::EMPTY;
+            for (b, logits) in row.chunks(block).enumerate() {
+                run.add_block(logits, b * block, target);
+            }
+            let got = run.logprob() as f64;
+            assert!(
+                (got - exact).abs() < 1e-5 * exact.abs().max(1.0),
+                "blocks of {block}: {got} where {exact} is expected"
+            );
+        }
+    }
+}
