@@ -186,6 +186,49 @@ fn training_lowers_the_loss_and_raises_accuracy() {
 }
 
 #[test]
+fn the_log_has_each_steps_losses_and_estimate_and_the_run_ends_with_test_accuracy() {
+    let cfg = tiny_config();
+    let dir = scratch_dir("log");
+    let no_stop = AtomicBool::new(false);
+    let mut m = tiny_model(&cfg, 4);
+    let mut opts = train_options(Method::Mezo, Perturb::Inplace, 5, 0, &dir);
+    opts.eval_every = 2;
+    let t = synthetic_task(&cfg);
+    let s = train(&mut m, &dir, &t, 0, &opts, None, &no_stop, |_| {}).unwrap();
+    let text = std::fs::read_to_string(dir.join("train_log.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    let num = |v: &serde_json::Value, k: &str| {
+        v[k].as_f64()
+            .unwrap_or_else(|| panic!("{k} is missing from {v}"))
+    };
+    let mut moved = false;
+    for (i, v) in lines.iter().enumerate() {
+        let step = i as u64 + 1;
+        assert_eq!(v["step"].as_u64(), Some(step), "{v}");
+        let (lp, lm) = (num(v, "loss_plus") as f32, num(v, "loss_minus") as f32);
+        assert!(lp.is_finite() && lm.is_finite(), "{v}");
+        moved |= lp != lm;
+        // The logged estimate is the one made from this line's two losses.
+        let g = (lp - lm) / (2.0 * opts.zo.eps);
+        assert_eq!(num(v, "projected_grad") as f32, g, "{v}");
+        assert_eq!(num(v, "lr") as f32, opts.zo.lr, "{v}");
+        assert!(num(v, "seconds") > 0.0, "{v}");
+        assert!(num(v, "weights_bytes") > 0.0, "{v}");
+        assert!(v["memory"]["total_peak"].as_u64().is_some(), "{v}");
+        // Every second step, but not the last: the final evaluation reports that one.
+        let evaluated = step.is_multiple_of(2) && step < 5;
+        assert_eq!(v.get("dev_accuracy").is_some(), evaluated, "{v}");
+    }
+    assert!(moved, "every step's two losses were equal");
+    let test = s.test.expect("a finished run reports its test split");
+    assert!(test.accuracy.is_some(), "{test:?}");
+}
+
+#[test]
 fn empty_training_split_is_an_error() {
     let cfg = tiny_config();
     let dir = scratch_dir("empty");

@@ -548,7 +548,16 @@ fn bad_arguments_give_clear_errors() {
     check(|c| c.sparsity = -0.1, "sparsity must be in [0, 1)");
     check(|c| c.rank = 0, "rank must be at least 1");
     check(|c| c.eps = 0.0, "eps must be a positive number");
-    check(|c| c.lr = f32::NAN, "learning rate");
+    check(|c| c.eps = -1e-3, "eps must be a positive number");
+    check(|c| c.eps = f32::INFINITY, "eps must be a positive number");
+    check(|c| c.lr = f32::NAN, "learning rate must be >= 0");
+    check(|c| c.lr = -1e-6, "learning rate must be >= 0");
+    check(|c| c.lr = f32::INFINITY, "learning rate must be >= 0");
+    check(|c| c.weight_decay = -0.1, "weight decay must be >= 0");
+    check(|c| c.weight_decay = f32::NAN, "weight decay must be >= 0");
+    check(|c| c.beta1 = 1.0, "beta1 and beta2 must be in [0, 1)");
+    check(|c| c.beta2 = -0.5, "beta1 and beta2 must be in [0, 1)");
+    check(|c| c.adam_eps = 0.0, "Adam's eps must be a positive number");
     check(
         |c| {
             c.method = Method::TezoAdam;

@@ -187,8 +187,21 @@ impl ZoConfig {
         if self.rank == 0 {
             bail!("rank must be at least 1");
         }
-        if self.weight_decay < 0.0 {
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
             bail!("weight decay must be >= 0, got {}", self.weight_decay);
+        }
+        if !((0.0..1.0).contains(&self.beta1) && (0.0..1.0).contains(&self.beta2)) {
+            bail!(
+                "Adam's beta1 and beta2 must be in [0, 1), got {} and {}",
+                self.beta1,
+                self.beta2
+            );
+        }
+        if !(self.adam_eps > 0.0 && self.adam_eps.is_finite()) {
+            bail!(
+                "Adam's eps must be a positive number, got {}",
+                self.adam_eps
+            );
         }
         if self.perturb == Perturb::Inplace && !self.method.runs_in_place() {
             bail!(
