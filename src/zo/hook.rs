@@ -361,6 +361,7 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
 #[cfg(test)]
 mod tests {
     use super::RunningLogSumExp;
+    use crate::data::batch::log_sum_exp;
 
     #[test]
     fn running_log_sum_exp_equals_the_whole_row_as_later_blocks_raise_the_max() {
@@ -373,9 +374,8 @@ mod tests {
             })
             .collect();
         let target = 123;
-        let max = row.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v as f64));
-        let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
-        let exact = row[target] as f64 - (max + sum.ln());
+        let row64: Vec<f64> = row.iter().map(|&v| v as f64).collect();
+        let exact = row64[target] - log_sum_exp(&row64);
         for block in [1, 7, 64, 300] {
             let mut run = RunningLogSumExp::EMPTY;
             for (b, logits) in row.chunks(block).enumerate() {
