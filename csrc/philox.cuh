@@ -1,5 +1,5 @@
 // Philox-4x32-10 and the transforms from its words to uniform, normal and Rademacher values:
-// the one random generator of zoft. `src/rng.rs` is the bit-for-bit Rust mirror; a parity
+// the one random generator of zoft. `src/rng` is the bit-for-bit Rust mirror; a parity
 // test compares them.
 //
 // Keying: key = (seed lo, seed hi); counter of block b = (b lo, b hi, step, tensor); element i
@@ -60,26 +60,21 @@ __host__ __device__ __forceinline__ void philox_block(const PhiloxKey& key, uint
 
 #ifdef __CUDACC__
 
-// f32 constants, as the bit patterns of the Rust expressions in src/rng.rs.
+// f32 constants, as the bit patterns of the Rust constants in src/rng/transform.rs.
 #define ZF_U24 __uint_as_float(0x33800000u)     // 1.0 / 16777216.0
 #define ZF_SQRT2 __uint_as_float(0x3FB504F3u)   // std::f32::consts::SQRT_2
 #define ZF_LN2 __uint_as_float(0x3F317218u)     // std::f32::consts::LN_2
 #define ZF_TAU __uint_as_float(0x40C90FDBu)     // std::f32::consts::TAU
-#define ZF_LN_C11 __uint_as_float(0x3DBA2E8Cu)  // 1.0 / 11.0
-#define ZF_LN_C9 __uint_as_float(0x3DE38E39u)   // 1.0 / 9.0
-#define ZF_LN_C7 __uint_as_float(0x3E124925u)   // 1.0 / 7.0
-#define ZF_LN_C5 __uint_as_float(0x3E4CCCCDu)   // 1.0 / 5.0
-#define ZF_LN_C3 __uint_as_float(0x3EAAAAABu)   // 1.0 / 3.0
-#define ZF_SIN_11 __uint_as_float(0xB2D7322Bu)  // -1.0 / 39916800.0
-#define ZF_SIN_9 __uint_as_float(0x3638EF1Du)   // 1.0 / 362880.0
-#define ZF_SIN_7 __uint_as_float(0xB9500D01u)   // -1.0 / 5040.0
-#define ZF_SIN_5 __uint_as_float(0x3C088889u)   // 1.0 / 120.0
-#define ZF_SIN_3 __uint_as_float(0xBE2AAAABu)   // -1.0 / 6.0
-#define ZF_COS_12 __uint_as_float(0x310F76C7u)  // 1.0 / 479001600.0
-#define ZF_COS_10 __uint_as_float(0xB493F27Eu)  // -1.0 / 3628800.0
-#define ZF_COS_8 __uint_as_float(0x37D00D01u)   // 1.0 / 40320.0
-#define ZF_COS_6 __uint_as_float(0xBAB60B61u)   // -1.0 / 720.0
-#define ZF_COS_4 __uint_as_float(0x3D2AAAABu)   // 1.0 / 24.0
+// The polynomials of src/rng/transform.rs (LN_P, SIN_S, COS_C), highest degree first.
+#define ZF_LN_P0 __uint_as_float(0x3E18F070u)   // 0.1493547
+#define ZF_LN_P1 __uint_as_float(0x3E4CAF68u)   // 0.19988787
+#define ZF_LN_P2 __uint_as_float(0x3EAAAABDu)   // 0.33333388
+#define ZF_SIN_S0 __uint_as_float(0xB94CA1F0u)  // -0.00019515282
+#define ZF_SIN_S1 __uint_as_float(0x3C08839Du)  // 0.00833216
+#define ZF_SIN_S2 __uint_as_float(0xBE2AAAA3u)  // -0.16666655
+#define ZF_COS_C0 __uint_as_float(0x37CD012Du)  // 0.000024438452
+#define ZF_COS_C1 __uint_as_float(0xBAB60646u)  // -0.0013887368
+#define ZF_COS_C2 __uint_as_float(0x3D2AAAA5u)  // 0.041666646
 
 // Uniform in [0, 1), an exact multiple of 2^-24.
 __device__ __forceinline__ float philox_u01_half_open(uint32_t w) {
@@ -91,44 +86,39 @@ __device__ __forceinline__ float philox_u01_open_closed(uint32_t w) {
   return __fmul_rn((float)((w >> 8) + 1u), ZF_U24);
 }
 
-// Natural log for x in (0, 1] (mirror of rng::ln_f32).
+// Natural log for x in (0, 1] (mirror of rng::transform::ln).
 __device__ __forceinline__ float philox_ln(float x) {
   const uint32_t bits = __float_as_uint(x);
-  int e = (int)((bits >> 23) & 0xffu) - 127;
+  // The exponent as a float: small integers, so the conversion and the +1 are exact.
+  float e = __fsub_rn((float)((bits >> 23) & 0xffu), 127.0f);
   float m = __uint_as_float((bits & 0x007fffffu) | 0x3f800000u);  // [1, 2)
   if (m > ZF_SQRT2) {
     m = __fmul_rn(m, 0.5f);
-    e += 1;
+    e = __fadd_rn(e, 1.0f);
   }
   const float s = __fdiv_rn(__fsub_rn(m, 1.0f), __fadd_rn(m, 1.0f));
   const float s2 = __fmul_rn(s, s);
-  float p = ZF_LN_C11;
-  p = __fmaf_rn(p, s2, ZF_LN_C9);
-  p = __fmaf_rn(p, s2, ZF_LN_C7);
-  p = __fmaf_rn(p, s2, ZF_LN_C5);
-  p = __fmaf_rn(p, s2, ZF_LN_C3);
+  float p = ZF_LN_P0;
+  p = __fmaf_rn(p, s2, ZF_LN_P1);
+  p = __fmaf_rn(p, s2, ZF_LN_P2);
   p = __fmaf_rn(p, s2, 1.0f);
   const float ln_m = __fmul_rn(__fmul_rn(2.0f, s), p);
-  return __fmaf_rn((float)e, ZF_LN2, ln_m);
+  return __fmaf_rn(e, ZF_LN2, ln_m);
 }
 
-// (sin, cos) of 2 pi u for u in [0, 1) (mirror of rng::sincos_2pi).
+// (sin, cos) of 2 pi u for u in [0, 1) (mirror of rng::transform::sincos_2pi).
 __device__ __forceinline__ void philox_sincos_2pi(float u, float* sin_out, float* cos_out) {
   const float q = rintf(__fmul_rn(u, 4.0f));  // round half to even, like round_ties_even
   const float r = __fsub_rn(u, __fmul_rn(q, 0.25f));
   const float x = __fmul_rn(r, ZF_TAU);
   const float x2 = __fmul_rn(x, x);
-  float sp = ZF_SIN_11;
-  sp = __fmaf_rn(sp, x2, ZF_SIN_9);
-  sp = __fmaf_rn(sp, x2, ZF_SIN_7);
-  sp = __fmaf_rn(sp, x2, ZF_SIN_5);
-  sp = __fmaf_rn(sp, x2, ZF_SIN_3);
+  float sp = ZF_SIN_S0;
+  sp = __fmaf_rn(sp, x2, ZF_SIN_S1);
+  sp = __fmaf_rn(sp, x2, ZF_SIN_S2);
   const float sin_r = __fmaf_rn(__fmul_rn(x, x2), sp, x);
-  float cp = ZF_COS_12;
-  cp = __fmaf_rn(cp, x2, ZF_COS_10);
-  cp = __fmaf_rn(cp, x2, ZF_COS_8);
-  cp = __fmaf_rn(cp, x2, ZF_COS_6);
-  cp = __fmaf_rn(cp, x2, ZF_COS_4);
+  float cp = ZF_COS_C0;
+  cp = __fmaf_rn(cp, x2, ZF_COS_C1);
+  cp = __fmaf_rn(cp, x2, ZF_COS_C2);
   cp = __fmaf_rn(cp, x2, -0.5f);
   const float cos_r = __fmaf_rn(x2, cp, 1.0f);
   switch ((int)q & 3) {

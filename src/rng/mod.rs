@@ -1,14 +1,15 @@
-//! Philox-4x32-10, the one random generator of zoft, and the transforms from its words to
-//! uniform, normal and Rademacher values.
+//! Philox-4x32-10, the one random generator of zoft, and its uniform, normal and Rademacher
+//! values; `transform` turns words into normals, `x86` runs both 8 or 16 lanes at a time.
 //!
 //! Keyed by (run seed, step, tensor id) with the element index as counter, so any element's
 //! value can be regenerated anywhere, in any order. `csrc/philox.cuh` is the bit-for-bit CUDA
-//! mirror: every float operation below is a correctly rounded IEEE op or an explicit fused
-//! multiply-add, and the transcendental functions are our own polynomials, so CPU and GPU give
-//! identical bits (libm and CUDA's `logf`/`sincosf` differ in the last place).
+//! mirror (`transform` says why the bits agree).
 
+mod transform;
 #[cfg(target_arch = "x86_64")]
-mod avx512;
+mod x86;
+
+use transform::{box_muller, u01_half_open};
 
 const M0: u32 = 0xD251_1F53;
 const M1: u32 = 0xCD9E_8D57;
@@ -69,11 +70,11 @@ impl Philox {
         let w = self.block(i / 4);
         let lane = (i % 4) as usize;
         let pair = lane & !1;
-        let (r, s, c) = box_muller_parts(w[pair], w[pair + 1]);
+        let (c, s) = box_muller::<f32>(w[pair], w[pair + 1]);
         if lane & 1 == 0 {
-            r * c
+            c
         } else {
-            r * s
+            s
         }
     }
 
@@ -108,86 +109,8 @@ impl Philox {
     /// Uniform in [0, 1) for element `i`, exact multiple of 2^-24.
     #[inline]
     pub fn uniform(&self, i: u64) -> f32 {
-        u01_half_open(self.block(i / 4)[(i % 4) as usize])
+        u01_half_open::<f32>(self.block(i / 4)[(i % 4) as usize])
     }
-}
-
-// The shifted words are below 2^24, so the i32 conversion is exact (and vectorizes).
-#[inline(always)]
-fn u01_half_open(w: u32) -> f32 {
-    ((w >> 8) as i32) as f32 * (1.0 / 16_777_216.0)
-}
-
-#[inline(always)]
-fn u01_open_closed(w: u32) -> f32 {
-    (((w >> 8) + 1) as i32) as f32 * (1.0 / 16_777_216.0)
-}
-
-/// Box-Muller on two words: radius sqrt(-2 ln u1) and (sin, cos) of 2 pi u2.
-#[inline(always)]
-fn box_muller_parts(w1: u32, w2: u32) -> (f32, f32, f32) {
-    let u1 = u01_open_closed(w1);
-    let u2 = u01_half_open(w2);
-    let r = (-2.0 * ln_f32(u1)).sqrt();
-    let (s, c) = sincos_2pi(u2);
-    (r, s, c)
-}
-
-/// Natural log for x in (0, 1], to ~1 ulp, from IEEE ops and fma only.
-#[inline(always)]
-pub fn ln_f32(x: f32) -> f32 {
-    let bits = x.to_bits();
-    let mut e = ((bits >> 23) & 0xff) as i32 - 127;
-    let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000); // [1, 2)
-                                                                // Branch-free so that the bulk path vectorizes.
-    let big = m > std::f32::consts::SQRT_2;
-    let m = if big { m * 0.5 } else { m };
-    e += big as i32;
-    let s = (m - 1.0) / (m + 1.0);
-    let s2 = s * s;
-    let mut p = 1.0f32 / 11.0;
-    p = p.mul_add(s2, 1.0 / 9.0);
-    p = p.mul_add(s2, 1.0 / 7.0);
-    p = p.mul_add(s2, 1.0 / 5.0);
-    p = p.mul_add(s2, 1.0 / 3.0);
-    p = p.mul_add(s2, 1.0);
-    let ln_m = 2.0 * s * p;
-    (e as f32).mul_add(std::f32::consts::LN_2, ln_m)
-}
-
-/// (sin, cos) of 2 pi u for u in [0, 1), from IEEE ops and fma only.
-#[inline(always)]
-pub fn sincos_2pi(u: f32) -> (f32, f32) {
-    // u * 4 is exact; the quadrant q and remainder r in [-1/8, 1/8] are exact too.
-    let q = (u * 4.0).round_ties_even();
-    let r = u - q * 0.25;
-    let x = r * std::f32::consts::TAU;
-    let x2 = x * x;
-    let mut sp = -1.0f32 / 39_916_800.0;
-    sp = sp.mul_add(x2, 1.0 / 362_880.0);
-    sp = sp.mul_add(x2, -1.0 / 5040.0);
-    sp = sp.mul_add(x2, 1.0 / 120.0);
-    sp = sp.mul_add(x2, -1.0 / 6.0);
-    let sin_r = (x * x2).mul_add(sp, x);
-    let mut cp = 1.0f32 / 479_001_600.0;
-    cp = cp.mul_add(x2, -1.0 / 3_628_800.0);
-    cp = cp.mul_add(x2, 1.0 / 40_320.0);
-    cp = cp.mul_add(x2, -1.0 / 720.0);
-    cp = cp.mul_add(x2, 1.0 / 24.0);
-    cp = cp.mul_add(x2, -0.5);
-    let cos_r = x2.mul_add(cp, 1.0);
-    // Quadrant k: (sin, cos) of x + k pi/2 = (s, c), (c, -s), (-s, -c), (-c, s), branch-free.
-    // q is an integer in [0, 4], so q + 2^23 is exact and its low mantissa bits are q's; a
-    // float -> int cast would saturate, which compiles to scalar code per lane.
-    let k = ((q + 8_388_608.0).to_bits() & 3) as i32;
-    let (a, b) = if k & 1 == 1 {
-        (cos_r, sin_r)
-    } else {
-        (sin_r, cos_r)
-    };
-    let sign_sin = if k & 2 == 2 { -1.0 } else { 1.0 };
-    let sign_cos = if (k + 1) & 2 == 2 { -1.0 } else { 1.0 };
-    (a * sign_sin, b * sign_cos)
 }
 
 /// Elements produced per bulk call (16 Philox blocks).
@@ -227,19 +150,9 @@ fn normals_bulk_body(p: &Philox, block: u64, out: &mut [f32; BULK]) {
         }
     }
     for l in 0..L {
-        let (r0, s0, co0) = box_muller_parts(x0[l], x1[l]);
-        let (r1, s1, co1) = box_muller_parts(x2[l], x3[l]);
-        out[4 * l] = r0 * co0;
-        out[4 * l + 1] = r0 * s0;
-        out[4 * l + 2] = r1 * co1;
-        out[4 * l + 3] = r1 * s1;
+        (out[4 * l], out[4 * l + 1]) = box_muller::<f32>(x0[l], x1[l]);
+        (out[4 * l + 2], out[4 * l + 3]) = box_muller::<f32>(x2[l], x3[l]);
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn normals_bulk_avx2(p: &Philox, block: u64, out: &mut [f32; BULK]) {
-    normals_bulk_body(p, block, out)
 }
 
 /// The normals of elements 4 * block .. 4 * block + out.len() (a multiple of BULK), on the
@@ -252,16 +165,9 @@ fn fill_bulk(p: &Philox, block: u64, out: &mut [f32]) {
         use crate::backend::cpu::simd::{level, Level};
         match level() {
             // SAFETY: level() detected the features at run time.
-            Level::Avx512 => return unsafe { avx512::fill_blocks(p, block, out) },
-            Level::Avx2 => {
-                for (c, chunk) in out.chunks_exact_mut(BULK).enumerate() {
-                    // SAFETY: as above.
-                    unsafe {
-                        normals_bulk_avx2(p, block + 16 * c as u64, chunk.try_into().unwrap())
-                    };
-                }
-                return;
-            }
+            Level::Avx512 => return unsafe { x86::fill_blocks_avx512(p, block, out) },
+            // SAFETY: as above.
+            Level::Avx2 => return unsafe { x86::fill_blocks_avx2(p, block, out) },
             Level::Baseline => {}
         }
     }
@@ -294,48 +200,75 @@ mod tests {
         );
     }
 
+    /// Over every input the generator can produce (the 2^24 uniforms of each kind), the
+    /// polynomials stay within a few f32 roundings of the f64 functions, and so does each
+    /// normal of the Box-Muller pair.
     #[test]
-    fn ln_and_sincos_match_libm() {
-        for k in 1..=100_000u32 {
-            let x = k as f32 / 100_000.0;
-            let err = (ln_f32(x) as f64 - (x as f64).ln()).abs();
-            assert!(
-                err <= 2e-7 * (x as f64).ln().abs().max(1.0),
-                "ln({x}) err {err}"
-            );
-            let (s, c) = sincos_2pi(x - x.floor());
-            let a = std::f64::consts::TAU * (x - x.floor()) as f64;
-            assert!((s as f64 - a.sin()).abs() < 3e-7, "sin at {x}");
-            assert!((c as f64 - a.cos()).abs() < 3e-7, "cos at {x}");
+    fn transforms_match_f64_on_every_uniform() {
+        use transform::{ln, sincos_2pi, u01_open_closed};
+        let (mut ln_err, mut sin_err, mut cos_err, mut normal_err) = (0f64, 0f64, 0f64, 0f64);
+        for k in 0..1u32 << 24 {
+            let w = k << 8;
+            let u1 = u01_open_closed::<f32>(w);
+            let l = (u1 as f64).ln();
+            // Relative to ln u1, or absolute near u1 = 1 where ln u1 vanishes.
+            ln_err = ln_err.max((ln::<f32>(u1) as f64 - l).abs() / l.abs().max(1.0));
+            let u2 = u01_half_open::<f32>(w);
+            let (s, c) = sincos_2pi::<f32>(u2);
+            let a = std::f64::consts::TAU * u2 as f64;
+            sin_err = sin_err.max((s as f64 - a.sin()).abs());
+            cos_err = cos_err.max((c as f64 - a.cos()).abs());
+            // Pair u1 with a scrambled u2, so that every radius meets many angles.
+            let w2 = k.wrapping_mul(0x9E37_79B9) << 8;
+            let (zc, zs) = box_muller::<f32>(w, w2);
+            let r = (-2.0 * l).sqrt();
+            let a2 = std::f64::consts::TAU * u01_half_open::<f32>(w2) as f64;
+            for (z, exact) in [(zc, r * a2.cos()), (zs, r * a2.sin())] {
+                normal_err = normal_err.max((z as f64 - exact).abs() / exact.abs().max(1.0));
+            }
         }
+        // f32's unit roundoff is 6e-8; each bound is a few of them.
+        assert!(ln_err < 1.5e-7, "ln: error {ln_err:e}");
+        assert!(sin_err < 1.5e-7, "sin: error {sin_err:e}");
+        assert!(cos_err < 1.5e-7, "cos: error {cos_err:e}");
+        assert!(normal_err < 5e-7, "normals: error {normal_err:e}");
     }
 
     /// Every bulk variant the CPU can run (AVX-512, AVX2, portable) gives the scalar path's
     /// bits, for keys with high bits set and across the 2^32-block carry into counter word 1.
     #[test]
     fn bulk_variants_match_scalar_normals() {
+        type Fill = fn(&Philox, u64, &mut [f32]);
         let starts = [0u64, 64, (1 << 32) - 40, 0x1234_5678_9abc];
+        let mut variants: Vec<(&str, Fill)> = vec![("portable", |p, b, o| {
+            for (c, chunk) in o.chunks_exact_mut(BULK).enumerate() {
+                normals_bulk_body(p, b + 16 * c as u64, chunk.try_into().unwrap());
+            }
+        })];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                // SAFETY: the features were detected at run time.
+                variants.push(("avx2", |p, b, o| unsafe { x86::fill_blocks_avx2(p, b, o) }));
+            }
+            if has!("avx512f") && has!("avx2") && has!("fma") {
+                // SAFETY: as above.
+                variants.push(("avx512", |p, b, o| unsafe {
+                    x86::fill_blocks_avx512(p, b, o)
+                }));
+            }
+        }
         for (seed, step, tensor) in [(0u64, 0u32, 0u32), (u64::MAX, 7, 0xFFFF_FF01), (42, 3, 9)] {
             let p = Philox::new(seed, step, tensor);
             for &block in &starts {
-                let mut fast = vec![f32::NAN; 4 * BULK];
-                fill_bulk(&p, block, &mut fast);
-                let mut portable = [f32::NAN; BULK];
-                for (c, chunk) in fast.chunks(BULK).enumerate() {
-                    normals_bulk_body(&p, block + 16 * c as u64, &mut portable);
-                    #[cfg(target_arch = "x86_64")]
-                    if std::arch::is_x86_feature_detected!("avx2")
-                        && std::arch::is_x86_feature_detected!("fma")
-                    {
-                        let mut avx2 = [f32::NAN; BULK];
-                        // SAFETY: the features were detected at run time.
-                        unsafe { normals_bulk_avx2(&p, block + 16 * c as u64, &mut avx2) };
-                        assert_eq!(avx2.map(f32::to_bits), portable.map(f32::to_bits));
-                    }
-                    for (j, x) in chunk.iter().enumerate() {
-                        let e = 4 * block + (c * BULK + j) as u64;
-                        assert_eq!(x.to_bits(), p.normal(e).to_bits(), "element {e}");
-                        assert_eq!(x.to_bits(), portable[j].to_bits(), "element {e}");
+                for (name, fill) in &variants {
+                    let mut got = vec![f32::NAN; 4 * BULK];
+                    fill(&p, block, &mut got);
+                    for (j, x) in got.iter().enumerate() {
+                        let e = 4 * block + j as u64;
+                        let want = p.normal(e);
+                        assert_eq!(x.to_bits(), want.to_bits(), "{name}: element {e}");
                     }
                 }
             }

@@ -293,7 +293,7 @@ pub(crate) fn target_logprob(
     )
 }
 
-/// A Philox stream: (run seed, step, tensor id); see csrc/philox.cuh and src/rng.rs.
+/// A Philox stream: (run seed, step, tensor id); see csrc/philox.cuh and src/rng.
 #[derive(Clone, Copy, Debug)]
 pub struct PhiloxKey {
     pub seed: u64,
