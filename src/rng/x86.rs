@@ -15,7 +15,7 @@
 //! `inline(always)`, so its intrinsics compile into that caller.
 
 use super::transform::{box_muller, Lanes};
-use super::{Philox, BULK, M0, M1, W0, W1};
+use super::{Philox, BULK, M0, M1};
 use std::arch::x86_64::*;
 use std::ops::{Add, BitAnd, BitOr, Div, Mul, Neg, Shr, Sub};
 
@@ -382,14 +382,7 @@ type RoundKeys<V> = [(<V as Lanes>::Bits, <V as Lanes>::Bits); 10];
 
 #[inline(always)]
 fn round_keys<V: PhiloxLanes>(p: &Philox) -> RoundKeys<V> {
-    let (mut k0, mut k1) = (p.key[0], p.key[1]);
-    std::array::from_fn(|round| {
-        if round > 0 {
-            k0 = k0.wrapping_add(W0);
-            k1 = k1.wrapping_add(W1);
-        }
-        (V::splat_bits(k0), V::splat_bits(k1))
-    })
+    super::round_keys(p.key).map(|(k0, k1)| (V::splat_bits(k0), V::splat_bits(k1)))
 }
 
 /// Philox-4x32-10 over blocks first .. first + V::BLOCKS: the four words, one block a lane.
