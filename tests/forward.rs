@@ -217,30 +217,51 @@ fn bf16_weights_track_f32_weights() {
 }
 
 /// bf16 GEMM inputs (f32 accumulation) stay close to the f32 reference over a whole forward,
-/// and differ from it: the option really changes the GEMMs.
+/// and differ from it: the option really changes the GEMMs. Each bf16 kernel the CPU has does
+/// so, and the AMX kernel (24 rows here, enough for it to run) agrees with the AVX512-BF16 one
+/// up to the order of f32 accumulation.
 #[test]
 fn bf16_matmul_tracks_f32_matmul() {
-    use zoft::backend::cpu::{gemm_bf16, CpuBackend, Matmul};
+    use zoft::backend::cpu::{gemm_amx, gemm_bf16, Bf16Kernel, CpuBackend, Matmul, AMX_MIN_ROWS};
     if !gemm_bf16::available() {
         eprintln!("skipped: this CPU lacks AVX512-BF16");
         return;
     }
     let cfg = tiny_config();
     let m32 = tiny_model(&cfg, 12);
-    let w = LlamaWeights::random(&cfg, 12, zoft::model::DType::F32);
-    let mb = Llama::new(
-        cfg.clone(),
-        w,
-        CpuBackend::with_matmul(Matmul::Bf16).unwrap(),
-    );
     let s = tokens(24, cfg.vocab_size, 4);
     let layout = SeqLayout::full(2, 12, &[12, 9]);
+    assert!(layout.rows() >= AMX_MIN_ROWS);
     let rows: Vec<usize> = (0..9).chain(12..21).collect();
-    let e = rel_err(
-        &all_logits(&mb, &s, &layout, &rows),
-        &all_logits(&m32, &s, &layout, &rows),
-    );
-    assert!(e < 2e-2 && e > 1e-5, "bf16 vs f32 matmul rel err {e}");
+    let reference = all_logits(&m32, &s, &layout, &rows);
+    let mut kernels = vec![Bf16Kernel::Avx512];
+    if gemm_amx::available() {
+        kernels.push(Bf16Kernel::Amx);
+    } else {
+        eprintln!("AMX kernel skipped: this CPU (or OS) offers no AMX-BF16");
+    }
+    let logits: Vec<Vec<f32>> = kernels
+        .iter()
+        .map(|&kernel| {
+            let backend = CpuBackend::with_matmul(Matmul::Bf16)
+                .and_then(|b| b.with_bf16_kernel(kernel))
+                .unwrap();
+            let w = LlamaWeights::random(&cfg, 12, zoft::model::DType::F32);
+            let mb = Llama::new(cfg.clone(), w, backend);
+            let got = all_logits(&mb, &s, &layout, &rows);
+            let e = rel_err(&got, &reference);
+            assert!(
+                e < 2e-2 && e > 1e-5,
+                "bf16 ({}) vs f32 matmul rel err {e}",
+                kernel.name()
+            );
+            got
+        })
+        .collect();
+    if let [avx512, amx] = &logits[..] {
+        let e = rel_err(amx, avx512);
+        assert!(e < 1e-4, "AMX vs AVX512-BF16 kernel rel err {e}");
+    }
 }
 
 #[test]
@@ -293,4 +314,20 @@ fn every_simd_level_gives_the_same_bits() {
         );
     }
     force(Level::Avx512);
+}
+
+/// Asking for the AMX kernel where the CPU or the OS lacks it is refused with the reason.
+#[test]
+fn amx_kernel_without_amx_says_why() {
+    use zoft::backend::cpu::{gemm_amx, Bf16Kernel, CpuBackend};
+    let got = CpuBackend::new().with_bf16_kernel(Bf16Kernel::Amx);
+    if gemm_amx::available() {
+        assert!(got.is_ok());
+        return;
+    }
+    let e = got
+        .err()
+        .expect("AMX kernel accepted without AMX")
+        .to_string();
+    assert!(e.contains("AMX-BF16"), "{e}");
 }

@@ -10,9 +10,8 @@
 use super::direction::{Direction, Factors, StepKey, TensorZ};
 use super::passes::{Rule, ZSpec, ZoBackend};
 use super::{elem_spec, ZoOptimizer};
-use crate::backend::cpu::{
-    gather_rows, max_sum_exp, target_rows, CpuAct, CpuBackend, LOGIT_CHUNK_ROWS,
-};
+use crate::backend::cpu::head::{self, HeadBlocks, HEAD_BLOCK_ROWS};
+use crate::backend::cpu::{gather_rows, CpuAct, CpuBackend};
 use crate::backend::mem::{MemCounters, Tag};
 use crate::backend::{Backend, LinearHook, ParamId};
 use crate::model::HostTensor;
@@ -20,8 +19,6 @@ use anyhow::Result;
 use rayon::prelude::*;
 use std::sync::Arc;
 
-/// Vocabulary rows of the LM head perturbed and multiplied at once.
-pub const HEAD_BLOCK_ROWS: usize = 4096;
 /// Elements per parallel work item of a perturbed copy.
 const COPY_CHUNK: usize = 1 << 14;
 
@@ -154,39 +151,18 @@ fn perturbed_copy(t: &HostTensor, tz: &TensorZ, s: f32, start: usize, out: &mut 
         });
 }
 
-/// A row's log-sum-exp over the vocabulary, gathered a block of columns at a time, and the
-/// logit of its target once the block holding it has passed.
-#[derive(Clone, Copy)]
-pub(crate) struct RunningLogSumExp {
-    pub(crate) max: f32,
-    /// The sum of exp(logit - max) so far.
-    pub(crate) sum: f64,
-    pub(crate) target: f32,
+/// The LM head as a fused forward sees it, perturbed a block at a time in the scratch buffer.
+struct PerturbedHead<'h, 'a> {
+    hook: &'h mut FusedHook<'a>,
+    head: &'h HostTensor,
+    tz: &'h TensorZ,
+    s: f32,
 }
 
-impl RunningLogSumExp {
-    pub(crate) const EMPTY: Self = RunningLogSumExp {
-        max: f32::NEG_INFINITY,
-        sum: 0.0,
-        target: f32::NAN,
-    };
-
-    /// Takes in the logits of vocabulary ids v0 .. v0 + logits.len().
-    pub(crate) fn add_block(&mut self, logits: &[f32], v0: usize, target: usize) {
-        let (m, s) = max_sum_exp(logits);
-        if m > self.max {
-            self.sum = self.sum * ((self.max - m) as f64).exp() + s;
-            self.max = m;
-        } else {
-            self.sum += s * ((m - self.max) as f64).exp();
-        }
-        if let Some(t) = target.checked_sub(v0).filter(|&t| t < logits.len()) {
-            self.target = logits[t];
-        }
-    }
-
-    pub(crate) fn logprob(&self) -> f32 {
-        self.target - (self.max + self.sum.ln() as f32)
+impl HeadBlocks for PerturbedHead<'_, '_> {
+    fn block(&mut self, v0: usize, rows: usize) -> &[f32] {
+        self.hook
+            .perturbed_head_block(self.head, self.tz, self.s, v0, rows)
     }
 }
 
@@ -287,41 +263,16 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
         if !self.view.moves(id) {
             return b.target_logprobs(hidden, head, targets);
         }
-        // The vocabulary is the outer loop, so the head is perturbed once per forward; each
-        // row's log-sum-exp runs across the blocks.
-        let (vocab, d) = (head.shape[0], head.shape[1]);
-        let rows = target_rows(targets, hidden.rows, vocab)?;
-        let x = gather_rows(hidden, &rows)?;
-        let block = self.head_block_rows.min(vocab);
-        let chunk = LOGIT_CHUNK_ROWS.min(rows.len().max(1));
-        let part_bytes = (chunk * block + rows.len() * d) * 4
-            + rows.len() * std::mem::size_of::<RunningLogSumExp>();
-        self.mem.add(Tag::Scratch, part_bytes);
+        // The vocabulary is the outer loop, so the head is perturbed once per forward.
         let (tz, s) = self.perturbation(head, id)?;
-        let mut running = vec![RunningLogSumExp::EMPTY; rows.len()];
-        let mut part = vec![0.0f32; chunk * block];
-        for v0 in (0..vocab).step_by(block) {
-            let nv = block.min(vocab - v0);
-            let w = self.perturbed_head_block(head, &tz, s, v0, nv);
-            for ((xs, run), rs) in x
-                .chunks(chunk * d)
-                .zip(running.chunks_mut(chunk))
-                .zip(rows.chunks(chunk))
-            {
-                let part = &mut part[..rs.len() * nv];
-                b.matmul_slices(xs, w, part, rs.len(), nv, d);
-                part.par_chunks(nv)
-                    .zip(run.par_iter_mut())
-                    .zip(rs.par_iter())
-                    .for_each(|((logits, run), &r)| run.add_block(logits, v0, targets[r] as usize));
-            }
-        }
-        self.mem.sub(Tag::Scratch, part_bytes);
-        let mut out = vec![0.0f32; targets.len()];
-        for (&r, run) in rows.iter().zip(&running) {
-            out[r] = run.logprob();
-        }
-        Ok(out)
+        let block = self.head_block_rows;
+        let mut blocks = PerturbedHead {
+            hook: self,
+            head,
+            tz: &tz,
+            s,
+        };
+        head::target_logprobs(b, hidden, targets, head.shape[0], block, &mut blocks)
     }
 
     fn linear(
@@ -355,37 +306,5 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
         }
         b.matmul_slices_f32(&xv, &fac.u, &mut out.data, rows, m, rank, true);
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::RunningLogSumExp;
-    use crate::data::batch::log_sum_exp;
-
-    #[test]
-    fn running_log_sum_exp_equals_the_whole_row_as_later_blocks_raise_the_max() {
-        // The running max rises by several units from block to block (a sum not rescaled to
-        // a new max would be off by far more than rounding), and the last third sits low.
-        let row: Vec<f32> = (0..300)
-            .map(|i| {
-                let x = i as f32;
-                0.05 * x + 3.0 * (0.37 * x).sin() - if i > 200 { 15.0 } else { 0.0 }
-            })
-            .collect();
-        let target = 123;
-        let row64: Vec<f64> = row.iter().map(|&v| v as f64).collect();
-        let exact = row64[target] - log_sum_exp(&row64);
-        for block in [1, 7, 64, 300] {
-            let mut run = RunningLogSumExp::EMPTY;
-            for (b, logits) in row.chunks(block).enumerate() {
-                run.add_block(logits, b * block, target);
-            }
-            let got = run.logprob() as f64;
-            assert!(
-                (got - exact).abs() < 1e-5 * exact.abs().max(1.0),
-                "blocks of {block}: {got} where {exact} is expected"
-            );
-        }
     }
 }

@@ -3,7 +3,7 @@
 //! shapes (batch x seq tokens). Variants of one op give the same bits (see
 //! `backend::cpu::simd`); this shows what each costs, llm.c-style, side by side.
 //!
-//! cargo run --release --example bench_ops -- [--batch 16] [--seq 64] [--iters 3] [--only passes]
+//! cargo run --release --example bench_ops -- [--batch 16] [--seq 64] [--iters 3] [--only passes|matmul]
 
 #[path = "common.rs"]
 mod common;
@@ -11,7 +11,7 @@ mod common;
 use common::{arg, median};
 use std::time::Instant;
 use zoft::backend::cpu::simd::{force, level, Level};
-use zoft::backend::cpu::{gemm_bf16, CpuBackend, Matmul};
+use zoft::backend::cpu::{gemm_amx, gemm_bf16, Bf16Kernel, CpuBackend, Matmul};
 use zoft::backend::mem::Tag;
 use zoft::backend::{AttnShape, Backend, SeqLayout};
 use zoft::model::{HostTensor, LlamaConfig};
@@ -53,9 +53,11 @@ fn main() -> anyhow::Result<()> {
     let batch: usize = arg("--batch", "16").parse()?;
     let seq: usize = arg("--seq", "64").parse()?;
     let iters: usize = arg("--iters", "3").parse()?;
-    // `--only passes` times the ZO passes alone.
-    if arg("--only", "") == "passes" {
-        return zo_passes(iters, &CpuBackend::new());
+    // `--only passes` times the ZO passes alone, `--only matmul` the GEMMs.
+    match arg("--only", "").as_str() {
+        "passes" => return zo_passes(iters, &CpuBackend::new()),
+        "matmul" => return gemms(iters, batch * seq),
+        _ => {}
     }
     let cfg = LlamaConfig::preset("smollm2-135m").expect("preset");
     let (d, ffn, layers, vocab) = (
@@ -134,10 +136,27 @@ fn main() -> anyhow::Result<()> {
     }
     force(detected);
     zo_passes(iters, &be)?;
-    // The GEMM shapes of one layer and of the LM head, f32 (the `gemm` crate) against bf16.
-    let mut matmuls = vec![Matmul::F32];
+    gemms(iters, rows)
+}
+
+/// The GEMM shapes of one layer and of the LM head over `rows` tokens.
+fn gemms(iters: usize, rows: usize) -> anyhow::Result<()> {
+    let cfg = LlamaConfig::preset("smollm2-135m").expect("preset");
+    let (d, ffn, layers, vocab) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_hidden_layers,
+        cfg.vocab_size,
+    );
+    let kvd = cfg.kv_dim();
+    // f32 (the `gemm` crate) against each bf16 kernel this CPU has.
+    let mut matmuls = vec![("f32", CpuBackend::with_matmul(Matmul::F32)?)];
     if gemm_bf16::available() {
-        matmuls.push(Matmul::Bf16);
+        let bf16 = || CpuBackend::with_matmul(Matmul::Bf16);
+        matmuls.push(("bf16", bf16()?.with_bf16_kernel(Bf16Kernel::Avx512)?));
+        if gemm_amx::available() {
+            matmuls.push(("bf16-amx", bf16()?.with_bf16_kernel(Bf16Kernel::Amx)?));
+        }
     }
     for (n, kk, per_forward) in [
         (d, d, 2 * layers),
@@ -149,15 +168,14 @@ fn main() -> anyhow::Result<()> {
         let x = normals(rows * kk, 9);
         let w = normals(n * kk, 10);
         let mut o = vec![0.0f32; rows * n];
-        for &mm in &matmuls {
-            let be = CpuBackend::with_matmul(mm)?;
+        for (name, be) in &matmuls {
             let s = time(iters, || be.matmul_slices(&x, &w, &mut o, rows, n, kk));
             report(
                 &format!(
                     "matmul {rows}x{n}x{kk} ({:.0} GFLOP/s)",
                     2.0 * (rows * n * kk) as f64 / s / 1e9
                 ),
-                mm.name(),
+                name,
                 s,
                 per_forward,
             );

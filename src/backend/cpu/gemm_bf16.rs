@@ -47,15 +47,28 @@ pub fn available() -> bool {
 /// Row-major [rows][cols] f32 as [rows][ceil(cols / 2)] bf16 pairs, an odd last column paired
 /// with zero.
 pub fn to_pairs(src: &[f32], rows: usize, cols: usize) -> Vec<u32> {
+    to_pairs_padded(src, rows, cols, rows, cols.div_ceil(2))
+}
+
+/// `to_pairs` into a zero-padded [padded_rows][padded_pairs] layout, for kernels that take
+/// whole tiles of rows and of k.
+pub fn to_pairs_padded(
+    src: &[f32],
+    rows: usize,
+    cols: usize,
+    padded_rows: usize,
+    padded_pairs: usize,
+) -> Vec<u32> {
     assert!(available(), "the bf16 GEMM needs AVX512-BF16");
     let kp = cols.div_ceil(2);
-    let mut out = vec![0u32; rows * kp];
-    out.par_chunks_mut(kp * 64)
-        .zip(src.par_chunks(cols * 64))
+    assert!(src.len() == rows * cols && padded_rows >= rows && padded_pairs >= kp);
+    let mut out = vec![0u32; padded_rows * padded_pairs];
+    out.par_chunks_mut(padded_pairs * 64)
+        .zip(src.par_chunks(cols.max(1) * 64))
         .for_each(|(o, s)| {
-            for (orow, srow) in o.chunks_mut(kp).zip(s.chunks(cols)) {
+            for (orow, srow) in o.chunks_mut(padded_pairs).zip(s.chunks(cols.max(1))) {
                 // SAFETY: available() was checked above.
-                unsafe { row_pairs(srow, orow) };
+                unsafe { row_pairs(srow, &mut orow[..kp]) };
             }
         });
     out
@@ -112,9 +125,18 @@ pub fn scratch_bytes(m: usize, k: usize, threads: usize) -> usize {
 
 /// w rows [n0, n0 + NR) as [kp][NR] pairs; rows past `n` are zero.
 fn pack_tile(w: &[f32], n: usize, k: usize, n0: usize, tile: &mut [u32]) {
-    assert!(tile.len() >= k.div_ceil(2) * NR && n0 < n && w.len() >= n * k);
-    // SAFETY: matmul checked available(); the bounds were asserted above.
-    unsafe { pack_tile_avx512(w, n, k, n0, tile) }
+    pack_rows(w, n, k, n0, NR, tile)
+}
+
+/// w rows [n0, n0 + nr) as [pairs][nr] bf16 pairs, where pairs = tile.len() / nr may exceed
+/// ceil(k / 2): pairs past k and rows past `n` are zero. `nr` is a multiple of 16.
+pub fn pack_rows(w: &[f32], n: usize, k: usize, n0: usize, nr: usize, tile: &mut [u32]) {
+    let kp = k.div_ceil(2);
+    assert!(nr.is_multiple_of(16) && tile.len().is_multiple_of(nr) && tile.len() / nr >= kp);
+    assert!(available() && n0 < n && w.len() >= n * k);
+    // SAFETY: available() was checked; the bounds were asserted above.
+    unsafe { pack_tile_avx512(w, n, k, n0, nr, tile) }
+    tile[kp * nr..].fill(0);
 }
 
 /// Each 16 rows x 16 pairs block is converted row by row (32 values per instruction) and
@@ -122,15 +144,16 @@ fn pack_tile(w: &[f32], n: usize, k: usize, n0: usize, tile: &mut [u32]) {
 /// one pair at a time with a stride of NR cost 10-17% of the GEMM.
 ///
 /// # Safety
-/// The CPU has AVX512-BF16; `tile` holds kp * NR pairs, `w` n * k values and n0 < n.
+/// The CPU has AVX512-BF16; `tile` holds ceil(k / 2) * nr pairs, `w` n * k values, n0 < n
+/// and nr is a multiple of 16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn pack_tile_avx512(w: &[f32], n: usize, k: usize, n0: usize, tile: &mut [u32]) {
+unsafe fn pack_tile_avx512(w: &[f32], n: usize, k: usize, n0: usize, nr: usize, tile: &mut [u32]) {
     use std::arch::x86_64::*;
     let kp = k.div_ceil(2);
     let blocks = k / 32;
     let tp = tile.as_mut_ptr();
-    for g in (0..NR).step_by(16) {
+    for g in (0..nr).step_by(16) {
         let rows = n.saturating_sub(n0 + g).min(16);
         for b in 0..blocks {
             let mut v = [_mm512_setzero_si512(); 16];
@@ -139,7 +162,7 @@ unsafe fn pack_tile_avx512(w: &[f32], n: usize, k: usize, n0: usize, tile: &mut 
             }
             let cols = transpose16(v);
             for (p, c) in cols.iter().enumerate() {
-                _mm512_storeu_si512(tp.add((16 * b + p) * NR + g) as *mut _, *c);
+                _mm512_storeu_si512(tp.add((16 * b + p) * nr + g) as *mut _, *c);
             }
         }
         // The last k % 32 values (an odd last column paired with zero).
@@ -151,14 +174,14 @@ unsafe fn pack_tile_avx512(w: &[f32], n: usize, k: usize, n0: usize, tile: &mut 
                 } else {
                     0
                 };
-                *tp.add(p * NR + g + j) = value;
+                *tp.add(p * nr + g + j) = value;
             }
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn pack_tile_avx512(_: &[f32], _: usize, _: usize, _: usize, _: &mut [u32]) {
+unsafe fn pack_tile_avx512(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: &mut [u32]) {
     unreachable!("available() is false off x86_64")
 }
 

@@ -2,9 +2,12 @@
 //! crate, everything else plain Rust over rows (rayon). This is the oracle every CUDA kernel is
 //! checked against, so it favours clarity; it is still fast enough to be a product on its own.
 //! Opt-in, `Matmul::Bf16` runs the GEMMs with bf16 inputs and f32 accumulation (the GPU's
-//! contract) at twice the f32 rate on CPUs with AVX512-BF16.
+//! contract): at twice the f32 rate on CPUs with AVX512-BF16, and on the AMX matrix unit where
+//! the CPU has one (`Bf16Kernel`).
 
+pub mod gemm_amx;
 pub mod gemm_bf16;
+pub mod head;
 pub mod math;
 pub mod simd;
 
@@ -72,10 +75,42 @@ impl Matmul {
     }
 }
 
+/// The kernel behind `Matmul::Bf16`: both round the inputs to bf16 and accumulate in f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// `vdpbf16ps` on AVX512-BF16 vector registers (`gemm_bf16`).
+    Avx512,
+    /// `tdpbf16ps` on AMX tiles (`gemm_amx`), for products of at least `AMX_MIN_ROWS` rows;
+    /// thinner ones stay on `Avx512`, where padding to whole tiles would waste the unit.
+    Amx,
+}
+
+/// The fewest rows of x a GEMM needs for `Bf16Kernel::Amx` to take it.
+pub const AMX_MIN_ROWS: usize = 16;
+
+impl Bf16Kernel {
+    /// AMX where the CPU and the OS offer it, AVX512-BF16 elsewhere.
+    pub fn best() -> Self {
+        if gemm_amx::available() {
+            Bf16Kernel::Amx
+        } else {
+            Bf16Kernel::Avx512
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Bf16Kernel::Avx512 => "avx512-bf16",
+            Bf16Kernel::Amx => "amx-bf16",
+        }
+    }
+}
+
 pub struct CpuBackend {
     pub mem: Arc<MemCounters>,
     threads: usize,
     matmul: Matmul,
+    bf16_kernel: Bf16Kernel,
 }
 
 impl Default for CpuBackend {
@@ -90,7 +125,25 @@ impl CpuBackend {
             mem: Arc::new(MemCounters::default()),
             threads: rayon::current_num_threads(),
             matmul: Matmul::F32,
+            bf16_kernel: Bf16Kernel::best(),
         }
+    }
+
+    /// This backend with its bf16 GEMMs on `kernel` (benchmarks and tests compare the two);
+    /// refused where the CPU lacks it.
+    pub fn with_bf16_kernel(self, kernel: Bf16Kernel) -> Result<Self> {
+        ensure!(
+            kernel != Bf16Kernel::Amx || gemm_amx::available(),
+            "the AMX bf16 kernel needs a CPU with AMX-BF16 and the OS's tile permission"
+        );
+        Ok(CpuBackend {
+            bf16_kernel: kernel,
+            ..self
+        })
+    }
+
+    pub fn bf16_kernel(&self) -> Bf16Kernel {
+        self.bf16_kernel
     }
 
     /// A backend whose GEMMs run at `matmul` precision (see `Matmul::check_supported`).
@@ -198,6 +251,13 @@ fn nonempty_product(x: &[f32], w: &[f32], out: &[f32], m: usize, n: usize, k: us
 
 impl CpuBackend {
     fn matmul_bf16(&self, x: &[f32], w: &[f32], out: &mut [f32], m: usize, n: usize, k: usize) {
+        if self.bf16_kernel == Bf16Kernel::Amx && m >= AMX_MIN_ROWS {
+            let scratch = gemm_amx::scratch_bytes(m, k, self.threads);
+            self.mem.add(Tag::Scratch, scratch);
+            gemm_amx::matmul(x, w, out, m, n, k, self.threads);
+            self.mem.sub(Tag::Scratch, scratch);
+            return;
+        }
         let scratch = gemm_bf16::scratch_bytes(m, k, self.threads);
         self.mem.add(Tag::Scratch, scratch);
         let pairs = gemm_bf16::to_pairs(x, m, k);
@@ -695,31 +755,17 @@ impl Backend for CpuBackend {
         targets: &[i32],
     ) -> Result<Vec<f32>> {
         let (vocab, d) = (head.shape[0], head.shape[1]);
-        let rows = target_rows(targets, hidden.rows, vocab)?;
-        let mut out = vec![0.0f32; targets.len()];
         self.with_f32(head, |w| {
-            let chunk = LOGIT_CHUNK_ROWS.min(rows.len().max(1));
-            self.mem.add(Tag::Scratch, chunk * (vocab + d) * 4);
-            let mut logits = vec![0.0f32; chunk * vocab];
-            let mut x = vec![0.0f32; chunk * d];
-            for rs in rows.chunks(chunk) {
-                for (i, &r) in rs.iter().enumerate() {
-                    x[i * d..(i + 1) * d].copy_from_slice(&hidden.data[r * d..(r + 1) * d]);
-                }
-                let m = rs.len();
-                self.matmul_slices(&x[..m * d], w, &mut logits[..m * vocab], m, vocab, d);
-                let lp: Vec<f32> = logits[..m * vocab]
-                    .par_chunks(vocab)
-                    .zip(rs.par_iter())
-                    .map(|(row, &r)| row[targets[r] as usize] - logsumexp(row))
-                    .collect();
-                for (&r, l) in rs.iter().zip(lp) {
-                    out[r] = l;
-                }
-            }
-            self.mem.sub(Tag::Scratch, chunk * (vocab + d) * 4);
-        });
-        Ok(out)
+            let mut blocks = head::PlainHead { w, d };
+            head::target_logprobs(
+                self,
+                hidden,
+                targets,
+                vocab,
+                head::HEAD_BLOCK_ROWS,
+                &mut blocks,
+            )
+        })
     }
 
     fn logits_rows(&self, hidden: &CpuAct, head: &HostTensor, rows: &[usize]) -> Result<Vec<f32>> {

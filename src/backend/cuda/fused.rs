@@ -19,11 +19,12 @@ use super::kernels::{self, ElemZ, PhiloxKey};
 use super::{
     check_head, check_logit_rows, elt, gemm, CudaAct, CudaBackend, CudaWeight, DevBuf, GemmArgs,
 };
+use crate::backend::cpu::head::RunningLogSumExp;
 use crate::backend::mem::Tag;
 use crate::backend::{Backend, LinearHook, ParamId};
 use crate::model::DType;
 use crate::zo::direction::{StepKey, FACTOR_U, FACTOR_V};
-use crate::zo::hook::{FusedView, RunningLogSumExp};
+use crate::zo::hook::FusedView;
 use crate::zo::passes::ZSpec;
 use crate::zo::ZoOptimizer;
 use anyhow::Result;

@@ -4,12 +4,12 @@
 //! poisoned first where the kernel writes a buffer of its own.
 
 use super::{addr, addr_mut, emulator, same_bits};
+use crate::backend::cpu::head::RunningLogSumExp;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::kernels::{self, ElemRule, ElemZ, PhiloxKey};
 use crate::model::{DType, HostTensor};
 use crate::rng::Philox;
 use crate::zo::direction::{StepKey, FACTOR_U, FACTOR_V};
-use crate::zo::hook::RunningLogSumExp;
 use crate::zo::passes::{AdamArgs, Rule, ZSpec, ZoBackend};
 
 const SEED: u64 = 0x0123_4567_89AB_CDEF;
