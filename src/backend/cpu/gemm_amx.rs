@@ -134,7 +134,9 @@ pub fn matmul(x: &[f32], w: &[f32], out: &mut [f32], m: usize, n: usize, k: usiz
         );
 }
 
-/// The tile configuration of this thread while it lives: eight 16-row x 64-byte tiles.
+/// The tile configuration of this thread while it lives: eight 16-row x 64-byte tiles. The
+/// task that holds it must not wait on rayon (join, a nested parallel loop): another task run
+/// on this thread meanwhile would release the tiles under it.
 struct TileConfig;
 
 /// The 64-byte operand of `ldtilecfg`, palette 1.
