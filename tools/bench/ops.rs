@@ -54,12 +54,12 @@ fn main() -> anyhow::Result<()> {
     let seq: usize = arg("--seq", "64").parse()?;
     let iters: usize = arg("--iters", "3").parse()?;
     // `--only passes` times the ZO passes alone, `--only matmul` the GEMMs.
+    let cfg = LlamaConfig::preset("smollm2-135m").expect("preset");
     match arg("--only", "").as_str() {
         "passes" => return zo_passes(iters, &CpuBackend::new()),
-        "matmul" => return gemms(iters, batch * seq),
+        "matmul" => return gemms(iters, batch * seq, &cfg),
         _ => {}
     }
-    let cfg = LlamaConfig::preset("smollm2-135m").expect("preset");
     let (d, ffn, layers, vocab) = (
         cfg.hidden_size,
         cfg.intermediate_size,
@@ -136,19 +136,13 @@ fn main() -> anyhow::Result<()> {
     }
     force(detected);
     zo_passes(iters, &be)?;
-    gemms(iters, rows)
+    gemms(iters, rows, &cfg)
 }
 
-/// The GEMM shapes of one layer and of the LM head over `rows` tokens.
-fn gemms(iters: usize, rows: usize) -> anyhow::Result<()> {
-    let cfg = LlamaConfig::preset("smollm2-135m").expect("preset");
-    let (d, ffn, layers, vocab) = (
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        cfg.num_hidden_layers,
-        cfg.vocab_size,
-    );
-    let kvd = cfg.kv_dim();
+/// The GEMM shapes of one layer of `cfg` and of its LM head over `rows` tokens.
+fn gemms(iters: usize, rows: usize, cfg: &LlamaConfig) -> anyhow::Result<()> {
+    let (d, kvd, ffn) = (cfg.hidden_size, cfg.kv_dim(), cfg.intermediate_size);
+    let (layers, vocab) = (cfg.num_hidden_layers, cfg.vocab_size);
     // f32 (the `gemm` crate) against each bf16 kernel this CPU has.
     let mut matmuls = vec![("f32", CpuBackend::with_matmul(Matmul::F32)?)];
     if gemm_bf16::available() {

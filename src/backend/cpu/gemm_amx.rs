@@ -240,51 +240,27 @@ unsafe fn block(_: &[u32], _: usize, _: &[u32], _: *mut f32, _: usize) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::gemm_bf16::tests::check_against_rounded_product;
     use super::*;
-    use crate::rng::Philox;
-
-    fn bf16_value(x: f32) -> f64 {
-        f32::from_bits((super::super::gemm_bf16::bf16_bits(x) as u32) << 16) as f64
-    }
 
     /// Against an f64 product of the same bf16-rounded inputs, over shapes with row, column
-    /// and k tails (k odd, k below one step) and full blocks; the output is poisoned first.
+    /// and k tails (k odd, k below one step) and full blocks.
     #[test]
     fn matches_f64_product_of_rounded_inputs() {
         if !available() {
             eprintln!("skipped: this CPU (or OS) offers no AMX-BF16");
             return;
         }
-        let rng = Philox::new(13, 0, 0);
-        for (case, &(m, n, k)) in [
+        let shapes = [
             (1, 1, 1),
             (32, 32, 32),
             (33, 70, 77),
             (64, 96, 576),
             (100, 33, 1536),
             (5, 200, 31),
-        ]
-        .iter()
-        .enumerate()
-        {
-            let mut x = vec![0f32; m * k];
-            let mut w = vec![0f32; n * k];
-            rng.fill_normal((case as u64) << 32, &mut x);
-            rng.fill_normal(((case as u64) << 32) + (1 << 31), &mut w);
-            let mut out = vec![f32::NAN; m * n];
-            matmul(&x, &w, &mut out, m, n, k, 2);
-            let (mut err, mut norm) = (0.0f64, 0.0f64);
-            for i in 0..m {
-                for j in 0..n {
-                    let r: f64 = (0..k)
-                        .map(|p| bf16_value(x[i * k + p]) * bf16_value(w[j * k + p]))
-                        .sum();
-                    err += (out[i * n + j] as f64 - r).powi(2);
-                    norm += r * r;
-                }
-            }
-            let rel = (err / norm).sqrt();
-            assert!(rel < 1e-6, "{m}x{n}x{k}: relative error {rel:e}");
-        }
+        ];
+        check_against_rounded_product(13, &shapes, |x, w, out, m, n, k| {
+            matmul(x, w, out, m, n, k, 2)
+        });
     }
 }
