@@ -1,14 +1,14 @@
 //! The trainer: zero-shot evaluation, ZO steps over sampled batches, periodic evaluation and
 //! checkpoints, resume, a JSONL log, and a summary. The CLI only wraps `train`.
 
-use crate::backend::{Backend, LinearHook, SeqLayout};
+use crate::backend::{Backend, LinearHook, PairedHook, SeqLayout};
 use crate::data::batch::{Batch, BatchOptions, Candidates, LossKind};
 use crate::data::metrics::{EvalResult, Evaluator};
 use crate::data::sampler::{Sampler, SamplerState};
 use crate::data::{Example, Task};
 use crate::model::{safetensors_io, Llama};
 use crate::zo::passes::ZoBackend;
-use crate::zo::{ZoConfig, ZoOptimizer};
+use crate::zo::{Objective, ZoConfig, ZoOptimizer};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -95,6 +95,35 @@ pub fn batch_logprobs<B: Backend>(
 ) -> Result<Vec<f32>> {
     let (ids, layout, requests) = model_inputs(b, model.backend.supports_packed());
     model.request_logprobs(&ids, &layout, &requests, hook)
+}
+
+/// The training loss of one batch: what each step minimizes, with the paired form that
+/// `--perturb paired` runs.
+pub struct BatchLoss<'b> {
+    pub batch: &'b Batch,
+    pub kind: LossKind,
+}
+
+impl<B: Backend> Objective<B> for BatchLoss<'_> {
+    fn loss(&mut self, model: &Llama<B>, hook: &mut dyn LinearHook<B>) -> Result<f32> {
+        let lp = batch_logprobs(model, self.batch, hook)?;
+        Ok(self.batch.loss(self.kind, &lp)? as f32)
+    }
+
+    fn paired_losses(
+        &mut self,
+        model: &Llama<B>,
+        hook: &mut dyn PairedHook<B>,
+    ) -> Option<Result<[f32; 2]>> {
+        let (ids, layout, requests) = model_inputs(self.batch, model.backend.supports_packed());
+        let losses = model
+            .request_logprobs_paired(&ids, &layout, &requests, hook)
+            .and_then(|[plus, minus]| {
+                let loss = |lp: &[f32]| self.batch.loss(self.kind, lp).map(|l| l as f32);
+                Ok([loss(&plus)?, loss(&minus)?])
+            });
+        Some(losses)
+    }
 }
 
 /// Evaluates `examples` (every candidate scored; the best log-likelihood wins).
@@ -348,9 +377,7 @@ pub fn train<B: ZoBackend + 'static>(
         let idx = sampler.next_batch(opts.batch_size);
         let b = Batch::from_indices(&task.train, &idx, &bopts)?;
         let kind = opts.loss;
-        let r = opt.step(model, step, &mut |m, h| {
-            Ok(b.loss(kind, &batch_logprobs(m, &b, h)?)? as f32)
-        });
+        let r = opt.step_objective(model, step, &mut BatchLoss { batch: &b, kind });
         let r = match r {
             Ok(r) => r,
             Err(e) => {

@@ -90,7 +90,7 @@ fn unknown_perturb_mode_is_a_clear_error() {
     let (ok, err) = zoft(&["train", "--perturb", "sideways"]);
     assert!(!ok, "train accepted --perturb sideways");
     assert!(
-        err.contains("unknown perturb mode \"sideways\": expected inplace, fused or auto"),
+        err.contains("unknown perturb mode \"sideways\": expected inplace, fused, paired or auto"),
         "{err}"
     );
 }

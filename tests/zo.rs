@@ -573,10 +573,18 @@ fn bad_arguments_give_clear_errors() {
         },
         "sparse-mezo runs only with --perturb fused",
     );
+    check(
+        |c| {
+            c.method = Method::Tezo;
+            c.perturb = Perturb::Paired;
+            c.weight_decay = 0.1;
+        },
+        "weight decay is not supported with tezo --perturb paired",
+    );
     let e = Perturb::parse("sideways").unwrap_err().to_string();
-    assert!(e.contains("inplace or fused"), "{e}");
+    assert!(e.contains("inplace, fused or paired"), "{e}");
     let e = Perturb::parse_or_auto("sideways").unwrap_err().to_string();
-    assert!(e.contains("inplace, fused or auto"), "{e}");
+    assert!(e.contains("inplace, fused, paired or auto"), "{e}");
 }
 
 #[test]

@@ -277,6 +277,38 @@ pub trait LinearHook<B: Backend> {
 pub struct NoHook;
 impl<B: Backend> LinearHook<B> for NoHook {}
 
+/// Two forwards of one batch through two views of the weights (a ZO step's w + eps z and
+/// w - eps z), run in lockstep one group of parameters at a time: whatever the two views share
+/// for a group (the normals of z) is prepared once instead of once per forward.
+pub trait PairedHook<B: Backend> {
+    /// The hook through which stream `s` (0 or 1) sees the parameters.
+    fn stream(&mut self, s: usize) -> &mut dyn LinearHook<B>;
+
+    /// The parameters used from here to the next call form a new group; what was prepared
+    /// for the previous group can go. The model calls it before each group's first stream.
+    fn next_group(&mut self);
+
+    /// `LinearHook::head_target_logprobs` of both streams, hidden[s] seen through stream s.
+    fn head_target_logprobs(
+        &mut self,
+        backend: &B,
+        hidden: [&B::Act; 2],
+        head: &B::Weight,
+        id: ParamId,
+        targets: &[i32],
+    ) -> Result<[Vec<f32>; 2]>;
+
+    /// `LinearHook::head_logits_rows` of both streams.
+    fn head_logits_rows(
+        &mut self,
+        backend: &B,
+        hidden: [&B::Act; 2],
+        head: &B::Weight,
+        id: ParamId,
+        rows: &[usize],
+    ) -> Result<[Vec<f32>; 2]>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::check_matmul;

@@ -113,7 +113,9 @@ struct TrainArgs {
     /// TeZO: rank of the fixed factors.
     #[arg(long, default_value_t = 8)]
     rank: usize,
-    /// How z is applied: inplace (weight passes), fused (on the fly in each layer), or auto:
+    /// How z is applied: inplace (weight passes), fused (on the fly in each layer), paired
+    /// (fused, with both forwards run in lockstep so z is drawn once for both; the same results
+    /// as fused, faster, for one layer's z of memory; CPU only, fused on the GPU), or auto:
     /// inplace when every weight is stored in f32, fused otherwise (a round trip through bf16
     /// storage drifts).
     #[arg(long, default_value = "auto")]

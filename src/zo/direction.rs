@@ -289,6 +289,26 @@ impl TensorZ {
         });
     }
 
+    /// The normals behind a dense or sparse z at elements start .. start + out.len(), before
+    /// any mask: a paired forward draws them once for both of its perturbations and applies
+    /// them with `pass_drawn`. Low-rank z has no such normals.
+    pub fn draw(&self, start: usize, out: &mut [f32]) {
+        match self {
+            TensorZ::Dense(s) | TensorZ::Sparse(s, _) => s.fill_normal(start as u64, out),
+            TensorZ::LowRank(..) => panic!("a low-rank z is not drawn element by element"),
+        }
+    }
+
+    /// `pass_slice` (without moments) with `z` drawn beforehand by `draw` over the same
+    /// elements: the same bits.
+    pub fn pass_drawn(&self, w: &mut [f32], z: &[f32], offset: f32, rule: Rule) {
+        let threshold = match self {
+            TensorZ::Sparse(_, h) => Some(*h),
+            _ => None,
+        };
+        unperturb_apply(w, z, offset, threshold, rule, &mut [], &mut []);
+    }
+
     /// `pass` over elements [start, start + w.len()) of a tensor with rows of `cols`
     /// elements, held in `w` as f32 (e.g. a few gathered rows); `moments` cover the same
     /// elements.

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Elements per parallel work item of a perturbed copy.
-const COPY_CHUNK: usize = 1 << 14;
+pub(super) const COPY_CHUNK: usize = 1 << 14;
 
 /// What a fused forward adds to each parameter, whatever the device: the optimizer's direction
 /// and virtual update, the step's keys and the signed perturbation size.
@@ -91,8 +91,12 @@ impl<'a> FusedHook<'a> {
     /// Perturbs and multiplies the LM head `rows` vocabulary rows at a time (default
     /// HEAD_BLOCK_ROWS): fewer rows bound the scratch tighter.
     pub fn with_head_block_rows(mut self, rows: usize) -> Self {
-        self.head_block_rows = rows.max(1);
+        self.set_head_block_rows(rows);
         self
+    }
+
+    pub(super) fn set_head_block_rows(&mut self, rows: usize) {
+        self.head_block_rows = rows.max(1);
     }
 
     /// What this forward adds to parameter `id`: multiple `s` of the returned z. Low-rank z
@@ -107,6 +111,47 @@ impl<'a> FusedHook<'a> {
             }
             None => Ok((TensorZ::from_spec(w, id, v.key, v.elem_z(id))?, v.scale)),
         }
+    }
+
+    /// What this hook adds to the parameters.
+    pub(super) fn view(&self) -> &FusedView<'a, CpuBackend> {
+        &self.view
+    }
+
+    /// Vocabulary rows per block of the perturbed LM head.
+    pub(super) fn head_block_rows(&self) -> usize {
+        self.head_block_rows
+    }
+
+    /// w + s z in the scratch buffer, from normals `z` of the whole tensor drawn beforehand
+    /// (`TensorZ::draw`): the bits `param` builds for a hook of scale s. The scale is the
+    /// caller's, so a paired forward builds both streams' copies in one buffer.
+    pub(super) fn param_from_drawn(
+        &mut self,
+        w: &HostTensor,
+        tz: &TensorZ,
+        z: &[f32],
+        s: f32,
+    ) -> &HostTensor {
+        let copy = self.scratch_as(&w.name, &w.shape);
+        perturbed_copy_drawn(w, tz, s, 0, z, copy);
+        &self.scratch
+    }
+
+    /// The LM head's vocabulary rows v0 .. v0 + rows plus s z, from normals `z` of those rows
+    /// drawn beforehand: the bits of `perturbed_head_block` at scale s.
+    pub(super) fn head_block_from_drawn(
+        &mut self,
+        head: &HostTensor,
+        tz: &TensorZ,
+        (v0, rows): (usize, usize),
+        z: &[f32],
+        s: f32,
+    ) -> &[f32] {
+        let d = head.shape[1];
+        let w = self.scratch_as("lm_head block", &[rows, d]);
+        perturbed_copy_drawn(head, tz, s, v0 * d, z, w);
+        w
     }
 
     /// The scratch buffer as an f32 tensor of `shape`, accounting any growth.
@@ -151,6 +196,30 @@ fn perturbed_copy(t: &HostTensor, tz: &TensorZ, s: f32, start: usize, out: &mut 
         });
 }
 
+/// `perturbed_copy` from normals `z` of the same elements drawn beforehand.
+fn perturbed_copy_drawn(
+    t: &HostTensor,
+    tz: &TensorZ,
+    s: f32,
+    start: usize,
+    z: &[f32],
+    out: &mut [f32],
+) {
+    assert_eq!(
+        z.len(),
+        out.len(),
+        "{}: normals drawn for another range",
+        t.name
+    );
+    out.par_chunks_mut(COPY_CHUNK)
+        .zip(z.par_chunks(COPY_CHUNK))
+        .enumerate()
+        .for_each(|(c, (w, z))| {
+            t.read_f32_range(start + c * COPY_CHUNK, w);
+            tz.pass_drawn(w, z, 0.0, Rule::Move { to: s });
+        });
+}
+
 /// The LM head as a fused forward sees it, perturbed a block at a time in the scratch buffer.
 struct PerturbedHead<'h, 'a> {
     hook: &'h mut FusedHook<'a>,
@@ -160,7 +229,7 @@ struct PerturbedHead<'h, 'a> {
 }
 
 impl HeadBlocks for PerturbedHead<'_, '_> {
-    fn block(&mut self, v0: usize, rows: usize) -> &[f32] {
+    fn block(&mut self, v0: usize, rows: usize, _stream: usize) -> &[f32] {
         self.hook
             .perturbed_head_block(self.head, self.tz, self.s, v0, rows)
     }

@@ -8,13 +8,14 @@ pub mod direction;
 pub mod hook;
 pub mod mezo;
 pub mod mezo_adam;
+pub mod paired;
 pub mod passes;
 pub mod sparse_mezo;
 pub mod tezo;
 pub mod tezo_adam;
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::LinearHook;
+use crate::backend::{Backend, LinearHook, PairedHook};
 use crate::model::{DType, Llama, LlamaWeights, ParamKind};
 use anyhow::{bail, Result};
 use direction::{perturb_tensor, Direction, StepKey};
@@ -74,18 +75,37 @@ pub enum Perturb {
     Inplace,
     /// Weights are written only by the update; each parameter use adds s*eps*z on the fly.
     Fused,
+    /// Fused, with the two forwards run in lockstep a block at a time, so that the normals of
+    /// z are drawn once for both (see `zo::paired`). The same losses and weights as `Fused`,
+    /// for a second residual stream and one layer's normals of memory. A backend without a
+    /// paired hook, or an objective without a paired form, runs it as `Fused`.
+    Paired,
 }
 
 impl Perturb {
+    pub fn name(self) -> &'static str {
+        match self {
+            Perturb::Inplace => "inplace",
+            Perturb::Fused => "fused",
+            Perturb::Paired => "paired",
+        }
+    }
+
     pub fn parse(s: &str) -> Result<Self> {
         Ok(match s {
             "inplace" => Perturb::Inplace,
             "fused" => Perturb::Fused,
-            other => bail!("unknown perturb mode {other:?}: expected inplace or fused"),
+            "paired" => Perturb::Paired,
+            other => bail!("unknown perturb mode {other:?}: expected inplace, fused or paired"),
         })
     }
 
-    /// `--perturb`: "inplace", "fused", or "auto" (None), which `Perturb::auto` resolves once
+    /// Whether the weights are written only by the update (the fused modes).
+    pub fn is_fused(self) -> bool {
+        self != Perturb::Inplace
+    }
+
+    /// `--perturb`: "inplace", "fused", "paired", or "auto" (None), which `Perturb::auto` resolves once
     /// the weights are loaded.
     pub fn parse_or_auto(s: &str) -> Result<Option<Self>> {
         match s {
@@ -93,7 +113,7 @@ impl Perturb {
             other => Self::parse(other)
                 .map_err(|_| {
                     anyhow::anyhow!(
-                        "unknown perturb mode {other:?}: expected inplace, fused or auto"
+                        "unknown perturb mode {other:?}: expected inplace, fused, paired or auto"
                     )
                 })
                 .map(Some),
@@ -209,11 +229,12 @@ impl ZoConfig {
                  could not be recomputed from the perturbed weights without storing it"
             );
         }
-        if self.perturb == Perturb::Fused && self.decay_needs_inplace() {
+        if self.perturb.is_fused() && self.decay_needs_inplace() {
             bail!(
-                "weight decay is not supported with {} --perturb fused: its update stays low-rank \
+                "weight decay is not supported with {} --perturb {}: its update stays low-rank \
                  (use --perturb inplace)",
-                self.method.name()
+                self.method.name(),
+                self.perturb.name()
             );
         }
         Ok(())
@@ -309,6 +330,33 @@ pub fn new_method<B: ZoBackend + 'static>(
 pub type LossFn<'a, B = CpuBackend> =
     dyn FnMut(&Llama<B>, &mut dyn LinearHook<B>) -> Result<f32> + 'a;
 
+/// What a step minimizes: the loss of the step's batch on the model seen through a hook, and,
+/// where the objective can run one, both losses of a paired forward.
+pub trait Objective<B: Backend> {
+    fn loss(&mut self, model: &Llama<B>, hook: &mut dyn LinearHook<B>) -> Result<f32>;
+
+    /// The losses of the batch through streams 0 and 1 of `hook`, from one paired forward
+    /// (`Llama::hidden_paired`); `None` where this objective has no paired form, which makes
+    /// a paired step run its two forwards one after the other.
+    fn paired_losses(
+        &mut self,
+        model: &Llama<B>,
+        hook: &mut dyn PairedHook<B>,
+    ) -> Option<Result<[f32; 2]>> {
+        let _ = (model, hook);
+        None
+    }
+}
+
+/// A loss closure as an objective without a paired form.
+struct ClosureObjective<'l, 'a, B: Backend>(&'l mut LossFn<'a, B>);
+
+impl<B: Backend> Objective<B> for ClosureObjective<'_, '_, B> {
+    fn loss(&mut self, model: &Llama<B>, hook: &mut dyn LinearHook<B>) -> Result<f32> {
+        (self.0)(model, hook)
+    }
+}
+
 /// The two losses and the projected gradient of one step.
 #[derive(Clone, Copy, Debug, serde::Serialize)]
 pub struct StepResult {
@@ -367,6 +415,17 @@ impl<B: ZoBackend + 'static> ZoOptimizer<B> {
         step: u64,
         loss: &mut LossFn<B>,
     ) -> Result<StepResult> {
+        self.step_objective(model, step, &mut ClosureObjective(loss))
+    }
+
+    /// `step` on an objective, which may run both perturbed forwards as one paired forward.
+    pub fn step_objective(
+        &mut self,
+        model: &mut Llama<B>,
+        step: u64,
+        objective: &mut dyn Objective<B>,
+    ) -> Result<StepResult> {
+        let mut loss = |m: &Llama<B>, h: &mut dyn LinearHook<B>| objective.loss(m, h);
         let key = self.key(step);
         let eps = self.cfg.eps;
         let (lp, lm, offset) = match self.cfg.perturb {
@@ -382,6 +441,20 @@ impl<B: ZoBackend + 'static> ZoOptimizer<B> {
             Perturb::Fused => {
                 let lp = loss(model, &mut *B::fused_hook(self, model, key, eps)?)?;
                 let lm = loss(model, &mut *B::fused_hook(self, model, key, -eps)?)?;
+                (lp, lm, 0.0)
+            }
+            Perturb::Paired => {
+                let paired = match B::paired_hook(self, model, key, eps)? {
+                    Some(mut hook) => objective.paired_losses(model, &mut *hook),
+                    None => None,
+                };
+                let [lp, lm] = match paired {
+                    Some(losses) => losses?,
+                    None => [
+                        objective.loss(model, &mut *B::fused_hook(self, model, key, eps)?)?,
+                        objective.loss(model, &mut *B::fused_hook(self, model, key, -eps)?)?,
+                    ],
+                };
                 (lp, lm, 0.0)
             }
         };
@@ -419,7 +492,7 @@ impl<B: ZoBackend + 'static> ZoOptimizer<B> {
     pub fn eval_hook<'a>(&'a self, model: &'a Llama<B>) -> Result<Box<dyn LinearHook<B> + 'a>> {
         match self.cfg.perturb {
             Perturb::Inplace => Ok(Box::new(crate::backend::NoHook)),
-            Perturb::Fused => B::fused_hook(self, model, self.key(0), 0.0),
+            Perturb::Fused | Perturb::Paired => B::fused_hook(self, model, self.key(0), 0.0),
         }
     }
 

@@ -6,7 +6,7 @@
 use super::direction::{StepKey, TensorZ};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::mem::MemReport;
-use crate::backend::{Backend, LinearHook, ParamId};
+use crate::backend::{Backend, LinearHook, PairedHook, ParamId};
 use crate::model::{DType, HostTensor, Llama, LlamaWeights};
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -123,6 +123,19 @@ pub trait ZoBackend: Backend {
         scale: f32,
     ) -> Result<Box<dyn LinearHook<Self> + 'a>>;
 
+    /// The hook of `--perturb paired` on this backend: stream 0 sees w + eps z and stream 1
+    /// w - eps z, in one lockstep forward. `None` where the backend has none (the step then
+    /// runs two fused forwards).
+    fn paired_hook<'a>(
+        opt: &'a super::ZoOptimizer<Self>,
+        model: &'a Llama<Self>,
+        key: StepKey,
+        eps: f32,
+    ) -> Result<Option<Box<dyn PairedHook<Self> + 'a>>> {
+        let _ = (opt, model, key, eps);
+        Ok(None)
+    }
+
     /// Writes the weights as an HF-layout model.safetensors in `dir`.
     fn save_weights(&self, weights: &LlamaWeights<Self::Weight>, dir: &Path) -> Result<()>;
 }
@@ -209,6 +222,20 @@ impl ZoBackend for CpuBackend {
             scale,
             &model.backend,
         )))
+    }
+
+    fn paired_hook<'a>(
+        opt: &'a super::ZoOptimizer<Self>,
+        model: &'a Llama<Self>,
+        key: StepKey,
+        eps: f32,
+    ) -> Result<Option<Box<dyn PairedHook<Self> + 'a>>> {
+        Ok(Some(Box::new(super::paired::PairedFusedHook::new(
+            opt,
+            key,
+            eps,
+            &model.backend,
+        ))))
     }
 
     fn save_weights(&self, weights: &LlamaWeights<HostTensor>, dir: &Path) -> Result<()> {

@@ -7,7 +7,7 @@
 use super::direction::{Direction, Factors, StepKey};
 use super::mezo::{decay_for, sgd_update};
 use super::passes::{Rule, ZSpec, ZoBackend};
-use super::{Perturb, TensorCtx, ZoConfig, ZoMethod};
+use super::{TensorCtx, ZoConfig, ZoMethod};
 use anyhow::{bail, Result};
 use std::collections::HashMap;
 
@@ -21,7 +21,7 @@ pub struct LowRank {
 
 impl LowRank {
     pub fn new(cfg: &ZoConfig, shapes: &[&[usize]]) -> Self {
-        let is_virtual = cfg.perturb == Perturb::Fused;
+        let is_virtual = cfg.perturb.is_fused();
         let acc = shapes
             .iter()
             .map(|s| {

@@ -2,7 +2,7 @@
 //! peak memory of a step against that of an inference forward on the same batch.
 //! Prints one JSON line per (method, perturb); `tools/bench-speed` runs it beside PyTorch MeZO.
 //!
-//! cargo run --release --example bench_speed -- [--model DIR | --random smollm2-135m [--dtype f32|bf16]] [--batch 16] [--seq 64] [--iters 2] [--methods mezo,tezo] [--perturb inplace,fused] [--matmul f32|bf16]
+//! cargo run --release --example bench_speed -- [--model DIR | --random smollm2-135m [--dtype f32|bf16]] [--batch 16] [--seq 64] [--iters 2] [--methods mezo,tezo] [--perturb inplace,fused,paired] [--matmul f32|bf16]
 
 #[path = "common.rs"]
 mod common;
@@ -10,9 +10,42 @@ mod common;
 use common::{arg, load_model, median};
 use std::time::Instant;
 use zoft::backend::cpu::{CpuBackend, Matmul};
-use zoft::backend::{LinearHook, NoHook, SeqLayout};
+use zoft::backend::{LinearHook, NoHook, PairedHook, SeqLayout};
 use zoft::model::Llama;
-use zoft::zo::{Method, Perturb, ZoConfig, ZoOptimizer};
+use zoft::zo::{Method, Objective, Perturb, ZoConfig, ZoOptimizer};
+
+/// Mean causal-LM loss over every next token, as the PyTorch peer computes it.
+struct NextTokenLoss {
+    ids: Vec<u32>,
+    layout: SeqLayout,
+    targets: Vec<i32>,
+}
+
+impl NextTokenLoss {
+    fn mean(&self, logprobs: &[f32]) -> f32 {
+        let n = self.targets.iter().filter(|&&t| t >= 0).count() as f32;
+        -logprobs.iter().sum::<f32>() / n
+    }
+}
+
+impl Objective<CpuBackend> for NextTokenLoss {
+    fn loss(
+        &mut self,
+        m: &Llama<CpuBackend>,
+        h: &mut dyn LinearHook<CpuBackend>,
+    ) -> anyhow::Result<f32> {
+        Ok(self.mean(&m.target_logprobs(&self.ids, &self.layout, &self.targets, h)?))
+    }
+
+    fn paired_losses(
+        &mut self,
+        m: &Llama<CpuBackend>,
+        h: &mut dyn PairedHook<CpuBackend>,
+    ) -> Option<anyhow::Result<[f32; 2]>> {
+        let lp = m.target_logprobs_paired(&self.ids, &self.layout, &self.targets, h);
+        Some(lp.map(|[plus, minus]| [self.mean(&plus), self.mean(&minus)]))
+    }
+}
 
 fn main() -> anyhow::Result<()> {
     let batch: usize = arg("--batch", "16").parse()?;
@@ -22,7 +55,7 @@ fn main() -> anyhow::Result<()> {
         .split(',')
         .map(Method::parse)
         .collect::<anyhow::Result<_>>()?;
-    let perturbs: Vec<Perturb> = arg("--perturb", "inplace,fused")
+    let perturbs: Vec<Perturb> = arg("--perturb", "inplace,fused,paired")
         .split(',')
         .map(Perturb::parse)
         .collect::<anyhow::Result<_>>()?;
@@ -33,7 +66,6 @@ fn main() -> anyhow::Result<()> {
         .map(|i| ((i * 7919) % cfg.vocab_size) as u32)
         .collect();
     let layout = SeqLayout::full(batch, seq, &vec![seq; batch]);
-    // Causal LM loss over every next token, as the PyTorch peer computes it.
     let targets: Vec<i32> = (0..batch * seq)
         .map(|i| {
             if (i + 1) % seq == 0 {
@@ -43,21 +75,17 @@ fn main() -> anyhow::Result<()> {
             }
         })
         .collect();
-    let n = targets.iter().filter(|&&t| t >= 0).count() as f32;
-    let mut loss =
-        |m: &Llama<CpuBackend>, h: &mut dyn LinearHook<CpuBackend>| -> anyhow::Result<f32> {
-            Ok(-m
-                .target_logprobs(&ids, &layout, &targets, h)?
-                .iter()
-                .sum::<f32>()
-                / n)
-        };
+    let mut objective = NextTokenLoss {
+        ids,
+        layout,
+        targets,
+    };
     let mem = model.backend.mem.clone();
     let weight_bytes = model.weights.byte_size();
     // The peak of an inference forward (a warm-up forward runs first).
-    std::hint::black_box(loss(&model, &mut NoHook)?);
+    std::hint::black_box(objective.loss(&model, &mut NoHook)?);
     mem.reset_peaks();
-    std::hint::black_box(loss(&model, &mut NoHook)?);
+    std::hint::black_box(objective.loss(&model, &mut NoHook)?);
     let fwd_peak = weight_bytes + mem.report().total_peak;
     for &method in &methods {
         for &perturb in &perturbs {
@@ -89,9 +117,9 @@ fn main() -> anyhow::Result<()> {
             let (mut steps, mut fwds) = (vec![], vec![]);
             for s in 0..iters + 1 {
                 let t0 = Instant::now();
-                opt.step(&mut model, s as u64, &mut loss)?;
+                opt.step_objective(&mut model, s as u64, &mut objective)?;
                 let t1 = Instant::now();
-                std::hint::black_box(loss(&model, &mut NoHook)?);
+                std::hint::black_box(objective.loss(&model, &mut NoHook)?);
                 if s > 0 {
                     steps.push((t1 - t0).as_secs_f64());
                     fwds.push(t1.elapsed().as_secs_f64());

@@ -13,9 +13,11 @@ use rayon::prelude::*;
 /// Vocabulary rows of the head per block.
 pub const HEAD_BLOCK_ROWS: usize = 1024;
 
-/// A head seen block by block: rows v0 .. v0 + rows of the [vocab][d] weight, as f32.
+/// A head seen block by block: rows v0 .. v0 + rows of the [vocab][d] weight, as f32, as
+/// stream `stream` of the rows sees it (a paired ZO forward scores two streams through two
+/// perturbations of one head; a single forward has stream 0 only).
 pub trait HeadBlocks {
-    fn block(&mut self, v0: usize, rows: usize) -> &[f32];
+    fn block(&mut self, v0: usize, rows: usize, stream: usize) -> &[f32];
 }
 
 /// An f32 head as stored.
@@ -25,7 +27,7 @@ pub struct PlainHead<'a> {
 }
 
 impl HeadBlocks for PlainHead<'_> {
-    fn block(&mut self, v0: usize, rows: usize) -> &[f32] {
+    fn block(&mut self, v0: usize, rows: usize, _stream: usize) -> &[f32] {
         &self.w[v0 * self.d..(v0 + rows) * self.d]
     }
 }
@@ -42,38 +44,60 @@ pub fn target_logprobs(
     block_rows: usize,
     head: &mut dyn HeadBlocks,
 ) -> Result<Vec<f32>> {
-    let d = hidden.cols;
-    let rows = target_rows(targets, hidden.rows, vocab)?;
+    let [lp] = target_logprobs_streams(be, [hidden], targets, vocab, block_rows, head)?;
+    Ok(lp)
+}
+
+/// `target_logprobs` of N streams of hidden states with the same targets: each block of the
+/// vocabulary meets every stream before the next block is asked for, so a head that prepares
+/// something per block (the paired hook's z) prepares it once for all streams.
+pub fn target_logprobs_streams<const N: usize>(
+    be: &CpuBackend,
+    hidden: [&CpuAct; N],
+    targets: &[i32],
+    vocab: usize,
+    block_rows: usize,
+    head: &mut dyn HeadBlocks,
+) -> Result<[Vec<f32>; N]> {
+    let d = hidden[0].cols;
+    let rows = target_rows(targets, hidden[0].rows, vocab)?;
     let n = rows.len();
     let block = block_rows.clamp(1, vocab.max(1));
     let chunk = (LOGIT_CHUNK_ROWS * vocab / block).clamp(1, n.max(1));
-    let bytes = (n * d + chunk * block) * 4 + n * std::mem::size_of::<RunningLogSumExp>();
+    let bytes = N * (n * d * 4 + n * std::mem::size_of::<RunningLogSumExp>()) + chunk * block * 4;
     be.mem.add(Tag::Scratch, bytes);
-    let x = gather_rows(hidden, &rows)?;
-    let mut running = vec![RunningLogSumExp::EMPTY; n];
+    let mut xs = Vec::with_capacity(N);
+    for h in hidden {
+        xs.push(gather_rows(h, &rows).inspect_err(|_| be.mem.sub(Tag::Scratch, bytes))?);
+    }
+    let mut running = vec![vec![RunningLogSumExp::EMPTY; n]; N];
     let mut part = vec![0.0f32; chunk * block];
     for v0 in (0..vocab).step_by(block) {
         let nv = block.min(vocab - v0);
-        let w = head.block(v0, nv);
-        for ((xs, run), rs) in x
-            .chunks(chunk * d)
-            .zip(running.chunks_mut(chunk))
-            .zip(rows.chunks(chunk))
-        {
-            let part = &mut part[..rs.len() * nv];
-            be.matmul_slices(xs, w, part, rs.len(), nv, d);
-            part.par_chunks(nv)
-                .zip(run.par_iter_mut())
-                .zip(rs.par_iter())
-                .for_each(|((logits, run), &r)| run.add_block(logits, v0, targets[r] as usize));
+        for (stream, (x, running)) in xs.iter().zip(&mut running).enumerate() {
+            let w = head.block(v0, nv, stream);
+            for ((xs, run), rs) in x
+                .chunks(chunk * d)
+                .zip(running.chunks_mut(chunk))
+                .zip(rows.chunks(chunk))
+            {
+                let part = &mut part[..rs.len() * nv];
+                be.matmul_slices(xs, w, part, rs.len(), nv, d);
+                part.par_chunks(nv)
+                    .zip(run.par_iter_mut())
+                    .zip(rs.par_iter())
+                    .for_each(|((logits, run), &r)| run.add_block(logits, v0, targets[r] as usize));
+            }
         }
     }
     be.mem.sub(Tag::Scratch, bytes);
-    let mut out = vec![0.0f32; targets.len()];
-    for (&r, run) in rows.iter().zip(&running) {
-        out[r] = run.logprob();
-    }
-    Ok(out)
+    Ok(std::array::from_fn(|s| {
+        let mut out = vec![0.0f32; targets.len()];
+        for (&r, run) in rows.iter().zip(&running[s]) {
+            out[r] = run.logprob();
+        }
+        out
+    }))
 }
 
 /// A row's log-sum-exp over the vocabulary, gathered a block of columns at a time, and the

@@ -1,0 +1,326 @@
+//! `--perturb paired` on the CPU: the fused perturbation with the step's two forwards run in
+//! lockstep (`Llama::hidden_paired`). The normals of each group's matrices are drawn once and
+//! serve both w + eps z and w - eps z, so a step draws its dense or sparse z twice (the paired
+//! forward and the update) where the fused mode draws it three times. Each perturbed copy has
+//! the bits the fused mode builds, so the two modes give the same losses and the same weights.
+//!
+//! The extra memory is the normals of one group (at most one layer's MLP, three matrices) and
+//! of one block of LM-head rows, beside the forward's second residual stream. Low-rank z (TeZO's
+//! matrices) is cheap to rebuild and rides on each stream's own fused hook.
+
+use super::direction::TensorZ;
+use super::hook::{FusedHook, COPY_CHUNK};
+use super::ZoOptimizer;
+use crate::backend::cpu::head::{self, HeadBlocks};
+use crate::backend::cpu::{gather_rows, CpuAct, CpuBackend};
+use crate::backend::mem::{MemCounters, Tag};
+use crate::backend::{Backend, LinearHook, PairedHook, ParamId};
+use crate::model::HostTensor;
+use crate::zo::direction::StepKey;
+use anyhow::Result;
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Normals drawn for one tensor, in the first `len` elements of a reusable buffer.
+struct Drawn {
+    id: ParamId,
+    len: usize,
+    buf: Vec<f32>,
+}
+
+pub struct PairedFusedHook<'a> {
+    /// Stream 0 sees w + eps z, stream 1 sees w - eps z. The perturbed copies built from
+    /// drawn normals go to stream 0's scratch buffer whatever the stream, since the streams
+    /// run one after the other.
+    streams: [FusedHook<'a>; 2],
+    /// The stream the model runs now (set by `stream`).
+    current: usize,
+    /// The current group's normals.
+    drawn: Vec<Drawn>,
+    /// Buffers of earlier groups, kept so that each group does not allocate (and fault in)
+    /// its buffers afresh.
+    spare: Vec<Vec<f32>>,
+    /// Normals of one block of LM-head rows.
+    head_z: Vec<f32>,
+    /// Bytes of drawn, spare and head_z, as accounted under `Tag::Scratch`.
+    bytes: usize,
+    mem: Arc<MemCounters>,
+}
+
+impl<'a> PairedFusedHook<'a> {
+    pub fn new(opt: &'a ZoOptimizer, key: StepKey, eps: f32, backend: &CpuBackend) -> Self {
+        PairedFusedHook {
+            streams: [
+                FusedHook::new(opt, key, eps, backend),
+                FusedHook::new(opt, key, -eps, backend),
+            ],
+            current: 0,
+            drawn: vec![],
+            spare: vec![],
+            head_z: vec![],
+            bytes: 0,
+            mem: backend.mem.clone(),
+        }
+    }
+
+    /// Perturbs the LM head `rows` vocabulary rows at a time (see `FusedHook`).
+    pub fn with_head_block_rows(mut self, rows: usize) -> Self {
+        for s in &mut self.streams {
+            s.set_head_block_rows(rows);
+        }
+        self
+    }
+
+    /// The signed perturbation size of stream `s`.
+    fn scale(&self, s: usize) -> f32 {
+        self.streams[s].view().scale
+    }
+
+    /// The element-wise z both streams share for parameter `id`, if it has one (a moving
+    /// parameter whose z is dense or sparse rather than low-rank).
+    fn shared_z(&self, w: &HostTensor, id: ParamId) -> Result<Option<TensorZ>> {
+        let v = self.streams[0].view();
+        if !v.moves(id) || v.low_rank(&w.shape).is_some() {
+            return Ok(None);
+        }
+        Ok(Some(TensorZ::from_spec(w, id, v.key, v.elem_z(id))?))
+    }
+
+    /// The index in `drawn` of parameter `id`'s normals, drawing them if this group has not.
+    fn draw(&mut self, w: &HostTensor, id: ParamId, tz: &TensorZ) -> usize {
+        if let Some(k) = self.drawn.iter().position(|d| d.id == id) {
+            return k;
+        }
+        let len = w.shape.iter().product();
+        // The smallest spare buffer that fits, else the largest one grown.
+        let fits = |b: &&Vec<f32>| b.len() >= len;
+        let pick = (self.spare.iter().filter(fits).map(Vec::len).min())
+            .and_then(|l| self.spare.iter().position(|b| b.len() == l))
+            .or_else(|| (0..self.spare.len()).max_by_key(|&i| self.spare[i].len()));
+        let mut buf = pick.map_or_else(Vec::new, |i| self.spare.swap_remove(i));
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        draw_into(tz, 0, &mut buf[..len]);
+        self.drawn.push(Drawn { id, len, buf });
+        self.account();
+        self.drawn.len() - 1
+    }
+
+    /// Brings the `Tag::Scratch` account to the bytes now held.
+    fn account(&mut self) {
+        let floats = self.drawn.iter().map(|d| d.buf.len()).sum::<usize>()
+            + self.spare.iter().map(Vec::len).sum::<usize>()
+            + self.head_z.len();
+        let bytes = floats * 4;
+        if bytes > self.bytes {
+            self.mem.add(Tag::Scratch, bytes - self.bytes);
+        } else {
+            self.mem.sub(Tag::Scratch, self.bytes - bytes);
+        }
+        self.bytes = bytes;
+    }
+
+    /// Room in `head_z` for one block of the head's rows.
+    fn reserve_head_block(&mut self, head: &HostTensor) -> usize {
+        let (vocab, d) = (head.shape[0], head.shape[1]);
+        let block = self.streams[0].head_block_rows().min(vocab);
+        if self.head_z.len() < block * d {
+            self.head_z.resize(block * d, 0.0);
+            self.account();
+        }
+        block
+    }
+}
+
+/// The normals of elements start .. start + out.len() of `tz`, on every thread.
+fn draw_into(tz: &TensorZ, start: usize, out: &mut [f32]) {
+    out.par_chunks_mut(COPY_CHUNK)
+        .enumerate()
+        .for_each(|(c, z)| tz.draw(start + c * COPY_CHUNK, z));
+}
+
+impl Drop for PairedFusedHook<'_> {
+    fn drop(&mut self) {
+        self.mem.sub(Tag::Scratch, self.bytes);
+    }
+}
+
+impl LinearHook<CpuBackend> for PairedFusedHook<'_> {
+    fn param<'b>(
+        &'b mut self,
+        b: &CpuBackend,
+        w: &'b HostTensor,
+        id: ParamId,
+    ) -> Result<&'b HostTensor> {
+        // Norm gains: vectors, whose z costs little to draw per stream.
+        self.streams[self.current].param(b, w, id)
+    }
+
+    fn embed(
+        &mut self,
+        b: &CpuBackend,
+        table: &HostTensor,
+        ids: &[u32],
+        id: ParamId,
+        out: &mut CpuAct,
+    ) -> Result<()> {
+        // Only the gathered rows are perturbed, so there is little to share.
+        self.streams[self.current].embed(b, table, ids, id, out)
+    }
+
+    fn head_target_logprobs(
+        &mut self,
+        b: &CpuBackend,
+        hidden: &CpuAct,
+        head: &HostTensor,
+        id: ParamId,
+        targets: &[i32],
+    ) -> Result<Vec<f32>> {
+        self.streams[self.current].head_target_logprobs(b, hidden, head, id, targets)
+    }
+
+    fn head_logits_rows(
+        &mut self,
+        b: &CpuBackend,
+        hidden: &CpuAct,
+        head: &HostTensor,
+        id: ParamId,
+        rows: &[usize],
+    ) -> Result<Vec<f32>> {
+        self.streams[self.current].head_logits_rows(b, hidden, head, id, rows)
+    }
+
+    fn linear(
+        &mut self,
+        b: &CpuBackend,
+        x: &CpuAct,
+        w: &HostTensor,
+        id: ParamId,
+        out: &mut CpuAct,
+    ) -> Result<()> {
+        let Some(tz) = self.shared_z(w, id)? else {
+            return self.streams[self.current].linear(b, x, w, id, out);
+        };
+        let k = self.draw(w, id, &tz);
+        let z = &self.drawn[k].buf[..self.drawn[k].len];
+        let s = self.scale(self.current);
+        let copy = self.streams[0].param_from_drawn(w, &tz, z, s);
+        b.matmul(x, copy, out)
+    }
+}
+
+/// The LM head as the two streams see it, a block at a time, from one draw of each block's
+/// normals.
+struct PairedHead<'h, 'a> {
+    hook: &'h mut PairedFusedHook<'a>,
+    head: &'h HostTensor,
+    tz: &'h TensorZ,
+    /// The first vocabulary row of the block whose normals `hook.head_z` holds.
+    drawn_at: Option<usize>,
+}
+
+impl PairedHead<'_, '_> {
+    /// Draws the normals of rows v0 .. v0 + rows unless they are the ones held.
+    fn draw(&mut self, v0: usize, rows: usize) {
+        if self.drawn_at != Some(v0) {
+            let d = self.head.shape[1];
+            draw_into(self.tz, v0 * d, &mut self.hook.head_z[..rows * d]);
+            self.drawn_at = Some(v0);
+        }
+    }
+}
+
+impl HeadBlocks for PairedHead<'_, '_> {
+    fn block(&mut self, v0: usize, rows: usize, stream: usize) -> &[f32] {
+        self.draw(v0, rows);
+        let d = self.head.shape[1];
+        let hook = &mut *self.hook;
+        let (z, s) = (&hook.head_z[..rows * d], hook.scale(stream));
+        hook.streams[0].head_block_from_drawn(self.head, self.tz, (v0, rows), z, s)
+    }
+}
+
+impl PairedHook<CpuBackend> for PairedFusedHook<'_> {
+    fn stream(&mut self, s: usize) -> &mut dyn LinearHook<CpuBackend> {
+        assert!(s < 2, "a paired forward has streams 0 and 1, not {s}");
+        self.current = s;
+        self
+    }
+
+    fn next_group(&mut self) {
+        let drawn = std::mem::take(&mut self.drawn);
+        self.spare.extend(drawn.into_iter().map(|d| d.buf));
+    }
+
+    fn head_target_logprobs(
+        &mut self,
+        b: &CpuBackend,
+        hidden: [&CpuAct; 2],
+        head: &HostTensor,
+        id: ParamId,
+        targets: &[i32],
+    ) -> Result<[Vec<f32>; 2]> {
+        let Some(tz) = self.shared_z(head, id)? else {
+            let [s0, s1] = &mut self.streams;
+            return Ok([
+                s0.head_target_logprobs(b, hidden[0], head, id, targets)?,
+                s1.head_target_logprobs(b, hidden[1], head, id, targets)?,
+            ]);
+        };
+        let block = self.reserve_head_block(head);
+        let mut blocks = PairedHead {
+            hook: self,
+            head,
+            tz: &tz,
+            drawn_at: None,
+        };
+        head::target_logprobs_streams(b, hidden, targets, head.shape[0], block, &mut blocks)
+    }
+
+    fn head_logits_rows(
+        &mut self,
+        b: &CpuBackend,
+        hidden: [&CpuAct; 2],
+        head: &HostTensor,
+        id: ParamId,
+        rows: &[usize],
+    ) -> Result<[Vec<f32>; 2]> {
+        let Some(tz) = self.shared_z(head, id)? else {
+            let [s0, s1] = &mut self.streams;
+            return Ok([
+                s0.head_logits_rows(b, hidden[0], head, id, rows)?,
+                s1.head_logits_rows(b, hidden[1], head, id, rows)?,
+            ]);
+        };
+        let (vocab, d) = (head.shape[0], head.shape[1]);
+        let xs = [gather_rows(hidden[0], rows)?, gather_rows(hidden[1], rows)?];
+        let block = self.reserve_head_block(head);
+        let part_bytes = rows.len() * block * 4;
+        self.mem.add(Tag::Scratch, part_bytes);
+        let mut out = [
+            vec![0.0f32; rows.len() * vocab],
+            vec![0.0f32; rows.len() * vocab],
+        ];
+        let mut part = vec![0.0f32; rows.len() * block];
+        let mut blocks = PairedHead {
+            hook: self,
+            head,
+            tz: &tz,
+            drawn_at: None,
+        };
+        for v0 in (0..vocab).step_by(block) {
+            let nv = block.min(vocab - v0);
+            for (s, (x, out)) in xs.iter().zip(&mut out).enumerate() {
+                let w = blocks.block(v0, nv, s);
+                let part = &mut part[..rows.len() * nv];
+                b.matmul_slices(x, w, part, rows.len(), nv, d);
+                for (o, p) in out.chunks_mut(vocab).zip(part.chunks(nv)) {
+                    o[v0..v0 + nv].copy_from_slice(p);
+                }
+            }
+        }
+        self.mem.sub(Tag::Scratch, part_bytes);
+        Ok(out)
+    }
+}
