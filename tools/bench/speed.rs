@@ -3,6 +3,10 @@
 //! Prints one JSON line per (method, perturb); `tools/bench-speed` runs it beside PyTorch MeZO.
 //!
 //! cargo run --release --example bench_speed -- [--model DIR | --random smollm2-135m [--dtype f32|bf16]] [--batch 16] [--seq 64] [--iters 2] [--methods mezo,tezo] [--perturb inplace,fused,paired] [--matmul f32|bf16]
+//!
+//! `--ab fused,paired` instead times steps of the two modes against each other, alternating
+//! A F B B F A (F an inference forward) so that a drifting machine weighs on all three alike,
+//! and prints each method's medians of B's step over A's and of each step over the forward.
 
 #[path = "common.rs"]
 mod common;
@@ -87,6 +91,25 @@ fn main() -> anyhow::Result<()> {
     mem.reset_peaks();
     std::hint::black_box(objective.loss(&model, &mut NoHook)?);
     let fwd_peak = weight_bytes + mem.report().total_peak;
+    let ab = arg("--ab", "");
+    if !ab.is_empty() {
+        let modes: Vec<Perturb> = ab
+            .split(',')
+            .map(Perturb::parse)
+            .collect::<anyhow::Result<_>>()?;
+        anyhow::ensure!(modes.len() == 2, "--ab takes two perturb modes, got {ab:?}");
+        for &method in &methods {
+            ab_steps(
+                &mut model,
+                &mut objective,
+                method,
+                [modes[0], modes[1]],
+                iters,
+                matmul.name(),
+            )?;
+        }
+        return Ok(());
+    }
     for &method in &methods {
         for &perturb in &perturbs {
             let zc = ZoConfig {
@@ -148,5 +171,67 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Steps of `method` in modes A and B on one model and inference forwards F, A F B B F A per
+/// round for `rounds` rounds (after one warm-up round): each round's B over A, and the medians
+/// of that and of each mode's step over the round's forward.
+fn ab_steps(
+    model: &mut Llama<CpuBackend>,
+    objective: &mut NextTokenLoss,
+    method: Method,
+    modes: [Perturb; 2],
+    rounds: usize,
+    matmul: &str,
+) -> anyhow::Result<()> {
+    let mut opts = vec![];
+    for perturb in modes {
+        let zc = ZoConfig {
+            method,
+            perturb,
+            lr: 1e-7,
+            eps: 1e-3,
+            seed: 1,
+            ..Default::default()
+        };
+        zc.validate()?;
+        opts.push(ZoOptimizer::new(zc, model)?);
+    }
+    let (mut times, mut fwds) = ([vec![], vec![]], vec![]);
+    let mut step = 0u64;
+    for round in 0..rounds + 1 {
+        let (mut t, mut f) = ([0.0f64; 2], 0.0);
+        for which in [Some(0), None, Some(1), Some(1), None, Some(0)] {
+            let t0 = Instant::now();
+            match which {
+                Some(w) => {
+                    opts[w].step_objective(model, step, objective)?;
+                    t[w] += t0.elapsed().as_secs_f64() / 2.0;
+                    step += 1;
+                }
+                None => {
+                    std::hint::black_box(objective.loss(model, &mut NoHook)?);
+                    f += t0.elapsed().as_secs_f64() / 2.0;
+                }
+            }
+        }
+        if round > 0 {
+            times[0].push(t[0]);
+            times[1].push(t[1]);
+            fwds.push(f);
+        }
+    }
+    let ratios: Vec<f64> = times[1].iter().zip(&times[0]).map(|(b, a)| b / a).collect();
+    let over_fwd = |t: &[f64]| median(t.iter().zip(&fwds).map(|(s, f)| s / f).collect::<Vec<_>>());
+    println!(
+        "{}",
+        serde_json::json!({"bench": "zoft_ab_step", "device": "cpu", "threads": rayon::current_num_threads(),
+            "method": method.name(), "matmul": matmul, "a": modes[0], "b": modes[1], "rounds": rounds,
+            "step_a_s": median(times[0].clone()), "step_b_s": median(times[1].clone()),
+            "forward_s": median(fwds.clone()),
+            "a_step_over_forward": over_fwd(&times[0]), "b_step_over_forward": over_fwd(&times[1]),
+            "b_over_a": median(ratios.clone()), "b_over_a_all": ratios})
+    );
     Ok(())
 }
