@@ -105,8 +105,8 @@ impl Perturb {
         self != Perturb::Inplace
     }
 
-    /// `--perturb`: "inplace", "fused", "paired", or "auto" (None), which `Perturb::auto` resolves once
-    /// the weights are loaded.
+    /// `--perturb`: "inplace", "fused", "paired", or "auto" (None), which `Perturb::auto`
+    /// resolves once the weights are loaded.
     pub fn parse_or_auto(s: &str) -> Result<Option<Self>> {
         match s {
             "auto" => Ok(None),

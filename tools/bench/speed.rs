@@ -112,14 +112,7 @@ fn main() -> anyhow::Result<()> {
     }
     for &method in &methods {
         for &perturb in &perturbs {
-            let zc = ZoConfig {
-                method,
-                perturb,
-                lr: 1e-7,
-                eps: 1e-3,
-                seed: 1,
-                ..Default::default()
-            };
+            let zc = bench_config(method, perturb);
             if zc.validate().is_err() {
                 continue; // a combination zoft refuses (Sparse-MeZO in place)
             }
@@ -174,6 +167,19 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The hyperparameters every benchmarked step runs with: a learning rate small enough that
+/// the weights stay where they started.
+fn bench_config(method: Method, perturb: Perturb) -> ZoConfig {
+    ZoConfig {
+        method,
+        perturb,
+        lr: 1e-7,
+        eps: 1e-3,
+        seed: 1,
+        ..Default::default()
+    }
+}
+
 /// Steps of `method` in modes A and B on one model and inference forwards F, A F B B F A per
 /// round for `rounds` rounds (after one warm-up round): each round's B over A, and the medians
 /// of that and of each mode's step over the round's forward.
@@ -187,14 +193,7 @@ fn ab_steps(
 ) -> anyhow::Result<()> {
     let mut opts = vec![];
     for perturb in modes {
-        let zc = ZoConfig {
-            method,
-            perturb,
-            lr: 1e-7,
-            eps: 1e-3,
-            seed: 1,
-            ..Default::default()
-        };
+        let zc = bench_config(method, perturb);
         zc.validate()?;
         opts.push(ZoOptimizer::new(zc, model)?);
     }
