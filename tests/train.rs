@@ -11,14 +11,6 @@ use zoft::model::{Llama, LlamaConfig, LlamaWeights};
 use zoft::train::{load_train_state, train};
 use zoft::zo::{Method, Perturb};
 
-fn bytes(m: &Llama<CpuBackend>) -> Vec<Vec<u8>> {
-    m.weights
-        .tensors()
-        .iter()
-        .map(|t| t.bytes().to_vec())
-        .collect()
-}
-
 fn load_ckpt(dir: &Path, cfg: &LlamaConfig) -> Llama<CpuBackend> {
     Llama::new(
         cfg.clone(),
@@ -78,18 +70,18 @@ fn resumed_run_equals_uninterrupted_run() {
         )
         .unwrap();
         assert!(
-            bytes(&a) == bytes(&b2),
+            snapshot(&a) == snapshot(&b2),
             "{name}: resumed run differs from the uninterrupted one"
         );
         // Every method trains every tensor, so each must have moved; for TeZO fused, whose
         // update stays low-rank in memory, that means saving folded it into the weights.
-        let initial = bytes(&tiny_model(&cfg, 4));
-        for (i, (now, before)) in bytes(&a).iter().zip(&initial).enumerate() {
+        let initial = snapshot(&tiny_model(&cfg, 4));
+        for (i, (now, before)) in snapshot(&a).iter().zip(&initial).enumerate() {
             assert!(now != before, "{name}: tensor {i} did not move");
         }
         // The final checkpoint holds the final weights.
         assert!(
-            bytes(&load_ckpt(&a_dir.join("checkpoint"), &cfg)) == bytes(&a),
+            snapshot(&load_ckpt(&a_dir.join("checkpoint"), &cfg)) == snapshot(&a),
             "{name}: checkpoint differs"
         );
     }

@@ -176,14 +176,6 @@ fn tezo_estimator_approaches_projected_gradient() {
     assert!(cos > bound(dims, n), "cos {cos}");
 }
 
-fn snapshot(m: &Llama<CpuBackend>) -> Vec<Vec<u8>> {
-    m.weights
-        .tensors()
-        .iter()
-        .map(|t| t.bytes().to_vec())
-        .collect()
-}
-
 #[test]
 fn fused_mode_leaves_weights_bit_identical_when_lr_is_zero() {
     let cfg = tiny_config();

@@ -11,7 +11,7 @@ use super::direction::{Direction, Factors, StepKey, TensorZ};
 use super::passes::{Rule, ZSpec, ZoBackend};
 use super::{elem_spec, ZoOptimizer};
 use crate::backend::cpu::head::{self, HeadBlocks, HEAD_BLOCK_ROWS};
-use crate::backend::cpu::{gather_rows, CpuAct, CpuBackend};
+use crate::backend::cpu::{CpuAct, CpuBackend};
 use crate::backend::mem::{MemCounters, Tag};
 use crate::backend::{Backend, LinearHook, ParamId};
 use crate::model::HostTensor;
@@ -299,26 +299,18 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
         if !self.view.moves(id) {
             return b.logits_rows(hidden, head, rows);
         }
-        let (vocab, d) = (head.shape[0], head.shape[1]);
-        let x = gather_rows(hidden, rows)?;
-        let block = self.head_block_rows.min(vocab);
-        let part_bytes = rows.len() * block * 4;
-        self.mem.add(Tag::Scratch, part_bytes);
         // z is set up once per call (low-rank factors are drawn here), not once per block.
         let (tz, s) = self.perturbation(head, id)?;
-        let mut out = vec![0.0f32; rows.len() * vocab];
-        let mut part = vec![0.0f32; rows.len() * block];
-        for v0 in (0..vocab).step_by(block) {
-            let nv = block.min(vocab - v0);
-            let w = self.perturbed_head_block(head, &tz, s, v0, nv);
-            let part = &mut part[..rows.len() * nv];
-            b.matmul_slices(&x, w, part, rows.len(), nv, d);
-            for (o, p) in out.chunks_mut(vocab).zip(part.chunks(nv)) {
-                o[v0..v0 + nv].copy_from_slice(p);
-            }
-        }
-        self.mem.sub(Tag::Scratch, part_bytes);
-        Ok(out)
+        let block = self.head_block_rows;
+        let mut blocks = PerturbedHead {
+            hook: self,
+            head,
+            tz: &tz,
+            s,
+        };
+        let [logits] =
+            head::logits_rows_streams(b, [hidden], rows, head.shape[0], block, &mut blocks)?;
+        Ok(logits)
     }
 
     fn head_target_logprobs(

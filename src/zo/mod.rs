@@ -425,28 +425,26 @@ impl<B: ZoBackend + 'static> ZoOptimizer<B> {
         step: u64,
         objective: &mut dyn Objective<B>,
     ) -> Result<StepResult> {
-        let mut loss = |m: &Llama<B>, h: &mut dyn LinearHook<B>| objective.loss(m, h);
         let key = self.key(step);
         let eps = self.cfg.eps;
         let (lp, lm, offset) = match self.cfg.perturb {
             Perturb::Inplace => {
                 self.perturb_all(model, key, 0.0, eps)?;
-                let lp = loss(model, &mut crate::backend::NoHook);
+                let lp = objective.loss(model, &mut crate::backend::NoHook);
                 let lp = self.restore_on_error(model, key, eps, lp)?;
                 self.perturb_all(model, key, eps, -eps)?;
-                let lm = loss(model, &mut crate::backend::NoHook);
+                let lm = objective.loss(model, &mut crate::backend::NoHook);
                 let lm = self.restore_on_error(model, key, -eps, lm)?;
                 (lp, lm, -eps)
             }
-            Perturb::Fused => {
-                let lp = loss(model, &mut *B::fused_hook(self, model, key, eps)?)?;
-                let lm = loss(model, &mut *B::fused_hook(self, model, key, -eps)?)?;
-                (lp, lm, 0.0)
-            }
-            Perturb::Paired => {
-                let paired = match B::paired_hook(self, model, key, eps)? {
-                    Some(mut hook) => objective.paired_losses(model, &mut *hook),
-                    None => None,
+            Perturb::Fused | Perturb::Paired => {
+                // One paired forward where the mode, the backend and the objective allow it.
+                let paired = match self.cfg.perturb {
+                    Perturb::Paired => match B::paired_hook(self, model, key, eps)? {
+                        Some(mut hook) => objective.paired_losses(model, &mut *hook),
+                        None => None,
+                    },
+                    _ => None,
                 };
                 let [lp, lm] = match paired {
                     Some(losses) => losses?,

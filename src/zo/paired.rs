@@ -12,7 +12,7 @@ use super::direction::TensorZ;
 use super::hook::{FusedHook, COPY_CHUNK};
 use super::ZoOptimizer;
 use crate::backend::cpu::head::{self, HeadBlocks};
-use crate::backend::cpu::{gather_rows, CpuAct, CpuBackend};
+use crate::backend::cpu::{CpuAct, CpuBackend};
 use crate::backend::mem::{MemCounters, Tag};
 use crate::backend::{Backend, LinearHook, PairedHook, ParamId};
 use crate::model::HostTensor;
@@ -293,34 +293,13 @@ impl PairedHook<CpuBackend> for PairedFusedHook<'_> {
                 s1.head_logits_rows(b, hidden[1], head, id, rows)?,
             ]);
         };
-        let (vocab, d) = (head.shape[0], head.shape[1]);
-        let xs = [gather_rows(hidden[0], rows)?, gather_rows(hidden[1], rows)?];
         let block = self.reserve_head_block(head);
-        let part_bytes = rows.len() * block * 4;
-        self.mem.add(Tag::Scratch, part_bytes);
-        let mut out = [
-            vec![0.0f32; rows.len() * vocab],
-            vec![0.0f32; rows.len() * vocab],
-        ];
-        let mut part = vec![0.0f32; rows.len() * block];
         let mut blocks = PairedHead {
             hook: self,
             head,
             tz: &tz,
             drawn_at: None,
         };
-        for v0 in (0..vocab).step_by(block) {
-            let nv = block.min(vocab - v0);
-            for (s, (x, out)) in xs.iter().zip(&mut out).enumerate() {
-                let w = blocks.block(v0, nv, s);
-                let part = &mut part[..rows.len() * nv];
-                b.matmul_slices(x, w, part, rows.len(), nv, d);
-                for (o, p) in out.chunks_mut(vocab).zip(part.chunks(nv)) {
-                    o[v0..v0 + nv].copy_from_slice(p);
-                }
-            }
-        }
-        self.mem.sub(Tag::Scratch, part_bytes);
-        Ok(out)
+        head::logits_rows_streams(b, hidden, rows, head.shape[0], block, &mut blocks)
     }
 }

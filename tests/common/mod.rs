@@ -31,6 +31,15 @@ pub fn tiny_model(cfg: &LlamaConfig, seed: u64) -> Llama<CpuBackend> {
     Llama::new(cfg.clone(), w, CpuBackend::new())
 }
 
+/// Every tensor's stored bytes, for comparing weights bit for bit.
+pub fn snapshot(m: &Llama<CpuBackend>) -> Vec<Vec<u8>> {
+    m.weights
+        .tensors()
+        .iter()
+        .map(|t| t.bytes().to_vec())
+        .collect()
+}
+
 /// Relative norm error ||a - b|| / ||b||.
 pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());

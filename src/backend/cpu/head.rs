@@ -100,6 +100,42 @@ pub fn target_logprobs_streams<const N: usize>(
     }))
 }
 
+/// The full logits [rows.len() x vocab] of the listed rows of each of N streams, through a
+/// head seen `block_rows` vocabulary rows at a time; as in `target_logprobs_streams`, each
+/// block meets every stream before the next block is asked for.
+pub fn logits_rows_streams<const N: usize>(
+    be: &CpuBackend,
+    hidden: [&CpuAct; N],
+    rows: &[usize],
+    vocab: usize,
+    block_rows: usize,
+    head: &mut dyn HeadBlocks,
+) -> Result<[Vec<f32>; N]> {
+    let d = hidden[0].cols;
+    let mut xs = Vec::with_capacity(N);
+    for h in hidden {
+        xs.push(gather_rows(h, rows)?);
+    }
+    let block = block_rows.clamp(1, vocab.max(1));
+    let part_bytes = rows.len() * block * 4;
+    be.mem.add(Tag::Scratch, part_bytes);
+    let mut out: [Vec<f32>; N] = std::array::from_fn(|_| vec![0.0f32; rows.len() * vocab]);
+    let mut part = vec![0.0f32; rows.len() * block];
+    for v0 in (0..vocab).step_by(block) {
+        let nv = block.min(vocab - v0);
+        for (stream, (x, out)) in xs.iter().zip(&mut out).enumerate() {
+            let w = head.block(v0, nv, stream);
+            let part = &mut part[..rows.len() * nv];
+            be.matmul_slices(x, w, part, rows.len(), nv, d);
+            for (o, p) in out.chunks_mut(vocab).zip(part.chunks(nv)) {
+                o[v0..v0 + nv].copy_from_slice(p);
+            }
+        }
+    }
+    be.mem.sub(Tag::Scratch, part_bytes);
+    Ok(out)
+}
+
 /// A row's log-sum-exp over the vocabulary, gathered a block of columns at a time, and the
 /// logit of its target once the block holding it has passed.
 #[derive(Clone, Copy)]
