@@ -264,6 +264,48 @@ fn bf16_matmul_tracks_f32_matmul() {
     }
 }
 
+/// A weight built a tile of rows at a time gives the stored weight's product bit for bit
+/// (rows past one tile, a short last tile, an odd k), and the f32 GEMM, which takes w whole,
+/// refuses one with the weight's name.
+#[test]
+fn a_weight_built_by_tiles_equals_the_stored_weight() {
+    use zoft::backend::cpu::{CpuBackend, Matmul};
+    use zoft::backend::{mem::Tag, Backend};
+    let (m, n, k) = (19, 101, 75);
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 31.0)
+        .collect();
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| ((i * 53 % 97) as f32 - 48.0) / 29.0)
+        .collect();
+    let wt = HostTensor::from_f32("w", vec![n, k], &w);
+    let build = |n0: usize, rows: &mut [f32]| rows.copy_from_slice(&w[n0 * k..n0 * k + rows.len()]);
+    let f32_backend = CpuBackend::new();
+    let xa = f32_backend.from_host(&x, m, k, Tag::Activations).unwrap();
+    let mut out = f32_backend.alloc(m, n, Tag::Activations).unwrap();
+    let e = f32_backend
+        .matmul_built(&xa, "layers.0.w", &[n, k], &build, &mut out)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("layers.0.w") && e.contains("bf16"), "{e}");
+    let Ok(be) = CpuBackend::with_matmul(Matmul::Bf16) else {
+        eprintln!("built weights skipped: this CPU lacks AVX512-BF16");
+        return;
+    };
+    let mut want = be.alloc(m, n, Tag::Activations).unwrap();
+    be.matmul(&xa, &wt, &mut want).unwrap();
+    let mut got = be.alloc(m, n, Tag::Activations).unwrap();
+    got.data.fill(f32::NAN);
+    be.matmul_built(&xa, "w", &[n, k], &build, &mut got)
+        .unwrap();
+    let same = got
+        .data
+        .iter()
+        .zip(&want.data)
+        .all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(same, "built and stored weights give different products");
+}
+
 #[test]
 fn unknown_matmul_precision_is_an_error() {
     let e = zoft::backend::cpu::Matmul::parse("fp8")

@@ -6,10 +6,10 @@
 mod common;
 use common::*;
 use std::sync::atomic::AtomicBool;
-use zoft::backend::cpu::CpuBackend;
+use zoft::backend::cpu::{CpuBackend, Matmul};
 use zoft::backend::mem::Tag;
 use zoft::backend::{LinearHook, PairedHook};
-use zoft::model::{DType, Llama, LlamaConfig, LlamaWeights};
+use zoft::model::{DType, HostTensor, Llama, LlamaConfig, LlamaWeights};
 use zoft::train::train;
 use zoft::zo::hook::FusedHook;
 use zoft::zo::paired::PairedFusedHook;
@@ -260,5 +260,77 @@ fn paired_training_equals_fused_training() {
         }
         assert_eq!(runs[0].0, runs[1].0, "{method:?}: logged losses differ");
         assert!(runs[0].1 == runs[1].1, "{method:?}: final weights differ");
+    }
+}
+
+/// A fused hook's perturbation with every parameter use going through the whole perturbed
+/// copy of its tensor (`param`, then the plain operation): the path of the f32 GEMM.
+struct WholeCopies<H>(H);
+
+impl<H: LinearHook<CpuBackend>> LinearHook<CpuBackend> for WholeCopies<H> {
+    fn param<'a>(
+        &'a mut self,
+        b: &CpuBackend,
+        w: &'a HostTensor,
+        id: usize,
+    ) -> anyhow::Result<&'a HostTensor> {
+        self.0.param(b, w, id)
+    }
+}
+
+/// With bf16 GEMMs the fused and paired hooks build each tile of w + eps z (linear layers and
+/// LM head) as the GEMM packs it. The log-probs must be those of whole perturbed copies, bit
+/// for bit, through the target path and the logits path, over matrices of several tiles with
+/// a short last one and a k tail (intermediate size 100, vocabulary 1100).
+#[test]
+fn tiles_built_in_the_bf16_gemm_equal_whole_perturbed_copies() {
+    if CpuBackend::with_matmul(Matmul::Bf16).is_err() {
+        eprintln!("skipped: this CPU lacks AVX512-BF16");
+        return;
+    }
+    let mut cfg = tiny_config();
+    cfg.intermediate_size = 100;
+    cfg.hidden_size = 64;
+    // Two blocks of head rows (HEAD_BLOCK_ROWS = 1024), the second of two tiles.
+    cfg.vocab_size = 1100;
+    let bt = batch(&cfg, 8);
+    for method in [Method::Mezo, Method::SparseMezo] {
+        for dtype in [DType::F32, DType::BF16] {
+            let w = LlamaWeights::random(&cfg, 5, dtype);
+            let m = Llama::new(
+                cfg.clone(),
+                w,
+                CpuBackend::with_matmul(Matmul::Bf16).unwrap(),
+            );
+            assert!(m.backend.packs_weight_tiles());
+            let opt = ZoOptimizer::new(config(method, Perturb::Paired), &m).unwrap();
+            let (key, eps) = (opt.key(2), 5e-2);
+            let what = format!("{method:?} {dtype:?}");
+            let requests = [(0, 3), (4, 1040), (4, 7), (11, 1099)];
+            let lp = |h: &mut dyn LinearHook<CpuBackend>| {
+                let t = m.target_logprobs(&bt.ids, &bt.layout, &bt.targets, h);
+                let r = m.request_logprobs(&bt.ids, &bt.layout, &requests, h);
+                [t.unwrap(), r.unwrap()].concat()
+            };
+            let mut paired = PairedFusedHook::new(&opt, key, eps, &m.backend);
+            let t = m.target_logprobs_paired(&bt.ids, &bt.layout, &bt.targets, &mut paired);
+            let r = m.request_logprobs_paired(&bt.ids, &bt.layout, &requests, &mut paired);
+            let ([t0, t1], [r0, r1]) = (t.unwrap(), r.unwrap());
+            let both = [[t0, r0].concat(), [t1, r1].concat()];
+            for (s, from_paired) in [(1.0, &both[0]), (-1.0, &both[1])] {
+                let fused = || FusedHook::new(&opt, key, s * eps, &m.backend);
+                let built = lp(&mut fused());
+                let whole = lp(&mut WholeCopies(fused()));
+                let same =
+                    |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same(&built, &whole), "{what} sign {s}: fused tiles differ");
+                assert!(
+                    same(from_paired, &whole),
+                    "{what} sign {s}: paired tiles differ"
+                );
+                let plain = lp(&mut zoft::backend::NoHook);
+                assert!(!same(&built, &plain), "{what} sign {s}: nothing perturbed");
+            }
+        }
     }
 }

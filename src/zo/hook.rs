@@ -10,6 +10,7 @@
 use super::direction::{Direction, Factors, StepKey, TensorZ};
 use super::passes::{Rule, ZSpec, ZoBackend};
 use super::{elem_spec, ZoOptimizer};
+use crate::backend::cpu::gemm_bf16::WeightRows;
 use crate::backend::cpu::head::{self, HeadBlocks, HEAD_BLOCK_ROWS};
 use crate::backend::cpu::{CpuAct, CpuBackend};
 use crate::backend::mem::{MemCounters, Tag};
@@ -220,18 +221,30 @@ fn perturbed_copy_drawn(
         });
 }
 
-/// The LM head as a fused forward sees it, perturbed a block at a time in the scratch buffer.
+/// The LM head as a fused forward sees it, perturbed a block at a time: a tile at a time
+/// inside the GEMM where it packs tiles, else in the scratch buffer.
 struct PerturbedHead<'h, 'a> {
     hook: &'h mut FusedHook<'a>,
     head: &'h HostTensor,
     tz: &'h TensorZ,
     s: f32,
+    tiles: bool,
 }
 
 impl HeadBlocks for PerturbedHead<'_, '_> {
-    fn block(&mut self, v0: usize, rows: usize, _stream: usize) -> &[f32] {
-        self.hook
-            .perturbed_head_block(self.head, self.tz, self.s, v0, rows)
+    fn block(&mut self, v0: usize, rows: usize, _: usize, product: &mut dyn FnMut(WeightRows)) {
+        let (head, tz, s) = (self.head, self.tz, self.s);
+        if self.tiles {
+            let d = head.shape[1];
+            let build = |r0: usize, out: &mut [f32]| {
+                let at = (v0 + r0) * d;
+                head.read_f32_range(at, out);
+                tz.pass_slice(at, out, d, 0.0, Rule::Move { to: s }, None);
+            };
+            return product(WeightRows::Built(&build));
+        }
+        let block = self.hook.perturbed_head_block(head, tz, s, v0, rows);
+        product(WeightRows::Stored(block))
     }
 }
 
@@ -307,6 +320,7 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
             head,
             tz: &tz,
             s,
+            tiles: b.packs_weight_tiles(),
         };
         let [logits] =
             head::logits_rows_streams(b, [hidden], rows, head.shape[0], block, &mut blocks)?;
@@ -332,6 +346,7 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
             head,
             tz: &tz,
             s,
+            tiles: b.packs_weight_tiles(),
         };
         head::target_logprobs(b, hidden, targets, head.shape[0], block, &mut blocks)
     }
@@ -345,6 +360,17 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
         out: &mut CpuAct,
     ) -> Result<()> {
         let Some(rank) = self.view.low_rank(&w.shape) else {
+            if self.view.moves(id) && b.packs_weight_tiles() {
+                // Each tile of w + s z is built as the GEMM packs it, with the bits of the
+                // whole copy `param` would make.
+                let (tz, s) = self.perturbation(w, id)?;
+                let cols = w.shape[1];
+                let build = |n0: usize, rows: &mut [f32]| {
+                    w.read_f32_range(n0 * cols, rows);
+                    tz.pass_slice(n0 * cols, rows, cols, 0.0, Rule::Move { to: s }, None);
+                };
+                return b.matmul_built(x, &w.name, &w.shape, &build, out);
+            }
             let w = self.param(b, w, id)?;
             return b.matmul(x, w, out);
         };

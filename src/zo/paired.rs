@@ -10,7 +10,9 @@
 
 use super::direction::TensorZ;
 use super::hook::{FusedHook, COPY_CHUNK};
+use super::passes::Rule;
 use super::ZoOptimizer;
+use crate::backend::cpu::gemm_bf16::WeightRows;
 use crate::backend::cpu::head::{self, HeadBlocks};
 use crate::backend::cpu::{CpuAct, CpuBackend};
 use crate::backend::mem::{MemCounters, Tag};
@@ -205,6 +207,16 @@ impl LinearHook<CpuBackend> for PairedFusedHook<'_> {
         let k = self.draw(w, id, &tz);
         let z = &self.drawn[k].buf[..self.drawn[k].len];
         let s = self.scale(self.current);
+        if b.packs_weight_tiles() {
+            // Each tile of w + s z is built as the GEMM packs it: `param_from_drawn`'s bits.
+            let cols = w.shape[1];
+            let build = |n0: usize, rows: &mut [f32]| {
+                let at = n0 * cols;
+                w.read_f32_range(at, rows);
+                tz.pass_drawn(rows, &z[at..at + rows.len()], 0.0, Rule::Move { to: s });
+            };
+            return b.matmul_built(x, &w.name, &w.shape, &build, out);
+        }
         let copy = self.streams[0].param_from_drawn(w, &tz, z, s);
         b.matmul(x, copy, out)
     }
@@ -218,6 +230,8 @@ struct PairedHead<'h, 'a> {
     tz: &'h TensorZ,
     /// The first vocabulary row of the block whose normals `hook.head_z` holds.
     drawn_at: Option<usize>,
+    /// Whether the GEMM builds each tile of the perturbed block as it packs it.
+    tiles: bool,
 }
 
 impl PairedHead<'_, '_> {
@@ -232,12 +246,28 @@ impl PairedHead<'_, '_> {
 }
 
 impl HeadBlocks for PairedHead<'_, '_> {
-    fn block(&mut self, v0: usize, rows: usize, stream: usize) -> &[f32] {
+    fn block(
+        &mut self,
+        v0: usize,
+        rows: usize,
+        stream: usize,
+        product: &mut dyn FnMut(WeightRows),
+    ) {
         self.draw(v0, rows);
-        let d = self.head.shape[1];
+        let (head, tz, d) = (self.head, self.tz, self.head.shape[1]);
         let hook = &mut *self.hook;
         let (z, s) = (&hook.head_z[..rows * d], hook.scale(stream));
-        hook.streams[0].head_block_from_drawn(self.head, self.tz, (v0, rows), z, s)
+        if self.tiles {
+            // `head_block_from_drawn`'s bits, a tile at a time inside the GEMM.
+            let build = |r0: usize, out: &mut [f32]| {
+                let at = r0 * d;
+                head.read_f32_range(v0 * d + at, out);
+                tz.pass_drawn(out, &z[at..at + out.len()], 0.0, Rule::Move { to: s });
+            };
+            return product(WeightRows::Built(&build));
+        }
+        let block = hook.streams[0].head_block_from_drawn(head, tz, (v0, rows), z, s);
+        product(WeightRows::Stored(block))
     }
 }
 
@@ -274,6 +304,7 @@ impl PairedHook<CpuBackend> for PairedFusedHook<'_> {
             head,
             tz: &tz,
             drawn_at: None,
+            tiles: b.packs_weight_tiles(),
         };
         head::target_logprobs_streams(b, hidden, targets, head.shape[0], block, &mut blocks)
     }
@@ -299,6 +330,7 @@ impl PairedHook<CpuBackend> for PairedFusedHook<'_> {
             head,
             tz: &tz,
             drawn_at: None,
+            tiles: b.packs_weight_tiles(),
         };
         head::logits_rows_streams(b, hidden, rows, head.shape[0], block, &mut blocks)
     }

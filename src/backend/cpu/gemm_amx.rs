@@ -14,7 +14,7 @@
 //! state of the thread that configured them; the compiler never uses them, so a configuration
 //! made at the start of a task holds until the task releases it.
 
-use super::gemm_bf16::{pack_rows, to_pairs_padded};
+use super::gemm_bf16::{to_pairs_padded, WeightRows};
 use super::SendPtr;
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -70,21 +70,32 @@ fn padded_pairs(k: usize) -> usize {
     k.div_ceil(2).div_ceil(KP_STEP) * KP_STEP
 }
 
-/// Bytes a call holds besides its operands: x's padded pairs and one packed tile per thread.
-pub fn scratch_bytes(m: usize, k: usize, threads: usize) -> usize {
+/// Bytes a call holds besides its operands: x's padded pairs and one packed tile per thread
+/// (and, for a built w, one tile of its rows in f32 per thread).
+pub fn scratch_bytes(m: usize, k: usize, threads: usize, w: WeightRows) -> usize {
     let kp = padded_pairs(k);
     (m.div_ceil(MR) * MR * kp + threads.max(1) * kp * NR) * 4
+        + threads.max(1) * w.buffer_bytes(NR, k)
 }
 
 /// out = x · w^T for f32 x [m][k] and w [n][k], both rounded to bf16. Panics when `available`
 /// is false.
-pub fn matmul(x: &[f32], w: &[f32], out: &mut [f32], m: usize, n: usize, k: usize, threads: usize) {
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    x: &[f32],
+    w: WeightRows,
+    out: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    threads: usize,
+) {
     assert!(
         available(),
         "the AMX GEMM needs AMX-BF16 and the OS's tile permission"
     );
     assert_eq!(x.len(), m * k);
-    assert_eq!(w.len(), n * k);
+    w.check(n, k);
     assert_eq!(out.len(), m * n);
     if m == 0 || n == 0 {
         return;
@@ -104,12 +115,12 @@ pub fn matmul(x: &[f32], w: &[f32], out: &mut [f32], m: usize, n: usize, k: usiz
         .collect::<Vec<_>>()
         .into_par_iter()
         .for_each_init(
-            || vec![0u32; kp * NR],
-            |tile, t0| {
+            || (vec![0u32; kp * NR], vec![]),
+            |(tile, rows), t0| {
                 let _tiles = TileConfig::load();
                 for t in t0..(t0 + per_task).min(tiles) {
                     let n0 = t * NR;
-                    pack_rows(w, n, k, n0, NR, tile);
+                    w.pack(n, k, n0, NR, rows, tile);
                     let cols = NR.min(n - n0);
                     for r0 in (0..m).step_by(MR) {
                         let rows = MR.min(m - r0);
@@ -260,7 +271,7 @@ mod tests {
             (5, 200, 31),
         ];
         check_against_rounded_product(13, &shapes, |x, w, out, m, n, k| {
-            matmul(x, w, out, m, n, k, 2)
+            matmul(x, WeightRows::Stored(w), out, m, n, k, 2)
         });
     }
 }

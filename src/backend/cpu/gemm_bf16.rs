@@ -117,15 +117,60 @@ unsafe fn row_pairs(_: &[f32], _: &mut [u32]) {
     unreachable!("available() is false off x86_64")
 }
 
-/// Bytes a call holds besides its operands: x's pairs and one packed tile per thread.
-pub fn scratch_bytes(m: usize, k: usize, threads: usize) -> usize {
+/// Bytes a call holds besides its operands: x's pairs and one packed tile per thread (and,
+/// for a built w, one tile of its rows in f32 per thread).
+pub fn scratch_bytes(m: usize, k: usize, threads: usize, w: WeightRows) -> usize {
     let kp = k.div_ceil(2);
-    (m * kp + threads.max(1) * kp * NR) * 4
+    (m * kp + threads.max(1) * kp * NR) * 4 + threads.max(1) * w.buffer_bytes(NR, k)
 }
 
-/// w rows [n0, n0 + NR) as [kp][NR] pairs; rows past `n` are zero.
-fn pack_tile(w: &[f32], n: usize, k: usize, n0: usize, tile: &mut [u32]) {
-    pack_rows(w, n, k, n0, NR, tile)
+/// The w [n][k] of a GEMM: rows in memory, or rows built a tile at a time, so that a weight
+/// seen only inside one product (w + s z in a fused ZO forward) is never whole in memory.
+#[derive(Clone, Copy)]
+pub enum WeightRows<'a> {
+    Stored(&'a [f32]),
+    /// `build(n0, rows)` writes rows n0 .. n0 + rows.len() / k of w into `rows`. It runs
+    /// inside the GEMM's parallel tasks, so it must not wait on rayon itself (the AMX kernel's
+    /// tile registers belong to the task running on the thread).
+    Built(&'a (dyn Fn(usize, &mut [f32]) + Sync)),
+}
+
+impl WeightRows<'_> {
+    /// Bytes of the f32 rows one task holds for a tile of `nr` rows.
+    pub fn buffer_bytes(self, nr: usize, k: usize) -> usize {
+        match self {
+            WeightRows::Stored(_) => 0,
+            WeightRows::Built(_) => nr * k * 4,
+        }
+    }
+
+    /// `pack_rows` of rows [n0, n0 + nr) of this w, built into `buf` first if need be.
+    pub fn pack(
+        self,
+        n: usize,
+        k: usize,
+        n0: usize,
+        nr: usize,
+        buf: &mut Vec<f32>,
+        tile: &mut [u32],
+    ) {
+        match self {
+            WeightRows::Stored(w) => pack_rows(w, n, k, n0, nr, tile),
+            WeightRows::Built(build) => {
+                let rows = nr.min(n - n0);
+                buf.resize(rows * k, 0.0);
+                build(n0, &mut buf[..rows * k]);
+                pack_rows(&buf[..rows * k], rows, k, 0, nr, tile)
+            }
+        }
+    }
+
+    /// Whether a stored w holds n * k values.
+    pub(super) fn check(self, n: usize, k: usize) {
+        if let WeightRows::Stored(w) = self {
+            assert_eq!(w.len(), n * k);
+        }
+    }
 }
 
 /// w rows [n0, n0 + nr) as [pairs][nr] bf16 pairs, where pairs = tile.len() / nr may exceed
@@ -223,11 +268,20 @@ unsafe fn transpose16(v: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64
 
 /// out = x · w^T. `x` holds the pairs of an [m][k] matrix (see `to_pairs`), `w` is f32 [n][k].
 /// Panics when the CPU lacks AVX512-BF16 (check `available` first).
-pub fn matmul(x: &[u32], w: &[f32], out: &mut [f32], m: usize, n: usize, k: usize, threads: usize) {
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    x: &[u32],
+    w: WeightRows,
+    out: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    threads: usize,
+) {
     assert!(available(), "the bf16 GEMM needs AVX512-BF16");
     let kp = k.div_ceil(2);
     assert_eq!(x.len(), m * kp);
-    assert_eq!(w.len(), n * k);
+    w.check(n, k);
     assert_eq!(out.len(), m * n);
     let tiles = n.div_ceil(NR);
     // Each task owns a run of whole tiles, i.e. a run of output columns; out is shared through
@@ -239,11 +293,11 @@ pub fn matmul(x: &[u32], w: &[f32], out: &mut [f32], m: usize, n: usize, k: usiz
         .collect::<Vec<_>>()
         .into_par_iter()
         .for_each_init(
-            || vec![0u32; kp * NR],
-            |tile, t0| {
+            || (vec![0u32; kp * NR], vec![]),
+            |(tile, rows), t0| {
                 for t in t0..(t0 + per_task).min(tiles) {
                     let n0 = t * NR;
-                    pack_tile(w, n, k, n0, tile);
+                    w.pack(n, k, n0, NR, rows, tile);
                     let cols = NR.min(n - n0);
                     let mut r0 = 0;
                     while r0 < m {
@@ -418,7 +472,7 @@ pub(crate) mod tests {
             Philox::new(3, n as u32, k as u32).fill_normal(0, &mut w);
             let kp = k.div_ceil(2);
             let mut tile = vec![0xdead_beef; kp * NR];
-            pack_tile(&w, n, k, n0, &mut tile);
+            pack_rows(&w, n, k, n0, NR, &mut tile);
             for p in 0..kp {
                 for j in 0..NR {
                     let row = n0 + j;
@@ -454,7 +508,7 @@ pub(crate) mod tests {
             (64, 49, 3),
         ];
         check_against_rounded_product(11, &shapes, |x, w, out, m, n, k| {
-            matmul(&to_pairs(x, m, k), w, out, m, n, k, 2)
+            matmul(&to_pairs(x, m, k), WeightRows::Stored(w), out, m, n, k, 2)
         });
     }
 }

@@ -5,6 +5,7 @@
 //! per forward; a row's log-sum-exp runs across the blocks. A fused ZO forward perturbs each
 //! block once the same way (`zo::hook`).
 
+use super::gemm_bf16::WeightRows;
 use super::{gather_rows, max_sum_exp, target_rows, CpuAct, CpuBackend, LOGIT_CHUNK_ROWS};
 use crate::backend::mem::Tag;
 use anyhow::Result;
@@ -13,11 +14,12 @@ use rayon::prelude::*;
 /// Vocabulary rows of the head per block.
 pub const HEAD_BLOCK_ROWS: usize = 1024;
 
-/// A head seen block by block: rows v0 .. v0 + rows of the [vocab][d] weight, as f32, as
-/// stream `stream` of the rows sees it (a paired ZO forward scores two streams through two
-/// perturbations of one head; a single forward has stream 0 only).
+/// A head seen block by block: `product` runs on rows v0 .. v0 + rows of the [vocab][d]
+/// weight as stream `stream` of the rows sees it (a paired ZO forward scores two streams
+/// through two perturbations of one head; a single forward has stream 0 only). The rows are
+/// in memory, or built a tile at a time inside the GEMM (`WeightRows::Built`).
 pub trait HeadBlocks {
-    fn block(&mut self, v0: usize, rows: usize, stream: usize) -> &[f32];
+    fn block(&mut self, v0: usize, rows: usize, stream: usize, product: &mut dyn FnMut(WeightRows));
 }
 
 /// An f32 head as stored.
@@ -27,8 +29,10 @@ pub struct PlainHead<'a> {
 }
 
 impl HeadBlocks for PlainHead<'_> {
-    fn block(&mut self, v0: usize, rows: usize, _stream: usize) -> &[f32] {
-        &self.w[v0 * self.d..(v0 + rows) * self.d]
+    fn block(&mut self, v0: usize, rows: usize, _: usize, product: &mut dyn FnMut(WeightRows)) {
+        product(WeightRows::Stored(
+            &self.w[v0 * self.d..(v0 + rows) * self.d],
+        ))
     }
 }
 
@@ -75,19 +79,22 @@ pub fn target_logprobs_streams<const N: usize>(
     for v0 in (0..vocab).step_by(block) {
         let nv = block.min(vocab - v0);
         for (stream, (x, running)) in xs.iter().zip(&mut running).enumerate() {
-            let w = head.block(v0, nv, stream);
-            for ((xs, run), rs) in x
-                .chunks(chunk * d)
-                .zip(running.chunks_mut(chunk))
-                .zip(rows.chunks(chunk))
-            {
-                let part = &mut part[..rs.len() * nv];
-                be.matmul_slices(xs, w, part, rs.len(), nv, d);
-                part.par_chunks(nv)
-                    .zip(run.par_iter_mut())
-                    .zip(rs.par_iter())
-                    .for_each(|((logits, run), &r)| run.add_block(logits, v0, targets[r] as usize));
-            }
+            head.block(v0, nv, stream, &mut |w| {
+                for ((xs, run), rs) in x
+                    .chunks(chunk * d)
+                    .zip(running.chunks_mut(chunk))
+                    .zip(rows.chunks(chunk))
+                {
+                    let part = &mut part[..rs.len() * nv];
+                    be.matmul_rows(xs, w, part, rs.len(), nv, d);
+                    part.par_chunks(nv)
+                        .zip(run.par_iter_mut())
+                        .zip(rs.par_iter())
+                        .for_each(|((logits, run), &r)| {
+                            run.add_block(logits, v0, targets[r] as usize)
+                        });
+                }
+            });
         }
     }
     be.mem.sub(Tag::Scratch, bytes);
@@ -124,12 +131,13 @@ pub fn logits_rows_streams<const N: usize>(
     for v0 in (0..vocab).step_by(block) {
         let nv = block.min(vocab - v0);
         for (stream, (x, out)) in xs.iter().zip(&mut out).enumerate() {
-            let w = head.block(v0, nv, stream);
-            let part = &mut part[..rows.len() * nv];
-            be.matmul_slices(x, w, part, rows.len(), nv, d);
-            for (o, p) in out.chunks_mut(vocab).zip(part.chunks(nv)) {
-                o[v0..v0 + nv].copy_from_slice(p);
-            }
+            head.block(v0, nv, stream, &mut |w| {
+                let part = &mut part[..rows.len() * nv];
+                be.matmul_rows(x, w, part, rows.len(), nv, d);
+                for (o, p) in out.chunks_mut(vocab).zip(part.chunks(nv)) {
+                    o[v0..v0 + nv].copy_from_slice(p);
+                }
+            });
         }
     }
     be.mem.sub(Tag::Scratch, part_bytes);

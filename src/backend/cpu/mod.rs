@@ -15,6 +15,7 @@ use super::mem::{MemCounters, Tag};
 use super::{AttnShape, Backend, SeqLayout};
 use crate::model::HostTensor;
 use anyhow::{ensure, Result};
+use gemm_bf16::WeightRows;
 use rayon::prelude::*;
 use simd::wide;
 use std::sync::Arc;
@@ -192,7 +193,66 @@ impl CpuBackend {
             return self.matmul_slices_f32(x, w, out, m, n, k, false);
         }
         if nonempty_product(x, w, out, m, n, k) {
-            self.matmul_bf16(x, w, out, m, n, k);
+            self.matmul_bf16(x, WeightRows::Stored(w), out, m, n, k);
+        }
+    }
+
+    /// Whether the GEMMs pack w a tile of rows at a time (`Matmul::Bf16`), so that
+    /// `matmul_built` never holds the whole of w.
+    pub fn packs_weight_tiles(&self) -> bool {
+        self.matmul == Matmul::Bf16
+    }
+
+    /// `matmul` for a w of `w_shape` [n][k] that `build(n0, rows)` writes a tile of rows at a
+    /// time, each tile only while the GEMM packs it (see `WeightRows::Built`). Needs
+    /// `packs_weight_tiles`.
+    pub fn matmul_built(
+        &self,
+        x: &CpuAct,
+        name: &str,
+        w_shape: &[usize],
+        build: &(dyn Fn(usize, &mut [f32]) + Sync),
+        out: &mut CpuAct,
+    ) -> Result<()> {
+        let (n, k) = super::check_matmul(name, w_shape, (x.rows, x.cols), (out.rows, out.cols))?;
+        ensure!(
+            self.packs_weight_tiles(),
+            "{name}: a weight built by tiles needs the bf16 GEMM"
+        );
+        self.matmul_rows(
+            &x.data,
+            WeightRows::Built(build),
+            &mut out.data,
+            x.rows,
+            n,
+            k,
+        );
+        Ok(())
+    }
+
+    /// out[m, n] = x[m, k] · w[n, k]^T over plain slices, for either kind of w. Panics on a
+    /// built w unless `packs_weight_tiles`.
+    pub fn matmul_rows(
+        &self,
+        x: &[f32],
+        w: WeightRows,
+        out: &mut [f32],
+        m: usize,
+        n: usize,
+        k: usize,
+    ) {
+        match w {
+            WeightRows::Stored(w) => self.matmul_slices(x, w, out, m, n, k),
+            WeightRows::Built(_) => {
+                assert!(
+                    self.packs_weight_tiles(),
+                    "a weight built by tiles needs the bf16 GEMM"
+                );
+                assert_eq!((x.len(), out.len()), (m * k, m * n));
+                if m > 0 && n > 0 {
+                    self.matmul_bf16(x, w, out, m, n, k);
+                }
+            }
         }
     }
 
@@ -250,15 +310,15 @@ fn nonempty_product(x: &[f32], w: &[f32], out: &[f32], m: usize, n: usize, k: us
 }
 
 impl CpuBackend {
-    fn matmul_bf16(&self, x: &[f32], w: &[f32], out: &mut [f32], m: usize, n: usize, k: usize) {
+    fn matmul_bf16(&self, x: &[f32], w: WeightRows, out: &mut [f32], m: usize, n: usize, k: usize) {
         if self.bf16_kernel == Bf16Kernel::Amx && m >= AMX_MIN_ROWS {
-            let scratch = gemm_amx::scratch_bytes(m, k, self.threads);
+            let scratch = gemm_amx::scratch_bytes(m, k, self.threads, w);
             self.mem.add(Tag::Scratch, scratch);
             gemm_amx::matmul(x, w, out, m, n, k, self.threads);
             self.mem.sub(Tag::Scratch, scratch);
             return;
         }
-        let scratch = gemm_bf16::scratch_bytes(m, k, self.threads);
+        let scratch = gemm_bf16::scratch_bytes(m, k, self.threads, w);
         self.mem.add(Tag::Scratch, scratch);
         let pairs = gemm_bf16::to_pairs(x, m, k);
         gemm_bf16::matmul(&pairs, w, out, m, n, k, self.threads);
