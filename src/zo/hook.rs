@@ -187,14 +187,30 @@ impl<'a> FusedHook<'a> {
 /// perturbed values in f32 rather than rounding them to their storage (the CPU's GEMMs take
 /// f32; the GPU's bf16 GEMMs take the rounded copy an in-place pass would leave).
 fn perturbed_copy(t: &HostTensor, tz: &TensorZ, s: f32, start: usize, out: &mut [f32]) {
-    let cols = *t.shape.last().unwrap_or(&1);
     out.par_chunks_mut(COPY_CHUNK)
         .enumerate()
-        .for_each(|(c, w)| {
-            let at = start + c * COPY_CHUNK;
-            t.read_f32_range(at, w);
-            tz.pass_slice(at, w, cols, 0.0, Rule::Move { to: s }, None);
-        });
+        .for_each(|(c, w)| perturbed_range(t, tz, s, start + c * COPY_CHUNK, w));
+}
+
+/// `perturbed_copy` of elements at .. at + out.len() on the calling thread: one chunk of a
+/// whole copy, or one tile a GEMM builds as it packs it (`WeightRows::Built`).
+pub(super) fn perturbed_range(t: &HostTensor, tz: &TensorZ, s: f32, at: usize, out: &mut [f32]) {
+    let cols = *t.shape.last().unwrap_or(&1);
+    t.read_f32_range(at, out);
+    tz.pass_slice(at, out, cols, 0.0, Rule::Move { to: s }, None);
+}
+
+/// `perturbed_range` from normals `z` of the same elements drawn beforehand.
+pub(super) fn perturbed_range_drawn(
+    t: &HostTensor,
+    tz: &TensorZ,
+    s: f32,
+    at: usize,
+    z: &[f32],
+    out: &mut [f32],
+) {
+    t.read_f32_range(at, out);
+    tz.pass_drawn(out, z, 0.0, Rule::Move { to: s });
 }
 
 /// `perturbed_copy` from normals `z` of the same elements drawn beforehand.
@@ -215,10 +231,7 @@ fn perturbed_copy_drawn(
     out.par_chunks_mut(COPY_CHUNK)
         .zip(z.par_chunks(COPY_CHUNK))
         .enumerate()
-        .for_each(|(c, (w, z))| {
-            t.read_f32_range(start + c * COPY_CHUNK, w);
-            tz.pass_drawn(w, z, 0.0, Rule::Move { to: s });
-        });
+        .for_each(|(c, (w, z))| perturbed_range_drawn(t, tz, s, start + c * COPY_CHUNK, z, w));
 }
 
 /// The LM head as a fused forward sees it, perturbed a block at a time: a tile at a time
@@ -236,11 +249,8 @@ impl HeadBlocks for PerturbedHead<'_, '_> {
         let (head, tz, s) = (self.head, self.tz, self.s);
         if self.tiles {
             let d = head.shape[1];
-            let build = |r0: usize, out: &mut [f32]| {
-                let at = (v0 + r0) * d;
-                head.read_f32_range(at, out);
-                tz.pass_slice(at, out, d, 0.0, Rule::Move { to: s }, None);
-            };
+            let build =
+                |r0: usize, out: &mut [f32]| perturbed_range(head, tz, s, (v0 + r0) * d, out);
             return product(WeightRows::Built(&build));
         }
         let block = self.hook.perturbed_head_block(head, tz, s, v0, rows);
@@ -365,10 +375,8 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
                 // whole copy `param` would make.
                 let (tz, s) = self.perturbation(w, id)?;
                 let cols = w.shape[1];
-                let build = |n0: usize, rows: &mut [f32]| {
-                    w.read_f32_range(n0 * cols, rows);
-                    tz.pass_slice(n0 * cols, rows, cols, 0.0, Rule::Move { to: s }, None);
-                };
+                let build =
+                    |n0: usize, rows: &mut [f32]| perturbed_range(w, &tz, s, n0 * cols, rows);
                 return b.matmul_built(x, &w.name, &w.shape, &build, out);
             }
             let w = self.param(b, w, id)?;

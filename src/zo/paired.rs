@@ -9,8 +9,7 @@
 //! matrices) is cheap to rebuild and rides on each stream's own fused hook.
 
 use super::direction::TensorZ;
-use super::hook::{FusedHook, COPY_CHUNK};
-use super::passes::Rule;
+use super::hook::{perturbed_range_drawn, FusedHook, COPY_CHUNK};
 use super::ZoOptimizer;
 use crate::backend::cpu::gemm_bf16::WeightRows;
 use crate::backend::cpu::head::{self, HeadBlocks};
@@ -212,8 +211,7 @@ impl LinearHook<CpuBackend> for PairedFusedHook<'_> {
             let cols = w.shape[1];
             let build = |n0: usize, rows: &mut [f32]| {
                 let at = n0 * cols;
-                w.read_f32_range(at, rows);
-                tz.pass_drawn(rows, &z[at..at + rows.len()], 0.0, Rule::Move { to: s });
+                perturbed_range_drawn(w, &tz, s, at, &z[at..at + rows.len()], rows)
             };
             return b.matmul_built(x, &w.name, &w.shape, &build, out);
         }
@@ -261,8 +259,7 @@ impl HeadBlocks for PairedHead<'_, '_> {
             // `head_block_from_drawn`'s bits, a tile at a time inside the GEMM.
             let build = |r0: usize, out: &mut [f32]| {
                 let at = r0 * d;
-                head.read_f32_range(v0 * d + at, out);
-                tz.pass_drawn(out, &z[at..at + out.len()], 0.0, Rule::Move { to: s });
+                perturbed_range_drawn(head, tz, s, v0 * d + at, &z[at..at + out.len()], out)
             };
             return product(WeightRows::Built(&build));
         }
