@@ -266,9 +266,11 @@ fn bf16_matmul_tracks_f32_matmul() {
 
 /// A weight built a tile of rows at a time gives the stored weight's product bit for bit
 /// (rows past one tile, a short last tile, an odd k), and the f32 GEMM, which takes w whole,
-/// refuses one with the weight's name.
+/// refuses one with the weight's name; so do rows handed over as a plain slice, and a slice of
+/// the wrong length is refused with the weight's name.
 #[test]
 fn a_weight_built_by_tiles_equals_the_stored_weight() {
+    use zoft::backend::cpu::gemm_bf16::WeightRows;
     use zoft::backend::cpu::{CpuBackend, Matmul};
     use zoft::backend::{mem::Tag, Backend};
     let (m, n, k) = (19, 101, 75);
@@ -284,10 +286,32 @@ fn a_weight_built_by_tiles_equals_the_stored_weight() {
     let xa = f32_backend.from_host(&x, m, k, Tag::Activations).unwrap();
     let mut out = f32_backend.alloc(m, n, Tag::Activations).unwrap();
     let e = f32_backend
-        .matmul_built(&xa, "layers.0.w", &[n, k], &build, &mut out)
+        .matmul_weight_rows(
+            &xa,
+            "layers.0.w",
+            &[n, k],
+            WeightRows::Built(&build),
+            &mut out,
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains("layers.0.w") && e.contains("bf16"), "{e}");
+    let short = WeightRows::Stored(&w[..n * k - 1]);
+    let e = f32_backend
+        .matmul_weight_rows(&xa, "layers.1.w", &[n, k], short, &mut out)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("layers.1.w") && e.contains("[101, 75]"), "{e}");
+    let mut want_f32 = f32_backend.alloc(m, n, Tag::Activations).unwrap();
+    f32_backend.matmul(&xa, &wt, &mut want_f32).unwrap();
+    out.data.fill(f32::NAN);
+    f32_backend
+        .matmul_weight_rows(&xa, "w", &[n, k], WeightRows::Stored(&w), &mut out)
+        .unwrap();
+    assert!(
+        out.data == want_f32.data,
+        "stored rows and the tensor give different products"
+    );
     let Ok(be) = CpuBackend::with_matmul(Matmul::Bf16) else {
         eprintln!("built weights skipped: this CPU lacks AVX512-BF16");
         return;
@@ -296,7 +320,7 @@ fn a_weight_built_by_tiles_equals_the_stored_weight() {
     be.matmul(&xa, &wt, &mut want).unwrap();
     let mut got = be.alloc(m, n, Tag::Activations).unwrap();
     got.data.fill(f32::NAN);
-    be.matmul_built(&xa, "w", &[n, k], &build, &mut got)
+    be.matmul_weight_rows(&xa, "w", &[n, k], WeightRows::Built(&build), &mut got)
         .unwrap();
     let same = got
         .data
@@ -304,6 +328,13 @@ fn a_weight_built_by_tiles_equals_the_stored_weight() {
         .zip(&want.data)
         .all(|(a, b)| a.to_bits() == b.to_bits());
     assert!(same, "built and stored weights give different products");
+    got.data.fill(f32::NAN);
+    be.matmul_weight_rows(&xa, "w", &[n, k], WeightRows::Stored(&w), &mut got)
+        .unwrap();
+    assert!(
+        got.data == want.data,
+        "stored rows and the tensor give different products"
+    );
 }
 
 #[test]

@@ -202,15 +202,15 @@ fn paired_hook_sees_what_a_fused_hook_per_sign_sees_through_head_blocks() {
     }
 }
 
-/// Floats in one layer's matrices, the most normals a paired forward may hold besides a block
-/// of head rows.
+/// Floats in one layer's matrices, the most second-stream weights a paired forward may hold
+/// besides a block of head rows.
 fn layer_matrix_floats(cfg: &LlamaConfig) -> usize {
     let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
     2 * cfg.q_dim() * d + 2 * cfg.kv_dim() * d + 3 * f * d
 }
 
 #[test]
-fn a_paired_step_holds_one_layer_of_normals_and_gives_them_back() {
+fn a_paired_step_holds_one_layer_of_weights_for_its_second_stream_and_gives_them_back() {
     let mut cfg = tiny_config();
     cfg.num_hidden_layers = 4;
     let bt = batch(&cfg, 3);

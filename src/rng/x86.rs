@@ -380,9 +380,15 @@ impl PhiloxLanes for F16 {
 /// The round keys, each word broadcast to every u32 lane.
 type RoundKeys<V> = [(<V as Lanes>::Bits, <V as Lanes>::Bits); 10];
 
+/// A plain loop rather than `array::map`, whose out-of-line helper is compiled without the
+/// caller's vector features: it cost about as much as the normals of a 256-element segment.
 #[inline(always)]
 fn round_keys<V: PhiloxLanes>(p: &Philox) -> RoundKeys<V> {
-    super::round_keys(p.key).map(|(k0, k1)| (V::splat_bits(k0), V::splat_bits(k1)))
+    let mut keys = [(V::splat_bits(0), V::splat_bits(0)); 10];
+    for (k, &(k0, k1)) in keys.iter_mut().zip(&super::round_keys(p.key)) {
+        *k = (V::splat_bits(k0), V::splat_bits(k1));
+    }
+    keys
 }
 
 /// Philox-4x32-10 over blocks first .. first + V::BLOCKS: the four words, one block a lane.

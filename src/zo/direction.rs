@@ -155,6 +155,26 @@ wide! {
     }
 }
 
+wide! {
+    /// out = w0 + s z element by element, read from `w0` where `unperturb_apply` with offset 0
+    /// and `Rule::Move { to: s }` would have read a copy of it in `out`: the same operations,
+    /// so the same bits (signed zeros included), without writing and rereading the copy.
+    fn perturb_from(w0: &[f32], z: &[f32], s: f32, threshold: Option<f32>, out: &mut [f32]) {
+        let elems = out.iter_mut().zip(w0.iter().zip(z));
+        let moved = |w: f32, z: f32| Rule::Move { to: s }.apply(w - 0.0 * z, z, None);
+        match threshold {
+            None => elems.for_each(|(o, (&w, &z))| *o = moved(w, z)),
+            Some(h) => elems.for_each(|(o, (&w, &z))| {
+                *o = if (w - 0.0 * z).abs() <= h {
+                    moved(w, z)
+                } else {
+                    Rule::Move { to: s }.apply(w, 0.0, None)
+                }
+            }),
+        }
+    }
+}
+
 /// w <- rule(w0, z) over a segment, with (w0, z) = unperturbed(w, z) of each element.
 /// Inlined into each `wide!` variant of `unperturb_apply`, so it runs at that one's width.
 #[inline(always)]
@@ -228,8 +248,9 @@ pub fn for_each_chunk(t: &mut HostTensor, run: impl Fn(usize, &mut [f32]) + Sync
         });
 }
 
-/// A raw pointer to per-element optimizer state, shared by the parallel chunks of one pass.
-/// Each element index is touched by exactly one chunk, which is what makes `slice` sound.
+/// A raw pointer to per-element f32 data (optimizer state, or a perturbed copy being written
+/// tile by tile), shared by the parallel chunks of one pass. Each element index is touched by
+/// exactly one chunk, which is what makes `slice` sound.
 #[derive(Clone, Copy)]
 pub struct ElemState(*mut f32);
 unsafe impl Send for ElemState {}
@@ -289,24 +310,87 @@ impl TensorZ {
         });
     }
 
-    /// The normals behind a dense or sparse z at elements start .. start + out.len(), before
-    /// any mask: a paired forward draws them once for both of its perturbations and applies
-    /// them with `pass_drawn`. Low-rank z has no such normals.
-    pub fn draw(&self, start: usize, out: &mut [f32]) {
-        match self {
-            TensorZ::Dense(s) | TensorZ::Sparse(s, _) => s.fill_normal(start as u64, out),
-            TensorZ::LowRank(..) => panic!("a low-rank z is not drawn element by element"),
+    /// The perturbed weights w0 + s z of elements start .. start + out.len() into `out`, read
+    /// from `w0` (those elements of an f32 tensor): the bits `pass_slice` with offset 0 and
+    /// `Rule::Move { to: s }` leaves on a copy of `w0`, without the copy. Dense and sparse z.
+    pub fn perturbed_from(&self, start: usize, w0: &[f32], s: f32, out: &mut [f32]) {
+        assert_eq!(w0.len(), out.len(), "perturbed_from: lengths differ");
+        let h = self.threshold();
+        self.segments(start, w0.len(), Some(w0), |r, z| {
+            perturb_from(&w0[r.clone()], z, s, h, &mut out[r])
+        });
+    }
+
+    /// `perturbed_from` at two scales from one draw of z: w0 + s[0] z into `out` and
+    /// w0 + s[1] z into `other` (a paired forward's two streams), each with its own bits.
+    pub fn perturbed_pair_from(
+        &self,
+        start: usize,
+        w0: &[f32],
+        s: [f32; 2],
+        out: &mut [f32],
+        other: &mut [f32],
+    ) {
+        assert!(w0.len() == out.len() && w0.len() == other.len());
+        let h = self.threshold();
+        self.segments(start, w0.len(), Some(w0), |r, z| {
+            perturb_from(&w0[r.clone()], z, s[0], h, &mut out[r.clone()]);
+            perturb_from(&w0[r.clone()], z, s[1], h, &mut other[r]);
+        });
+    }
+
+    /// `perturbed_pair_from` where `other` holds w0 on entry (a tensor stored in another
+    /// dtype, decoded there) and is moved in place.
+    pub fn perturbed_pair_in_place(
+        &self,
+        start: usize,
+        s: [f32; 2],
+        out: &mut [f32],
+        other: &mut [f32],
+    ) {
+        assert_eq!(out.len(), other.len());
+        let h = self.threshold();
+        // Freshly decoded, so in cache: nothing to prefetch.
+        self.segments(start, out.len(), None, |r, z| {
+            perturb_from(&other[r.clone()], z, s[0], h, &mut out[r.clone()]);
+            let rule = Rule::Move { to: s[1] };
+            unperturb_apply(&mut other[r], z, 0.0, h, rule, &mut [], &mut []);
+        });
+    }
+
+    /// Runs `each(range, z)` over elements start .. start + len of a dense or sparse z, a
+    /// segment at a time (ranges relative to `start`), prefetching `ahead` (the weights being
+    /// read) while each segment's normals are generated.
+    fn segments(
+        &self,
+        start: usize,
+        len: usize,
+        ahead: Option<&[f32]>,
+        mut each: impl FnMut(std::ops::Range<usize>, &[f32]),
+    ) {
+        let normals = match self {
+            TensorZ::Dense(p) | TensorZ::Sparse(p, _) => p,
+            TensorZ::LowRank(..) => panic!("a low-rank z is built by rows in pass_slice"),
+        };
+        let mut dense = [0.0f32; SEGMENT];
+        for k in (0..len).step_by(SEGMENT) {
+            let n = SEGMENT.min(len - k);
+            if let Some(w) = ahead {
+                let at = (k + PREFETCH_AHEAD).min(len);
+                crate::backend::cpu::simd::prefetch(&w[at..len.min(at + n)]);
+            }
+            let z = &mut dense[..n];
+            normals.fill_normal((start + k) as u64, z);
+            each(k..k + n, z);
         }
     }
 
-    /// `pass_slice` (without moments) with `z` drawn beforehand by `draw` over the same
-    /// elements: the same bits.
-    pub fn pass_drawn(&self, w: &mut [f32], z: &[f32], offset: f32, rule: Rule) {
-        let threshold = match self {
+    /// The sparse mask's threshold h, if z is sparse.
+    fn threshold(&self) -> Option<f32> {
+        match self {
             TensorZ::Sparse(_, h) => Some(*h),
             _ => None,
-        };
-        unperturb_apply(w, z, offset, threshold, rule, &mut [], &mut []);
+        }
     }
 
     /// `pass` over elements [start, start + w.len()) of a tensor with rows of `cols`
@@ -321,10 +405,7 @@ impl TensorZ {
         rule: Rule,
         mut moments: Option<(&mut [f32], &mut [f32])>,
     ) {
-        let threshold = match self {
-            TensorZ::Sparse(_, h) => Some(*h),
-            _ => None,
-        };
+        let threshold = self.threshold();
         let mut dense = [0.0f32; SEGMENT];
         let mut row = match self {
             TensorZ::LowRank(..) => vec![0.0f32; cols],
@@ -524,6 +605,57 @@ mod tests {
                     if let Rule::Adam(_) = rule {
                         same_bits(&mp, &me[range.clone()], &format!("{what}: slice m"));
                         same_bits(&vp, &ve[range], &format!("{what}: slice v"));
+                    }
+                }
+            }
+        }
+        force(Level::Avx512);
+    }
+
+    #[test]
+    fn perturbed_copies_from_the_weights_are_move_passes_on_copies_at_every_vector_width() {
+        let (rows, cols) = (7, 300);
+        let n = rows * cols;
+        let mut w = vec![0.0f32; n];
+        Philox::new(1, 0, 0).fill_normal(0, &mut w);
+        // Signed zeros, where w - 0 z and w differ in the sign bit, and weights on the mask's
+        // edge.
+        for j in (0..n).step_by(37) {
+            w[j] = if j % 2 == 0 { -0.0 } else { 0.0 };
+        }
+        w[5] = 0.6;
+        w[6] = -0.6;
+        let t = HostTensor::from_f32("w", vec![rows, cols], &w);
+        let key = StepKey { seed: 9, step: 3 };
+        for spec in [ZSpec::Dense, ZSpec::Sparse { threshold: 0.6 }] {
+            let tz = TensorZ::from_spec(&t, 5, key, spec).unwrap();
+            for s in [-2e-3, 0.0, 1e-3] {
+                for level in [Level::Baseline, Level::Avx2, Level::Avx512] {
+                    force(level);
+                    for (start, len) in [(0, n), (301, 1000)] {
+                        let what = format!("{spec:?} s {s} at {level:?}, {start}+{len}");
+                        let w0 = &w[start..start + len];
+                        let mut expect = w0.to_vec();
+                        tz.pass_slice(start, &mut expect, cols, 0.0, Rule::Move { to: s }, None);
+                        let mut got = vec![f32::NAN; len];
+                        tz.perturbed_from(start, w0, s, &mut got);
+                        same_bits(&got, &expect, &format!("{what}: one scale"));
+                        // Two scales from one draw, from the weights or in place.
+                        let mut expect_other = w0.to_vec();
+                        let rule = Rule::Move { to: 0.5 };
+                        tz.pass_slice(start, &mut expect_other, cols, 0.0, rule, None);
+                        let (mut got, mut got_other) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+                        tz.perturbed_pair_from(start, w0, [s, 0.5], &mut got, &mut got_other);
+                        same_bits(&got, &expect, &format!("{what}: pair"));
+                        same_bits(&got_other, &expect_other, &format!("{what}: pair, other"));
+                        let (mut got, mut got_other) = (vec![f32::NAN; len], w0.to_vec());
+                        tz.perturbed_pair_in_place(start, [s, 0.5], &mut got, &mut got_other);
+                        same_bits(&got, &expect, &format!("{what}: pair in place"));
+                        same_bits(
+                            &got_other,
+                            &expect_other,
+                            &format!("{what}: pair in place, other"),
+                        );
                     }
                 }
             }

@@ -124,34 +124,34 @@ impl<'a> FusedHook<'a> {
         self.head_block_rows
     }
 
-    /// w + s z in the scratch buffer, from normals `z` of the whole tensor drawn beforehand
-    /// (`TensorZ::draw`): the bits `param` builds for a hook of scale s. The scale is the
-    /// caller's, so a paired forward builds both streams' copies in one buffer.
-    pub(super) fn param_from_drawn(
+    /// w + s[0] z in the scratch buffer and w + s[1] z in `other`, from one draw of z: the
+    /// bits `param` builds for hooks of those scales. A paired forward's first stream builds
+    /// its own copy here and the second stream's beside it.
+    pub(super) fn param_pair(
         &mut self,
         w: &HostTensor,
         tz: &TensorZ,
-        z: &[f32],
-        s: f32,
+        s: [f32; 2],
+        other: &mut [f32],
     ) -> &HostTensor {
         let copy = self.scratch_as(&w.name, &w.shape);
-        perturbed_copy_drawn(w, tz, s, 0, z, copy);
+        perturbed_copy_pair(w, tz, s, 0, copy, other);
         &self.scratch
     }
 
-    /// The LM head's vocabulary rows v0 .. v0 + rows plus s z, from normals `z` of those rows
-    /// drawn beforehand: the bits of `perturbed_head_block` at scale s.
-    pub(super) fn head_block_from_drawn(
+    /// `param_pair` of the LM head's vocabulary rows v0 .. v0 + rows: the bits of
+    /// `perturbed_head_block` at each scale.
+    pub(super) fn head_block_pair(
         &mut self,
         head: &HostTensor,
         tz: &TensorZ,
         (v0, rows): (usize, usize),
-        z: &[f32],
-        s: f32,
+        s: [f32; 2],
+        other: &mut [f32],
     ) -> &[f32] {
         let d = head.shape[1];
         let w = self.scratch_as("lm_head block", &[rows, d]);
-        perturbed_copy_drawn(head, tz, s, v0 * d, z, w);
+        perturbed_copy_pair(head, tz, s, v0 * d, w, other);
         w
     }
 
@@ -195,43 +195,52 @@ fn perturbed_copy(t: &HostTensor, tz: &TensorZ, s: f32, start: usize, out: &mut 
 /// `perturbed_copy` of elements at .. at + out.len() on the calling thread: one chunk of a
 /// whole copy, or one tile a GEMM builds as it packs it (`WeightRows::Built`).
 pub(super) fn perturbed_range(t: &HostTensor, tz: &TensorZ, s: f32, at: usize, out: &mut [f32]) {
-    let cols = *t.shape.last().unwrap_or(&1);
-    t.read_f32_range(at, out);
-    tz.pass_slice(at, out, cols, 0.0, Rule::Move { to: s }, None);
+    match (t.f32s(), tz) {
+        // Straight from the stored weights, without copying them into `out` first.
+        (Some(w), TensorZ::Dense(_) | TensorZ::Sparse(..)) => {
+            tz.perturbed_from(at, &w[at..at + out.len()], s, out)
+        }
+        _ => {
+            let cols = *t.shape.last().unwrap_or(&1);
+            t.read_f32_range(at, out);
+            tz.pass_slice(at, out, cols, 0.0, Rule::Move { to: s }, None);
+        }
+    }
 }
 
-/// `perturbed_range` from normals `z` of the same elements drawn beforehand.
-pub(super) fn perturbed_range_drawn(
+/// `perturbed_range` at two scales from one draw of z: w + s[0] z into `out` and w + s[1] z
+/// into `other`.
+pub(super) fn perturbed_range_pair(
     t: &HostTensor,
     tz: &TensorZ,
-    s: f32,
+    s: [f32; 2],
     at: usize,
-    z: &[f32],
     out: &mut [f32],
+    other: &mut [f32],
 ) {
-    t.read_f32_range(at, out);
-    tz.pass_drawn(out, z, 0.0, Rule::Move { to: s });
+    match t.f32s() {
+        Some(w) => tz.perturbed_pair_from(at, &w[at..at + out.len()], s, out, other),
+        None => {
+            t.read_f32_range(at, other);
+            tz.perturbed_pair_in_place(at, s, out, other);
+        }
+    }
 }
 
-/// `perturbed_copy` from normals `z` of the same elements drawn beforehand.
-fn perturbed_copy_drawn(
+/// `perturbed_copy` at two scales from one draw of z (see `perturbed_range_pair`).
+fn perturbed_copy_pair(
     t: &HostTensor,
     tz: &TensorZ,
-    s: f32,
+    s: [f32; 2],
     start: usize,
-    z: &[f32],
     out: &mut [f32],
+    other: &mut [f32],
 ) {
-    assert_eq!(
-        z.len(),
-        out.len(),
-        "{}: normals drawn for another range",
-        t.name
-    );
+    assert_eq!(out.len(), other.len(), "{}: copies of two sizes", t.name);
     out.par_chunks_mut(COPY_CHUNK)
-        .zip(z.par_chunks(COPY_CHUNK))
+        .zip(other.par_chunks_mut(COPY_CHUNK))
         .enumerate()
-        .for_each(|(c, (w, z))| perturbed_range_drawn(t, tz, s, start + c * COPY_CHUNK, z, w));
+        .for_each(|(c, (w, o))| perturbed_range_pair(t, tz, s, start + c * COPY_CHUNK, w, o));
 }
 
 /// The LM head as a fused forward sees it, perturbed a block at a time: a tile at a time
@@ -377,7 +386,7 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
                 let cols = w.shape[1];
                 let build =
                     |n0: usize, rows: &mut [f32]| perturbed_range(w, &tz, s, n0 * cols, rows);
-                return b.matmul_built(x, &w.name, &w.shape, &build, out);
+                return b.matmul_weight_rows(x, &w.name, &w.shape, WeightRows::Built(&build), out);
             }
             let w = self.param(b, w, id)?;
             return b.matmul(x, w, out);

@@ -75,10 +75,11 @@ pub enum Perturb {
     Inplace,
     /// Weights are written only by the update; each parameter use adds s*eps*z on the fly.
     Fused,
-    /// Fused, with the two forwards run in lockstep a block at a time, so that the normals of
-    /// z are drawn once for both (see `zo::paired`). The same losses and weights as `Fused`,
-    /// for a second residual stream and one layer's normals of memory. A backend without a
-    /// paired hook, or an objective without a paired form, runs it as `Fused`.
+    /// Fused, with the two forwards run in lockstep a block at a time, so that z is drawn
+    /// once for both: the first stream builds the second's perturbed weights beside its own
+    /// (see `zo::paired`). The same losses and weights as `Fused`, for a second residual
+    /// stream and one layer's matrices of memory. A backend without a paired hook, or an
+    /// objective without a paired form, runs it as `Fused`.
     Paired,
 }
 

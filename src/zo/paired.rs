@@ -1,15 +1,19 @@
 //! `--perturb paired` on the CPU: the fused perturbation with the step's two forwards run in
-//! lockstep (`Llama::hidden_paired`). The normals of each group's matrices are drawn once and
-//! serve both w + eps z and w - eps z, so a step draws its dense or sparse z twice (the paired
-//! forward and the update) where the fused mode draws it three times. Each perturbed copy has
-//! the bits the fused mode builds, so the two modes give the same losses and the same weights.
+//! lockstep (`Llama::hidden_paired`). Whichever stream reaches a matrix first draws its z once
+//! and builds both w + eps z, for itself (a tile at a time inside the bf16 GEMM, else in
+//! scratch), and w - eps z, which it leaves for the other stream; so a step draws its dense or
+//! sparse z twice (the paired forward and the update) where the fused mode draws it three
+//! times, and the second stream reads its weights instead of rebuilding them. Each perturbed
+//! weight has the bits the fused mode builds, so the two modes give the same losses and the
+//! same weights.
 //!
-//! The extra memory is the normals of one group (at most one layer's MLP, three matrices) and
-//! of one block of LM-head rows, beside the forward's second residual stream. Low-rank z (TeZO's
-//! matrices) is cheap to rebuild and rides on each stream's own fused hook.
+//! The extra memory is the second stream's weights of one group (at most one layer's MLP,
+//! three matrices) and of one block of LM-head rows, beside the forward's second residual
+//! stream. Low-rank z (TeZO's matrices) is cheap to rebuild and rides on each stream's own
+//! fused hook.
 
-use super::direction::TensorZ;
-use super::hook::{perturbed_range_drawn, FusedHook, COPY_CHUNK};
+use super::direction::{ElemState, TensorZ};
+use super::hook::{perturbed_range_pair, FusedHook};
 use super::ZoOptimizer;
 use crate::backend::cpu::gemm_bf16::WeightRows;
 use crate::backend::cpu::head::{self, HeadBlocks};
@@ -19,31 +23,33 @@ use crate::backend::{Backend, LinearHook, PairedHook, ParamId};
 use crate::model::HostTensor;
 use crate::zo::direction::StepKey;
 use anyhow::Result;
-use rayon::prelude::*;
 use std::sync::Arc;
 
-/// Normals drawn for one tensor, in the first `len` elements of a reusable buffer.
-struct Drawn {
+/// One stream's perturbed weights of one tensor, built by the other stream from the same draw
+/// of z, in the first `len` elements of a reusable buffer.
+struct Held {
     id: ParamId,
+    /// The stream they are for.
+    stream: usize,
     len: usize,
     buf: Vec<f32>,
 }
 
 pub struct PairedFusedHook<'a> {
-    /// Stream 0 sees w + eps z, stream 1 sees w - eps z. The perturbed copies built from
-    /// drawn normals go to stream 0's scratch buffer whatever the stream, since the streams
+    /// Stream 0 sees w + eps z, stream 1 sees w - eps z. A stream's own perturbed copy (with
+    /// the f32 GEMM) goes to stream 0's scratch buffer whatever the stream, since the streams
     /// run one after the other.
     streams: [FusedHook<'a>; 2],
     /// The stream the model runs now (set by `stream`).
     current: usize,
-    /// The current group's normals.
-    drawn: Vec<Drawn>,
+    /// The weights the current group has built for its second stream.
+    held: Vec<Held>,
     /// Buffers of earlier groups, kept so that each group does not allocate (and fault in)
     /// its buffers afresh.
     spare: Vec<Vec<f32>>,
-    /// Normals of one block of LM-head rows.
-    head_z: Vec<f32>,
-    /// Bytes of drawn, spare and head_z, as accounted under `Tag::Scratch`.
+    /// The second stream's rows of one LM-head block.
+    head_held: Vec<f32>,
+    /// Bytes of held, spare and head_held, as accounted under `Tag::Scratch`.
     bytes: usize,
     mem: Arc<MemCounters>,
 }
@@ -56,9 +62,9 @@ impl<'a> PairedFusedHook<'a> {
                 FusedHook::new(opt, key, -eps, backend),
             ],
             current: 0,
-            drawn: vec![],
+            held: vec![],
             spare: vec![],
-            head_z: vec![],
+            head_held: vec![],
             bytes: 0,
             mem: backend.mem.clone(),
         }
@@ -72,9 +78,12 @@ impl<'a> PairedFusedHook<'a> {
         self
     }
 
-    /// The signed perturbation size of stream `s`.
-    fn scale(&self, s: usize) -> f32 {
-        self.streams[s].view().scale
+    /// The signed perturbation sizes of stream `s` and of the other stream.
+    fn scales(&self, s: usize) -> [f32; 2] {
+        [
+            self.streams[s].view().scale,
+            self.streams[1 - s].view().scale,
+        ]
     }
 
     /// The element-wise z both streams share for parameter `id`, if it has one (a moving
@@ -87,12 +96,17 @@ impl<'a> PairedFusedHook<'a> {
         Ok(Some(TensorZ::from_spec(w, id, v.key, v.elem_z(id))?))
     }
 
-    /// The index in `drawn` of parameter `id`'s normals, drawing them if this group has not.
-    fn draw(&mut self, w: &HostTensor, id: ParamId, tz: &TensorZ) -> usize {
-        if let Some(k) = self.drawn.iter().position(|d| d.id == id) {
-            return k;
+    /// A buffer of `len` elements for stream `stream`'s weights of parameter `id`, as the
+    /// index of its entry in `held`.
+    fn hold(&mut self, id: ParamId, stream: usize, len: usize) -> usize {
+        if let Some(k) = self
+            .held
+            .iter()
+            .position(|h| h.id == id && h.stream == stream)
+        {
+            let stale = self.held.swap_remove(k);
+            self.spare.push(stale.buf);
         }
-        let len = w.shape.iter().product();
         // The smallest spare buffer that fits, else the largest one grown.
         let fits = |b: &&Vec<f32>| b.len() >= len;
         let pick = (self.spare.iter().filter(fits).map(Vec::len).min())
@@ -102,17 +116,21 @@ impl<'a> PairedFusedHook<'a> {
         if buf.len() < len {
             buf.resize(len, 0.0);
         }
-        draw_into(tz, 0, &mut buf[..len]);
-        self.drawn.push(Drawn { id, len, buf });
+        self.held.push(Held {
+            id,
+            stream,
+            len,
+            buf,
+        });
         self.account();
-        self.drawn.len() - 1
+        self.held.len() - 1
     }
 
     /// Brings the `Tag::Scratch` account to the bytes now held.
     fn account(&mut self) {
-        let floats = self.drawn.iter().map(|d| d.buf.len()).sum::<usize>()
+        let floats = self.held.iter().map(|h| h.buf.len()).sum::<usize>()
             + self.spare.iter().map(Vec::len).sum::<usize>()
-            + self.head_z.len();
+            + self.head_held.len();
         let bytes = floats * 4;
         if bytes > self.bytes {
             self.mem.add(Tag::Scratch, bytes - self.bytes);
@@ -122,23 +140,16 @@ impl<'a> PairedFusedHook<'a> {
         self.bytes = bytes;
     }
 
-    /// Room in `head_z` for one block of the head's rows.
+    /// Room in `head_held` for one block of the head's rows.
     fn reserve_head_block(&mut self, head: &HostTensor) -> usize {
         let (vocab, d) = (head.shape[0], head.shape[1]);
         let block = self.streams[0].head_block_rows().min(vocab);
-        if self.head_z.len() < block * d {
-            self.head_z.resize(block * d, 0.0);
+        if self.head_held.len() < block * d {
+            self.head_held.resize(block * d, 0.0);
             self.account();
         }
         block
     }
-}
-
-/// The normals of elements start .. start + out.len() of `tz`, on every thread.
-fn draw_into(tz: &TensorZ, start: usize, out: &mut [f32]) {
-    out.par_chunks_mut(COPY_CHUNK)
-        .enumerate()
-        .for_each(|(c, z)| tz.draw(start + c * COPY_CHUNK, z));
 }
 
 impl Drop for PairedFusedHook<'_> {
@@ -203,44 +214,43 @@ impl LinearHook<CpuBackend> for PairedFusedHook<'_> {
         let Some(tz) = self.shared_z(w, id)? else {
             return self.streams[self.current].linear(b, x, w, id, out);
         };
-        let k = self.draw(w, id, &tz);
-        let z = &self.drawn[k].buf[..self.drawn[k].len];
-        let s = self.scale(self.current);
+        let s = self.current;
+        if let Some(h) = self.held.iter().find(|h| h.id == id && h.stream == s) {
+            let weights = WeightRows::Stored(&h.buf[..h.len]);
+            return b.matmul_weight_rows(x, &w.name, &w.shape, weights, out);
+        }
+        let len = w.shape.iter().product();
+        let k = self.hold(id, 1 - s, len);
+        let scales = self.scales(s);
         if b.packs_weight_tiles() {
-            // Each tile of w + s z is built as the GEMM packs it: `param_from_drawn`'s bits.
-            let cols = w.shape[1];
+            // Each tile of w + s z is built as the GEMM packs it, with the other stream's rows
+            // beside it: `param_pair`'s bits.
+            let (cols, other) = (w.shape[1], ElemState::new(&mut self.held[k].buf[..len]));
             let build = |n0: usize, rows: &mut [f32]| {
                 let at = n0 * cols;
-                perturbed_range_drawn(w, &tz, s, at, &z[at..at + rows.len()], rows)
+                // SAFETY: a GEMM builds each tile once, and its tiles are disjoint rows.
+                let other = unsafe { other.slice(at, rows.len()) };
+                perturbed_range_pair(w, &tz, scales, at, rows, other)
             };
-            return b.matmul_built(x, &w.name, &w.shape, &build, out);
+            return b.matmul_weight_rows(x, &w.name, &w.shape, WeightRows::Built(&build), out);
         }
-        let copy = self.streams[0].param_from_drawn(w, &tz, z, s);
+        let Self { streams, held, .. } = self;
+        let copy = streams[0].param_pair(w, &tz, scales, &mut held[k].buf[..len]);
         b.matmul(x, copy, out)
     }
 }
 
 /// The LM head as the two streams see it, a block at a time, from one draw of each block's
-/// normals.
+/// z: the first stream to ask for a block builds the other's rows beside its own.
 struct PairedHead<'h, 'a> {
     hook: &'h mut PairedFusedHook<'a>,
     head: &'h HostTensor,
     tz: &'h TensorZ,
-    /// The first vocabulary row of the block whose normals `hook.head_z` holds.
-    drawn_at: Option<usize>,
+    /// The first vocabulary row of the block whose rows `hook.head_held` holds, and the
+    /// stream they are for.
+    held: Option<(usize, usize)>,
     /// Whether the GEMM builds each tile of the perturbed block as it packs it.
     tiles: bool,
-}
-
-impl PairedHead<'_, '_> {
-    /// Draws the normals of rows v0 .. v0 + rows unless they are the ones held.
-    fn draw(&mut self, v0: usize, rows: usize) {
-        if self.drawn_at != Some(v0) {
-            let d = self.head.shape[1];
-            draw_into(self.tz, v0 * d, &mut self.hook.head_z[..rows * d]);
-            self.drawn_at = Some(v0);
-        }
-    }
 }
 
 impl HeadBlocks for PairedHead<'_, '_> {
@@ -251,19 +261,29 @@ impl HeadBlocks for PairedHead<'_, '_> {
         stream: usize,
         product: &mut dyn FnMut(WeightRows),
     ) {
-        self.draw(v0, rows);
         let (head, tz, d) = (self.head, self.tz, self.head.shape[1]);
-        let hook = &mut *self.hook;
-        let (z, s) = (&hook.head_z[..rows * d], hook.scale(stream));
+        let scales = self.hook.scales(stream);
+        let PairedFusedHook {
+            streams, head_held, ..
+        } = &mut *self.hook;
+        let other = &mut head_held[..rows * d];
+        if self.held == Some((v0, stream)) {
+            return product(WeightRows::Stored(other));
+        }
+        self.held = Some((v0, 1 - stream));
         if self.tiles {
-            // `head_block_from_drawn`'s bits, a tile at a time inside the GEMM.
+            // `head_block_pair`'s bits, a tile at a time inside the GEMM.
+            let other = ElemState::new(other);
             let build = |r0: usize, out: &mut [f32]| {
                 let at = r0 * d;
-                perturbed_range_drawn(head, tz, s, v0 * d + at, &z[at..at + out.len()], out)
+                // SAFETY: a GEMM builds each tile once, and its tiles are disjoint rows; the
+                // products of one block run one after another.
+                let other = unsafe { other.slice(at, out.len()) };
+                perturbed_range_pair(head, tz, scales, v0 * d + at, out, other)
             };
             return product(WeightRows::Built(&build));
         }
-        let block = hook.streams[0].head_block_from_drawn(head, tz, (v0, rows), z, s);
+        let block = streams[0].head_block_pair(head, tz, (v0, rows), scales, other);
         product(WeightRows::Stored(block))
     }
 }
@@ -276,8 +296,8 @@ impl PairedHook<CpuBackend> for PairedFusedHook<'_> {
     }
 
     fn next_group(&mut self) {
-        let drawn = std::mem::take(&mut self.drawn);
-        self.spare.extend(drawn.into_iter().map(|d| d.buf));
+        let held = std::mem::take(&mut self.held);
+        self.spare.extend(held.into_iter().map(|h| h.buf));
     }
 
     fn head_target_logprobs(
@@ -300,7 +320,7 @@ impl PairedHook<CpuBackend> for PairedFusedHook<'_> {
             hook: self,
             head,
             tz: &tz,
-            drawn_at: None,
+            held: None,
             tiles: b.packs_weight_tiles(),
         };
         head::target_logprobs_streams(b, hidden, targets, head.shape[0], block, &mut blocks)
@@ -326,7 +346,7 @@ impl PairedHook<CpuBackend> for PairedFusedHook<'_> {
             hook: self,
             head,
             tz: &tz,
-            drawn_at: None,
+            held: None,
             tiles: b.packs_weight_tiles(),
         };
         head::logits_rows_streams(b, hidden, rows, head.shape[0], block, &mut blocks)

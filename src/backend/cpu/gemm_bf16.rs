@@ -129,9 +129,10 @@ pub fn scratch_bytes(m: usize, k: usize, threads: usize, w: WeightRows) -> usize
 #[derive(Clone, Copy)]
 pub enum WeightRows<'a> {
     Stored(&'a [f32]),
-    /// `build(n0, rows)` writes rows n0 .. n0 + rows.len() / k of w into `rows`. It runs
-    /// inside the GEMM's parallel tasks, so it must not wait on rayon itself (the AMX kernel's
-    /// tile registers belong to the task running on the thread).
+    /// `build(n0, rows)` writes rows n0 .. n0 + rows.len() / k of w into `rows`, once for each
+    /// tile of one product (so a builder may also write what it makes of those rows elsewhere,
+    /// each tile's own part). It runs inside the GEMM's parallel tasks, so it must not wait on
+    /// rayon itself (the AMX kernel's tile registers belong to the task running on the thread).
     Built(&'a (dyn Fn(usize, &mut [f32]) + Sync)),
 }
 

@@ -198,35 +198,35 @@ impl CpuBackend {
     }
 
     /// Whether the GEMMs pack w a tile of rows at a time (`Matmul::Bf16`), so that
-    /// `matmul_built` never holds the whole of w.
+    /// `matmul_weight_rows` never holds the whole of a built w.
     pub fn packs_weight_tiles(&self) -> bool {
         self.matmul == Matmul::Bf16
     }
 
-    /// `matmul` for a w of `w_shape` [n][k] that `build(n0, rows)` writes a tile of rows at a
-    /// time, each tile only while the GEMM packs it (see `WeightRows::Built`). Needs
-    /// `packs_weight_tiles`.
-    pub fn matmul_built(
+    /// `matmul` for a w of `w_shape` [n][k] that is not a tensor: f32 rows in memory, or rows
+    /// that `build(n0, rows)` writes a tile at a time, each tile only while the GEMM packs it
+    /// (see `WeightRows::Built`; those need `packs_weight_tiles`). Errors name the weight.
+    pub fn matmul_weight_rows(
         &self,
         x: &CpuAct,
         name: &str,
         w_shape: &[usize],
-        build: &(dyn Fn(usize, &mut [f32]) + Sync),
+        w: WeightRows,
         out: &mut CpuAct,
     ) -> Result<()> {
         let (n, k) = super::check_matmul(name, w_shape, (x.rows, x.cols), (out.rows, out.cols))?;
-        ensure!(
-            self.packs_weight_tiles(),
-            "{name}: a weight built by tiles needs the bf16 GEMM"
-        );
-        self.matmul_rows(
-            &x.data,
-            WeightRows::Built(build),
-            &mut out.data,
-            x.rows,
-            n,
-            k,
-        );
+        match w {
+            WeightRows::Stored(rows) => ensure!(
+                rows.len() == n * k,
+                "{name}: {} values for a [{n}, {k}] weight",
+                rows.len()
+            ),
+            WeightRows::Built(_) => ensure!(
+                self.packs_weight_tiles(),
+                "{name}: a weight built by tiles needs the bf16 GEMM"
+            ),
+        }
+        self.matmul_rows(&x.data, w, &mut out.data, x.rows, n, k);
         Ok(())
     }
 
