@@ -8,7 +8,7 @@ use crate::data::sampler::{Sampler, SamplerState};
 use crate::data::{Example, Task};
 use crate::model::{safetensors_io, Llama};
 use crate::zo::passes::ZoBackend;
-use crate::zo::{Objective, ZoConfig, ZoOptimizer};
+use crate::zo::{Objective, Perturb, ZoConfig, ZoOptimizer};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -253,6 +253,20 @@ pub fn save_checkpoint<B: ZoBackend + 'static>(
         std::fs::remove_dir_all(&old)?;
     }
     Ok(())
+}
+
+/// What `--perturb auto` means for a run: a resumed run keeps the mode its checkpoint was
+/// trained in, so that it goes on as the uninterrupted run would whatever `Perturb::auto` picks
+/// on this machine now; a new run takes `Perturb::auto`.
+pub fn auto_perturb<B: ZoBackend>(
+    zo: &ZoConfig,
+    model: &Llama<B>,
+    resumed: Option<&TrainState>,
+) -> Perturb {
+    match resumed {
+        Some(state) => state.zo.perturb,
+        None => Perturb::auto(zo, &model.backend, &model.weights),
+    }
 }
 
 /// Reads a checkpoint's training state and optimizer state.

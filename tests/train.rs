@@ -7,8 +7,8 @@ use common::*;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use zoft::backend::cpu::CpuBackend;
-use zoft::model::{Llama, LlamaConfig, LlamaWeights};
-use zoft::train::{load_train_state, train};
+use zoft::model::{DType, Llama, LlamaConfig, LlamaWeights};
+use zoft::train::{auto_perturb, load_train_state, train};
 use zoft::zo::{Method, Perturb};
 
 fn load_ckpt(dir: &Path, cfg: &LlamaConfig) -> Llama<CpuBackend> {
@@ -239,4 +239,39 @@ fn empty_training_split_is_an_error() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("train split is empty"), "{err}");
+}
+
+/// `--perturb auto` on a resumed run keeps the checkpoint's mode (here in place, where auto
+/// would now pick fused for MeZO over bf16 GEMMs), so the resumed run goes on as it started.
+#[test]
+fn auto_perturb_on_resume_keeps_the_checkpoints_mode() {
+    let cfg = tiny_config();
+    let t = synthetic_task(&cfg);
+    let dir = scratch_dir("auto-resume");
+    let mut m = tiny_model(&cfg, 4);
+    let opts = train_options(Method::Mezo, Perturb::Inplace, 1, 0, &dir);
+    train(
+        &mut m,
+        &dir,
+        &t,
+        0,
+        &opts,
+        None,
+        &AtomicBool::new(false),
+        |_| {},
+    )
+    .unwrap();
+    let (state, _) = load_train_state(&dir.join("checkpoint")).unwrap();
+    assert_eq!(state.zo.perturb, Perturb::Inplace);
+    let Ok(tiles) = CpuBackend::with_matmul(zoft::backend::cpu::Matmul::Bf16) else {
+        eprintln!("skipped: this CPU lacks AVX512-BF16");
+        return;
+    };
+    let m = Llama::new(
+        cfg.clone(),
+        LlamaWeights::random(&cfg, 4, DType::F32),
+        tiles,
+    );
+    assert_eq!(auto_perturb(&opts.zo, &m, None), Perturb::Fused);
+    assert_eq!(auto_perturb(&opts.zo, &m, Some(&state)), Perturb::Inplace);
 }

@@ -580,7 +580,7 @@ fn bad_arguments_give_clear_errors() {
 }
 
 #[test]
-fn auto_perturb_is_in_place_for_f32_weights_and_fused_through_bf16_or_for_sparse_mezo() {
+fn auto_perturb_is_in_place_for_f32_weights_unless_the_gemm_builds_dense_z_and_fused_otherwise() {
     assert_eq!(Perturb::parse_or_auto("auto").unwrap(), None);
     assert_eq!(
         Perturb::parse_or_auto("fused").unwrap(),
@@ -594,14 +594,15 @@ fn auto_perturb_is_in_place_for_f32_weights_and_fused_through_bf16_or_for_sparse
         weight_decay,
         ..Default::default()
     };
+    let f32_gemms = CpuBackend::with_matmul(zoft::backend::cpu::Matmul::F32).unwrap();
     for method in [Method::Mezo, Method::Tezo] {
         let c = zc(method, 0.0);
-        assert_eq!(Perturb::auto::<CpuBackend>(&c, &f32_w), Perturb::Inplace);
-        assert_eq!(Perturb::auto::<CpuBackend>(&c, &bf16_w), Perturb::Fused);
+        assert_eq!(Perturb::auto(&c, &f32_gemms, &f32_w), Perturb::Inplace);
+        assert_eq!(Perturb::auto(&c, &f32_gemms, &bf16_w), Perturb::Fused);
     }
     // Sparse-MeZO cannot run in place (Method::runs_in_place).
     let c = zc(Method::SparseMezo, 0.0);
-    assert_eq!(Perturb::auto::<CpuBackend>(&c, &f32_w), Perturb::Fused);
+    assert_eq!(Perturb::auto(&c, &f32_gemms, &f32_w), Perturb::Fused);
     // One bf16 tensor among f32 ones is enough to drift.
     let mut mixed = LlamaWeights::random(&cfg, 1, DType::F32);
     let t = &mixed.layers[0].wq;
@@ -612,16 +613,35 @@ fn auto_perturb_is_in_place_for_f32_weights_and_fused_through_bf16_or_for_sparse
         DType::BF16,
     );
     assert_eq!(
-        Perturb::auto::<CpuBackend>(&zc(Method::Mezo, 0.0), &mixed),
+        Perturb::auto(&zc(Method::Mezo, 0.0), &f32_gemms, &mixed),
         Perturb::Fused
     );
     // TeZO's weight decay needs the in-place mode.
     let c = zc(Method::Tezo, 0.1);
-    assert_eq!(Perturb::auto::<CpuBackend>(&c, &bf16_w), Perturb::Inplace);
+    assert_eq!(Perturb::auto(&c, &f32_gemms, &bf16_w), Perturb::Inplace);
     ZoConfig {
-        perturb: Perturb::auto::<CpuBackend>(&c, &bf16_w),
+        perturb: Perturb::auto(&c, &f32_gemms, &bf16_w),
         ..c
     }
     .validate()
     .unwrap();
+    // Where the GEMM builds each perturbed tile (bf16 GEMMs), a dense z goes fused even
+    // through f32 weights; TeZO's low-rank z, a side product there, stays in place.
+    let Ok(tile_gemms) = CpuBackend::with_matmul(zoft::backend::cpu::Matmul::Bf16) else {
+        eprintln!("bf16 GEMM cases skipped: this CPU lacks AVX512-BF16");
+        return;
+    };
+    for (method, want) in [
+        (Method::Mezo, Perturb::Fused),
+        (Method::MezoAdam, Perturb::Fused),
+        (Method::SparseMezo, Perturb::Fused),
+        (Method::Tezo, Perturb::Inplace),
+        (Method::TezoAdam, Perturb::Inplace),
+    ] {
+        let c = zc(method, 0.0);
+        assert_eq!(Perturb::auto(&c, &tile_gemms, &f32_w), want, "{method:?}");
+        assert_eq!(Perturb::auto(&c, &tile_gemms, &bf16_w), Perturb::Fused);
+    }
+    let c = zc(Method::Tezo, 0.1);
+    assert_eq!(Perturb::auto(&c, &tile_gemms, &f32_w), Perturb::Inplace);
 }

@@ -384,7 +384,7 @@ fn train_on<B: ZoBackend + 'static>(
     let mut zo = zo;
     let auto = Perturb::parse_or_auto(&a.perturb)?.is_none();
     if auto {
-        zo.perturb = Perturb::auto::<B>(&zo, &model.weights);
+        zo.perturb = zoft::train::auto_perturb(&zo, &model, resume.as_ref().map(|(st, _)| st));
     }
     let task = a.task.load(&tok, &model.cfg)?;
     let stop = Arc::new(AtomicBool::new(false));

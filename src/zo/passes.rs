@@ -84,6 +84,12 @@ pub trait ZoBackend: Backend {
         None
     }
 
+    /// Whether a fused forward builds each perturbed weight inside the GEMM, as the GEMM packs
+    /// it, so that no perturbed copy is written (the CPU with bf16 GEMMs).
+    fn fused_builds_weights_in_gemm(&self) -> bool {
+        false
+    }
+
     /// A state vector holding `values`.
     fn zo_state(&self, values: &[f32]) -> Result<Self::State>;
     fn zo_state_to_host(&self, s: &Self::State) -> Result<Vec<f32>>;
@@ -151,6 +157,10 @@ pub fn abs_percentile(values: Vec<f32>, sparsity: f32) -> f32 {
 
 impl ZoBackend for CpuBackend {
     type State = Vec<f32>;
+
+    fn fused_builds_weights_in_gemm(&self) -> bool {
+        self.packs_weight_tiles()
+    }
 
     fn zo_state(&self, values: &[f32]) -> Result<Vec<f32>> {
         Ok(values.to_vec())
