@@ -428,25 +428,44 @@ unsafe fn normals<V: PhiloxLanes>(w: &[V::Bits; 4], out: *mut f32) {
     V::store_interleaved(c, s, out);
 }
 
-/// The normals of elements 4 * block .. 4 * block + out.len() (a multiple of BULK).
+/// The normals of elements 4 * block .. 4 * block + out.len() (a multiple of BULK), S
+/// independent Philox streams of V::BLOCKS blocks at a time, so that the multiplier pipes and
+/// the dividers always have work to overlap; a tail of two streams finishes it.
 #[inline(always)]
-fn fill_blocks<V: PhiloxLanes>(p: &Philox, block: u64, out: &mut [f32]) {
-    assert!(out.len().is_multiple_of(BULK) && (BULK / 4).is_multiple_of(2 * V::BLOCKS));
+fn fill_blocks<V: PhiloxLanes, const S: usize>(p: &Philox, block: u64, out: &mut [f32]) {
+    let per_stream = 4 * V::BLOCKS;
+    assert!(out.len().is_multiple_of(BULK) && BULK.is_multiple_of(2 * per_stream));
     let keys = round_keys::<V>(p);
-    let step = 4 * V::BLOCKS;
-    for (c, chunk) in out.chunks_exact_mut(BULK).enumerate() {
-        let first = block + (BULK / 4 * c) as u64;
-        for g in (0..BULK / 4).step_by(2 * V::BLOCKS) {
-            // Two independent streams give the multiplier pipes work to overlap.
-            let a = philox::<V>(p, &keys, first + g as u64);
-            let b = philox::<V>(p, &keys, first + (g + V::BLOCKS) as u64);
-            let out = chunk[4 * g..4 * g + 2 * step].as_mut_ptr();
-            // SAFETY: `out` holds 2 * step elements.
-            unsafe {
-                normals::<V>(&a, out);
-                normals::<V>(&b, out.add(step));
-            }
-        }
+    let mut first = block;
+    let mut groups = out.chunks_exact_mut(S * per_stream);
+    for group in &mut groups {
+        streams::<V, S>(p, &keys, first, group);
+        first += (S * V::BLOCKS) as u64;
+    }
+    for pair in groups.into_remainder().chunks_exact_mut(2 * per_stream) {
+        streams::<V, 2>(p, &keys, first, pair);
+        first += (2 * V::BLOCKS) as u64;
+    }
+}
+
+/// The normals of S * V::BLOCKS blocks from `first` into `out`, which holds exactly theirs.
+#[inline(always)]
+fn streams<V: PhiloxLanes, const S: usize>(
+    p: &Philox,
+    keys: &RoundKeys<V>,
+    first: u64,
+    out: &mut [f32],
+) {
+    assert_eq!(out.len(), S * 4 * V::BLOCKS);
+    // A plain loop, not `array::from_fn` (see `round_keys`).
+    let mut words = [[V::splat_bits(0); 4]; S];
+    for (s, w) in words.iter_mut().enumerate() {
+        *w = philox::<V>(p, keys, first + (s * V::BLOCKS) as u64);
+    }
+    let out = out.as_mut_ptr();
+    for (s, w) in words.iter().enumerate() {
+        // SAFETY: `out` holds the 4 * V::BLOCKS normals of each stream.
+        unsafe { normals::<V>(w, out.add(s * 4 * V::BLOCKS)) };
     }
 }
 
@@ -456,7 +475,8 @@ fn fill_blocks<V: PhiloxLanes>(p: &Philox, block: u64, out: &mut [f32]) {
 /// The CPU has AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn fill_blocks_avx2(p: &Philox, block: u64, out: &mut [f32]) {
-    fill_blocks::<F8>(p, block, out)
+    // Four streams would not fit AVX2's sixteen registers.
+    fill_blocks::<F8, 2>(p, block, out)
 }
 
 /// `fill_blocks` in AVX-512.
@@ -465,5 +485,5 @@ pub unsafe fn fill_blocks_avx2(p: &Philox, block: u64, out: &mut [f32]) {
 /// The CPU has AVX-512F.
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub unsafe fn fill_blocks_avx512(p: &Philox, block: u64, out: &mut [f32]) {
-    fill_blocks::<F16>(p, block, out)
+    fill_blocks::<F16, 4>(p, block, out)
 }
