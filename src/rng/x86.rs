@@ -475,7 +475,7 @@ fn streams<V: PhiloxLanes, const S: usize>(
 /// The CPU has AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn fill_blocks_avx2(p: &Philox, block: u64, out: &mut [f32]) {
-    // Four streams would not fit AVX2's sixteen registers.
+    // Two streams: four streams' words alone would fill all sixteen AVX2 registers.
     fill_blocks::<F8, 2>(p, block, out)
 }
 
