@@ -316,7 +316,7 @@ impl TensorZ {
     pub fn perturbed_from(&self, start: usize, w0: &[f32], s: f32, out: &mut [f32]) {
         assert_eq!(w0.len(), out.len(), "perturbed_from: lengths differ");
         let h = self.threshold();
-        self.segments(start, w0.len(), Some(w0), |r, z| {
+        self.segments(start, w0.len(), None, Some(Ahead::of(w0)), |r, z| {
             perturb_from(&w0[r.clone()], z, s, h, &mut out[r])
         });
     }
@@ -333,7 +333,7 @@ impl TensorZ {
     ) {
         assert!(w0.len() == out.len() && w0.len() == other.len());
         let h = self.threshold();
-        self.segments(start, w0.len(), Some(w0), |r, z| {
+        self.segments(start, w0.len(), None, Some(Ahead::of(w0)), |r, z| {
             perturb_from(&w0[r.clone()], z, s[0], h, &mut out[r.clone()]);
             perturb_from(&w0[r.clone()], z, s[1], h, &mut other[r]);
         });
@@ -351,37 +351,57 @@ impl TensorZ {
         assert_eq!(out.len(), other.len());
         let h = self.threshold();
         // Freshly decoded, so in cache: nothing to prefetch.
-        self.segments(start, out.len(), None, |r, z| {
+        self.segments(start, out.len(), None, None, |r, z| {
             perturb_from(&other[r.clone()], z, s[0], h, &mut out[r.clone()]);
             let rule = Rule::Move { to: s[1] };
             unperturb_apply(&mut other[r], z, 0.0, h, rule, &mut [], &mut []);
         });
     }
 
-    /// Runs `each(range, z)` over elements start .. start + len of a dense or sparse z, a
-    /// segment at a time (ranges relative to `start`), prefetching `ahead` (the weights being
-    /// read) while each segment's normals are generated.
+    /// Runs `each(range, z)` over elements start .. start + len of z, a segment at a time
+    /// (ranges relative to `start`): up to SEGMENT normals of a dense or sparse z, or the rest
+    /// of a row of a low-rank z over rows of `cols` elements (a range may start and end inside
+    /// a row; `None` where the caller takes no low-rank z). `ahead`, the weights being read
+    /// or written, is prefetched while each segment's z is generated.
     fn segments(
         &self,
         start: usize,
         len: usize,
-        ahead: Option<&[f32]>,
+        cols: Option<usize>,
+        ahead: Option<Ahead>,
         mut each: impl FnMut(std::ops::Range<usize>, &[f32]),
     ) {
-        let normals = match self {
-            TensorZ::Dense(p) | TensorZ::Sparse(p, _) => p,
-            TensorZ::LowRank(..) => panic!("a low-rank z is built by rows in pass_slice"),
-        };
         let mut dense = [0.0f32; SEGMENT];
-        for k in (0..len).step_by(SEGMENT) {
-            let n = SEGMENT.min(len - k);
-            if let Some(w) = ahead {
-                let at = (k + PREFETCH_AHEAD).min(len);
-                crate::backend::cpu::simd::prefetch(&w[at..len.min(at + n)]);
+        let mut row = match (self, cols) {
+            (TensorZ::LowRank(..), Some(cols)) => vec![0.0f32; cols],
+            (TensorZ::LowRank(..), None) => panic!("a low-rank z needs its row length"),
+            _ => Vec::new(),
+        };
+        let mut k = 0;
+        while k < len {
+            let j = start + k;
+            let n = match (self, cols) {
+                (TensorZ::LowRank(..), Some(cols)) => cols - j % cols,
+                _ => SEGMENT,
             }
-            let z = &mut dense[..n];
-            normals.fill_normal((start + k) as u64, z);
+            .min(len - k);
+            if let Some(a) = ahead {
+                a.prefetch(k + PREFETCH_AHEAD, n);
+            }
+            let z: &[f32] = match self {
+                TensorZ::Dense(p) | TensorZ::Sparse(p, _) => {
+                    let z = &mut dense[..n];
+                    p.fill_normal(j as u64, z);
+                    z
+                }
+                TensorZ::LowRank(fac, c) => {
+                    let cols = row.len();
+                    fac.row(j / cols, c, &mut row);
+                    &row[j % cols..j % cols + n]
+                }
+            };
             each(k..k + n, z);
+            k += n;
         }
     }
 
@@ -406,43 +426,38 @@ impl TensorZ {
         mut moments: Option<(&mut [f32], &mut [f32])>,
     ) {
         let threshold = self.threshold();
-        let mut dense = [0.0f32; SEGMENT];
-        let mut row = match self {
-            TensorZ::LowRank(..) => vec![0.0f32; cols],
-            _ => Vec::new(),
-        };
-        let mut k = 0;
-        while k < w.len() {
-            let j = start + k;
-            // The next segment: up to SEGMENT dense values, or the rest of a low-rank row (the
-            // range may start and end inside a row).
-            let len = match self {
-                TensorZ::LowRank(..) => cols - j % cols,
-                _ => SEGMENT,
-            }
-            .min(w.len() - k);
-            // Weights further ahead load while this segment's z is generated.
-            let ahead = (k + PREFETCH_AHEAD).min(w.len());
-            crate::backend::cpu::simd::prefetch(&w[ahead..w.len().min(ahead + len)]);
-            let z: &[f32] = match self {
-                TensorZ::Dense(s) | TensorZ::Sparse(s, _) => {
-                    let z = &mut dense[..len];
-                    s.fill_normal(j as u64, z);
-                    z
-                }
-                TensorZ::LowRank(fac, c) => {
-                    fac.row(j / cols, c, &mut row);
-                    &row[j % cols..j % cols + len]
-                }
-            };
-            let seg = k..k + z.len();
+        let ahead = Ahead::of(w);
+        self.segments(start, w.len(), Some(cols), Some(ahead), |seg, z| {
             let (m, v) = match moments.as_mut() {
                 Some((m, v)) => (&mut m[seg.clone()], &mut v[seg.clone()]),
                 None => (&mut [][..], &mut [][..]),
             };
-            unperturb_apply(&mut w[seg.clone()], z, offset, threshold, rule, m, v);
-            k = seg.end;
+            unperturb_apply(&mut w[seg], z, offset, threshold, rule, m, v);
+        });
+    }
+}
+
+/// Weights to prefetch while z is generated, held by address so that the pass may write
+/// them meanwhile: a prefetch reads nothing the program sees and never faults.
+#[derive(Clone, Copy)]
+struct Ahead {
+    ptr: *const f32,
+    len: usize,
+}
+
+impl Ahead {
+    fn of(w: &[f32]) -> Self {
+        Ahead {
+            ptr: w.as_ptr(),
+            len: w.len(),
         }
+    }
+
+    /// Prefetches elements at .. at + n, clipped to the weights.
+    fn prefetch(self, at: usize, n: usize) {
+        let at = at.min(self.len);
+        let n = n.min(self.len - at);
+        crate::backend::cpu::simd::prefetch(self.ptr.wrapping_add(at), n);
     }
 }
 

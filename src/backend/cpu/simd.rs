@@ -79,16 +79,19 @@ fn detected() -> Level {
     Level::Baseline
 }
 
-/// Asks the CPU to bring `data` into the L1 cache, so that memory is read while the caller
-/// computes something else (the ZO passes generate z meanwhile).
+/// Asks the CPU to bring the `len` floats from `ptr` into the L1 cache, so that memory is read
+/// while the caller computes something else (the ZO passes generate z meanwhile). Only the
+/// addresses are used, so the caller may be writing those floats through another reference.
 #[inline]
-pub fn prefetch(data: &[f32]) {
+pub fn prefetch(ptr: *const f32, len: usize) {
     #[cfg(target_arch = "x86_64")]
-    for line in data.chunks(16) {
+    for line in (0..len).step_by(16) {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        // SAFETY: a prefetch never faults, and the address is inside `data`.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+        // SAFETY: a prefetch never faults and reads nothing the program sees.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.wrapping_add(line).cast()) };
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (ptr, len);
 }
 
 /// `wide! { fn name(args) -> ret { body } }` defines `name`, whose body is compiled for each
