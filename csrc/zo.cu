@@ -84,13 +84,19 @@ __device__ __forceinline__ void zo_pass(T* w, uint64_t n, PhiloxKey key, float o
 // The fused perturbation (src/backend/cuda/fused.rs): dst[i] = w0 + to z(start + i) with
 // w0 = src[i], rounded to T: the bits that an in-place Move pass from offset 0 leaves at element
 // start + i of the tensor, written to a copy instead (a whole tensor, or a block of its rows).
+// Where `other` is not null it gets w0 + to_other z(start + i) from the same draw of z: the
+// weights of a paired forward's other stream (src/backend/cuda/paired.rs).
 template <typename T>
-__device__ __forceinline__ void zo_perturbed_copy(const T* src, T* dst, uint64_t n, uint64_t start,
-                                                  PhiloxKey key, int sparse, float h, float to) {
+__device__ __forceinline__ void zo_perturbed_copy(const T* src, T* dst, T* other, uint64_t n,
+                                                  uint64_t start, PhiloxKey key, int sparse,
+                                                  float h, float to, float to_other) {
   philox_for_each_normal(key, start, n, zo_thread(), zo_threads(), [&](uint64_t i, float z) {
     float w0, zr;
     zo_unperturb(to_f32(src[i]), z, 0.0f, sparse != 0, h, &w0, &zr);
     store_f32(dst + i, zo_rule(ZF_RULE_MOVE, w0, zr, to, 0.0f, 0.0f));
+    if (other != nullptr) {
+      store_f32(other + i, zo_rule(ZF_RULE_MOVE, w0, zr, to_other, 0.0f, 0.0f));
+    }
   });
 }
 
@@ -210,18 +216,22 @@ extern "C" __global__ void zo_pass_bf16(bf16* w, uint64_t n, uint32_t k0, uint32
   zo_pass(w, n, PhiloxKey{k0, k1, step, tensor}, offset, sparse, threshold, rule, p0, p1, p2);
 }
 
-extern "C" __global__ void zo_perturbed_copy_f32(const float* src, float* dst, uint64_t n,
-                                               uint64_t start, uint32_t k0, uint32_t k1,
-                                               uint32_t step, uint32_t tensor, int sparse,
-                                               float threshold, float to) {
-  zo_perturbed_copy(src, dst, n, start, PhiloxKey{k0, k1, step, tensor}, sparse, threshold, to);
+extern "C" __global__ void zo_perturbed_copy_f32(const float* src, float* dst, float* other,
+                                               uint64_t n, uint64_t start, uint32_t k0,
+                                               uint32_t k1, uint32_t step, uint32_t tensor,
+                                               int sparse, float threshold, float to,
+                                               float to_other) {
+  zo_perturbed_copy(src, dst, other, n, start, PhiloxKey{k0, k1, step, tensor}, sparse, threshold,
+                    to, to_other);
 }
 
-extern "C" __global__ void zo_perturbed_copy_bf16(const bf16* src, bf16* dst, uint64_t n,
-                                                uint64_t start, uint32_t k0, uint32_t k1,
-                                                uint32_t step, uint32_t tensor, int sparse,
-                                                float threshold, float to) {
-  zo_perturbed_copy(src, dst, n, start, PhiloxKey{k0, k1, step, tensor}, sparse, threshold, to);
+extern "C" __global__ void zo_perturbed_copy_bf16(const bf16* src, bf16* dst, bf16* other,
+                                                uint64_t n, uint64_t start, uint32_t k0,
+                                                uint32_t k1, uint32_t step, uint32_t tensor,
+                                                int sparse, float threshold, float to,
+                                                float to_other) {
+  zo_perturbed_copy(src, dst, other, n, start, PhiloxKey{k0, k1, step, tensor}, sparse, threshold,
+                    to, to_other);
 }
 
 extern "C" __global__ void zo_perturb_gathered_f32(float* rows, const uint32_t* ids, int d,

@@ -13,9 +13,9 @@ use anyhow::Result;
 use serde_json::json;
 use zoft::backend::cuda::{cuda_available, driver_version, CudaBackend, GemmArgs, PhiloxKey};
 use zoft::backend::mem::Tag;
-use zoft::backend::{AttnShape, Backend, NoHook, SeqLayout};
+use zoft::backend::{AttnShape, Backend, LinearHook, NoHook, PairedHook, SeqLayout};
 use zoft::model::{DType, Llama, LlamaConfig};
-use zoft::zo::{Method, Perturb, ZoConfig, ZoOptimizer};
+use zoft::zo::{Method, Objective, Perturb, ZoConfig, ZoOptimizer};
 
 fn key(tensor: u32) -> PhiloxKey {
     PhiloxKey {
@@ -36,6 +36,35 @@ fn time(g: &CudaBackend, iters: usize, mut f: impl FnMut() -> Result<()>) -> Res
         Ok(())
     })?;
     Ok(ms as f64 / iters as f64)
+}
+
+/// Mean next-token loss over every target position, with the paired form that
+/// `--perturb paired` runs (a closure has none and would run as fused).
+struct NextTokenLoss<'a> {
+    ids: &'a [u32],
+    layout: &'a SeqLayout,
+    targets: &'a [i32],
+}
+
+impl NextTokenLoss<'_> {
+    fn mean(&self, logprobs: &[f32]) -> f32 {
+        -logprobs.iter().sum::<f32>() / logprobs.len() as f32
+    }
+}
+
+impl Objective<CudaBackend> for NextTokenLoss<'_> {
+    fn loss(&mut self, m: &Llama<CudaBackend>, h: &mut dyn LinearHook<CudaBackend>) -> Result<f32> {
+        Ok(self.mean(&m.target_logprobs(self.ids, self.layout, self.targets, h)?))
+    }
+
+    fn paired_losses(
+        &mut self,
+        m: &Llama<CudaBackend>,
+        h: &mut dyn PairedHook<CudaBackend>,
+    ) -> Option<Result<[f32; 2]>> {
+        let lp = m.target_logprobs_paired(self.ids, self.layout, self.targets, h);
+        Some(lp.map(|[plus, minus]| [self.mean(&plus), self.mean(&minus)]))
+    }
 }
 
 fn emit(v: serde_json::Value) {
@@ -227,7 +256,7 @@ fn smollm2_135m() -> LlamaConfig {
 
 /// The forward of a random model of `cfg`'s shape (bf16 weights) at batch x seq, loss over
 /// every position, as model TFLOP/s and a fraction of the GEMM rate; the LM head and loss
-/// alone; then one ZO step of each memory-lean method in both perturb modes, as multiples of
+/// alone; then one ZO step of each memory-lean method in each perturb mode, as multiples of
 /// the forward's time and peak memory.
 fn model_rows(
     g: &CudaBackend,
@@ -291,10 +320,16 @@ fn model_rows(
 
     // ZO steps. In place: two forwards plus three passes over the weights (+eps z, -2 eps z,
     // restore and update). Fused: two forwards whose linears perturb a copy of their weight (or
-    // add a low-rank side product), plus the update pass. The floor is 2.0x the forward; the
-    // memory goal is the forward's peak.
+    // add a low-rank side product), plus the update pass. Paired: the fused forwards in
+    // lockstep, each matrix's z drawn once for both. The floor is 2.0x the forward; the memory
+    // goal is the forward's peak.
     let mut model = model;
-    for perturb in [Perturb::Inplace, Perturb::Fused] {
+    let mut objective = NextTokenLoss {
+        ids: &ids,
+        layout: &layout,
+        targets: &targets,
+    };
+    for perturb in [Perturb::Inplace, Perturb::Fused, Perturb::Paired] {
         for method in [
             Method::Mezo,
             Method::SparseMezo,
@@ -314,10 +349,7 @@ fn model_rows(
             g.mem().reset_peaks();
             let mut step = 0u64;
             let ms = time(g, fwd_iters, || {
-                let r = opt.step(&mut model, step, &mut |m, hook| {
-                    let lp = m.target_logprobs(&ids, &layout, &targets, hook)?;
-                    Ok(-lp.iter().sum::<f32>() / lp.len() as f32)
-                });
+                let r = opt.step_objective(&mut model, step, &mut objective);
                 step += 1;
                 r.map(|_| ())
             })?;

@@ -78,8 +78,8 @@ pub enum Perturb {
     /// Fused, with the two forwards run in lockstep a block at a time, so that z is drawn
     /// once for both: the first stream builds the second's perturbed weights beside its own
     /// (see `zo::paired`). The same losses and weights as `Fused`, for a second residual
-    /// stream and one layer's matrices of memory. A backend without a paired hook, or an
-    /// objective without a paired form, runs it as `Fused`.
+    /// stream and one layer's matrices of memory. An objective without a paired form (or a
+    /// backend without a paired hook) runs it as `Fused`.
     Paired,
 }
 

@@ -161,6 +161,16 @@ impl<'a> CudaFusedHook<'a> {
         PhiloxKey::of_tensor(self.view.key, id)
     }
 
+    /// What this forward sees of the parameters (the paired hook asks the same questions).
+    pub(super) fn view(&self) -> &FusedView<'a, CudaBackend> {
+        &self.view
+    }
+
+    /// The key and kind of parameter `id`'s element-wise z in this forward.
+    pub(super) fn elem_key_and_z(&self, id: ParamId) -> (PhiloxKey, ElemZ) {
+        (self.elem_key(id), elem_z(self.view.elem_z(id)))
+    }
+
     /// The low-rank side product of matrix `id` in this forward, if its z is low-rank and not
     /// zero.
     fn side(&self, g: &CudaBackend, w: &CudaWeight, id: ParamId) -> Result<Option<LowRankSide>> {
@@ -175,7 +185,7 @@ impl<'a> CudaFusedHook<'a> {
     }
 
     /// The scratch buffer as a tensor of `shape` and `dtype`, grown if it is too small.
-    fn scratch_for(
+    pub(super) fn scratch_for(
         &mut self,
         g: &CudaBackend,
         name: &str,
@@ -251,13 +261,13 @@ impl<'a> CudaFusedHook<'a> {
                 kernels::zo_perturbed_copy(
                     &g.dev,
                     stored,
-                    s.ptr(),
                     head.dtype,
                     nv * d,
                     start,
                     key,
                     z,
-                    scale,
+                    (s.ptr(), scale),
+                    None,
                 )?;
                 s.ptr()
             };
@@ -334,13 +344,13 @@ impl LinearHook<CudaBackend> for CudaFusedHook<'_> {
                     kernels::zo_perturbed_copy(
                         &g.dev,
                         w.ptr(),
-                        s.ptr(),
                         w.dtype,
                         w.numel(),
                         0,
                         key,
                         z,
-                        scale,
+                        (s.ptr(), scale),
+                        None,
                     )?;
                 }
             }

@@ -582,18 +582,19 @@ pub(crate) fn zo_decay(
 }
 
 /// dst[i] = w0 + to z(start + i) with w0 = src[i], n elements of `dtype`: the bits an in-place
-/// Move pass from offset 0 leaves at element start + i, written to a copy.
+/// Move pass from offset 0 leaves at element start + i, written to a copy; `other`, a second
+/// copy and its `to` (a paired forward's other stream), from the same draw of z.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn zo_perturbed_copy(
     dev: &dyn Launch,
     src: u64,
-    dst: u64,
     dtype: DType,
     n: usize,
     start: u64,
     key: PhiloxKey,
     z: ElemZ,
-    to: f32,
+    (dst, to): (u64, f32),
+    other: Option<(u64, f32)>,
 ) -> Result<()> {
     let name = for_storage(
         "zo_perturbed_copy",
@@ -601,8 +602,11 @@ pub(crate) fn zo_perturbed_copy(
         "zo_perturbed_copy_f32",
         "zo_perturbed_copy_bf16",
     )?;
-    let args = key_args(Args::new().ptr(src).ptr(dst).u64(n as u64).u64(start), key);
-    let args = z.args(args).f32(to);
+    // A null `other` pointer writes no second copy.
+    let (other, to_other) = other.unwrap_or((0, 0.0));
+    let args = Args::new().ptr(src).ptr(dst).ptr(other);
+    let args = key_args(args.u64(n as u64).u64(start), key);
+    let args = z.args(args).f32(to).f32(to_other);
     dev.launch(
         name,
         (philox_grid(start, n as u64), 1, 1),

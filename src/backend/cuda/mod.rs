@@ -21,6 +21,7 @@ pub mod emulator;
 mod fused;
 pub mod gemm;
 pub mod kernels;
+mod paired;
 mod weights;
 mod zo;
 
@@ -29,6 +30,7 @@ pub use context::{cuda_available, driver_version, kernels_embedded};
 pub use fused::{CudaFusedHook, CUDA_HEAD_BLOCK_ROWS};
 pub use gemm::GemmArgs;
 pub use kernels::PhiloxKey;
+pub use paired::CudaPairedHook;
 
 use super::mem::{MemCounters, Tag};
 use super::{AttnShape, Backend, SeqLayout};

@@ -6,7 +6,7 @@
 use super::kernels::{self, ElemRule, ElemZ, PhiloxKey};
 use super::{CudaBackend, CudaWeight, DevBuf};
 use crate::backend::mem::{MemReport, Tag};
-use crate::backend::{LinearHook, ParamId};
+use crate::backend::{LinearHook, PairedHook, ParamId};
 use crate::model::{DType, Llama, LlamaWeights};
 use crate::zo::direction::{StepKey, FACTOR_U, FACTOR_V};
 use crate::zo::passes::{abs_percentile, Rule, ZSpec, ZoBackend};
@@ -162,6 +162,17 @@ impl ZoBackend for CudaBackend {
         scale: f32,
     ) -> Result<Box<dyn LinearHook<Self> + 'a>> {
         Ok(Box::new(super::fused::CudaFusedHook::new(opt, key, scale)))
+    }
+
+    fn paired_hook<'a>(
+        opt: &'a ZoOptimizer<Self>,
+        _model: &'a Llama<Self>,
+        key: StepKey,
+        eps: f32,
+    ) -> Result<Option<Box<dyn PairedHook<Self> + 'a>>> {
+        Ok(Some(Box::new(super::paired::CudaPairedHook::new(
+            opt, key, eps,
+        ))))
     }
 
     fn save_weights(&self, weights: &LlamaWeights<CudaWeight>, dir: &Path) -> Result<()> {

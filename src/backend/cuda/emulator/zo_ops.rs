@@ -306,20 +306,43 @@ fn perturbed_copies_and_gathered_rows_have_the_cpu_pass_bits() {
             let mut dst = tensor(&vec![f32::NAN; nr * cols], &[nr, cols], dtype);
             let src = addr(&w.bytes()[r0 * cols * elt..]);
             let (n, start) = (nr * cols, (r0 * cols) as u64);
-            kernels::zo_perturbed_copy(
-                emu,
-                src,
-                storage(&mut dst),
-                dtype,
-                n,
-                start,
-                key,
-                elem_z(z),
-                to,
-            )
-            .unwrap();
+            let copy_to = |dst: &mut HostTensor, other: Option<(&mut HostTensor, f32)>| {
+                let other = other.map(|(o, to)| (storage(o), to));
+                kernels::zo_perturbed_copy(
+                    emu,
+                    src,
+                    dtype,
+                    n,
+                    start,
+                    key,
+                    elem_z(z),
+                    (storage(dst), to),
+                    other,
+                )
+                .unwrap();
+            };
+            copy_to(&mut dst, None);
             let block = &want[r0 * cols..(r0 + nr) * cols];
             same_bits(&dst.to_f32_vec(), block, &format!("{what} block copy"));
+
+            // Both streams' copies of a paired forward from one launch: the second with the
+            // bits of a Move pass to -3 to.
+            let mut want_other = copy(&w);
+            let rule = Rule::Move { to: -3.0 * to };
+            CpuBackend::new()
+                .zo_pass(&mut want_other, id, KEY, z, 0.0, rule, None)
+                .unwrap();
+            let want_other = want_other.to_f32_vec();
+            let mut pair = tensor(&vec![f32::NAN; n], &[nr, cols], dtype);
+            let mut other = tensor(&vec![f32::NAN; n], &[nr, cols], dtype);
+            copy_to(&mut pair, Some((&mut other, -3.0 * to)));
+            same_bits(&pair.to_f32_vec(), block, &format!("{what} paired copy"));
+            let block_other = &want_other[r0 * cols..(r0 + nr) * cols];
+            same_bits(
+                &other.to_f32_vec(),
+                block_other,
+                &format!("{what} other copy"),
+            );
 
             // Gathered rows (as the embedding kernel widens them), one row twice.
             let ids = [5u32, 0, 36, 5];
