@@ -580,7 +580,7 @@ fn bad_arguments_give_clear_errors() {
 }
 
 #[test]
-fn auto_perturb_is_in_place_for_f32_weights_unless_the_gemm_builds_dense_z_and_fused_otherwise() {
+fn auto_perturb_is_in_place_for_f32_weights_and_gemms_and_fused_otherwise() {
     assert_eq!(Perturb::parse_or_auto("auto").unwrap(), None);
     assert_eq!(
         Perturb::parse_or_auto("fused").unwrap(),
@@ -625,8 +625,8 @@ fn auto_perturb_is_in_place_for_f32_weights_unless_the_gemm_builds_dense_z_and_f
     }
     .validate()
     .unwrap();
-    // Where the GEMM builds each perturbed tile (bf16 GEMMs), a dense z goes fused even
-    // through f32 weights; TeZO's low-rank z, a side product there, stays in place.
+    // Where the GEMM builds each perturbed tile (bf16 GEMMs), every method goes fused even
+    // through f32 weights (a dense z and TeZO's low-rank z alike), but TeZO with weight decay.
     let Ok(tile_gemms) = CpuBackend::with_matmul(zoft::backend::cpu::Matmul::Bf16) else {
         eprintln!("bf16 GEMM cases skipped: this CPU lacks AVX512-BF16");
         return;
@@ -635,8 +635,8 @@ fn auto_perturb_is_in_place_for_f32_weights_unless_the_gemm_builds_dense_z_and_f
         (Method::Mezo, Perturb::Fused),
         (Method::MezoAdam, Perturb::Fused),
         (Method::SparseMezo, Perturb::Fused),
-        (Method::Tezo, Perturb::Inplace),
-        (Method::TezoAdam, Perturb::Inplace),
+        (Method::Tezo, Perturb::Fused),
+        (Method::TezoAdam, Perturb::Fused),
     ] {
         let c = zc(method, 0.0);
         assert_eq!(Perturb::auto(&c, &tile_gemms, &f32_w), want, "{method:?}");

@@ -2,10 +2,11 @@
 //! w + scale * z (plus any virtual low-rank update), built on the fly. Restore is exact by
 //! construction because nothing is ever subtracted back.
 //!
-//! Scratch stays at one layer's largest matrix: linear layers get a perturbed copy of their
-//! weight (or, for low-rank z, a side product beside the GEMM); the embedding perturbs only the
-//! rows it gathers, and the LM head is perturbed and applied a block of vocabulary rows at a
-//! time.
+//! Scratch stays at one layer's largest matrix: with bf16 GEMMs each tile of a linear layer's
+//! perturbed weight is built as the GEMM packs it (low-rank z included); with f32 GEMMs a
+//! linear layer gets a perturbed copy of its weight (or, for low-rank z, a side product beside
+//! the GEMM). The embedding perturbs only the rows it gathers, and the LM head is perturbed
+//! and applied a block of vocabulary rows at a time.
 
 use super::direction::{Direction, Factors, StepKey, TensorZ};
 use super::passes::{Rule, ZSpec, ZoBackend};
@@ -378,21 +379,24 @@ impl LinearHook<CpuBackend> for FusedHook<'_> {
         id: ParamId,
         out: &mut CpuAct,
     ) -> Result<()> {
+        if self.view.moves(id) && b.packs_weight_tiles() {
+            // Each tile of w + s z is built as the GEMM packs it, with the bits of the whole
+            // copy `param` would make. A low-rank z too: its rows cost r multiply-adds an
+            // element where the tile is packed, against a side product's extra pass over the
+            // output (rows x out f32 read and written), which took about a seventh of a TeZO
+            // forward on the default model.
+            let (tz, s) = self.perturbation(w, id)?;
+            let cols = w.shape[1];
+            let build = |n0: usize, rows: &mut [f32]| perturbed_range(w, &tz, s, n0 * cols, rows);
+            return b.matmul_weight_rows(x, &w.name, &w.shape, WeightRows::Built(&build), out);
+        }
         let Some(rank) = self.view.low_rank(&w.shape) else {
-            if self.view.moves(id) && b.packs_weight_tiles() {
-                // Each tile of w + s z is built as the GEMM packs it, with the bits of the
-                // whole copy `param` would make.
-                let (tz, s) = self.perturbation(w, id)?;
-                let cols = w.shape[1];
-                let build =
-                    |n0: usize, rows: &mut [f32]| perturbed_range(w, &tz, s, n0 * cols, rows);
-                return b.matmul_weight_rows(x, &w.name, &w.shape, WeightRows::Built(&build), out);
-            }
             let w = self.param(b, w, id)?;
             return b.matmul(x, w, out);
         };
         b.matmul(x, w, out)?;
-        // Beside the GEMM: out += ((x V) diag(c) / sqrt(r)) U^T, never forming U diag(c) V^T.
+        // Beside the GEMM (f32 GEMMs, which pack no weight tiles we could build):
+        // out += ((x V) diag(c) / sqrt(r)) U^T, never forming U diag(c) V^T.
         let c = self.view.coefficients(id, rank);
         if c.iter().all(|&v| v == 0.0) {
             return Ok(());

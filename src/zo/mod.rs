@@ -135,11 +135,11 @@ impl Perturb {
     /// stored in f32, where the round trip +eps z, -2 eps z, +eps z stays within an ulp and in
     /// place is as fast or faster with the lower peak; fused otherwise, because through bf16
     /// storage the round trip drifts (tests/zo.rs measures it) and the fused mode never writes
-    /// a perturbation. A dense z (MeZO, MeZO-Adam) also goes fused where the backend builds the
-    /// perturbed weights inside its GEMM: there fused measured faster than in place (the
-    /// README's Benchmarks). TeZO with weight decay stays in place, the one mode that can
-    /// apply it. Sparse-MeZO is always fused: in place it would have to store its mask (see
-    /// `Method::runs_in_place`).
+    /// a perturbation. Every method also goes fused where the backend builds the perturbed
+    /// weights inside its GEMM (dense z and TeZO's low-rank z alike): there fused measured
+    /// faster than in place (the README's Benchmarks). TeZO with weight decay stays in place,
+    /// the one mode that can apply it. Sparse-MeZO is always fused: in place it would have to
+    /// store its mask (see `Method::runs_in_place`).
     pub fn auto<B: ZoBackend>(
         cfg: &ZoConfig,
         backend: &B,
@@ -149,8 +149,7 @@ impl Perturb {
             .tensors()
             .into_iter()
             .all(|t| B::weight_dtype(t) == DType::F32);
-        let dense = matches!(cfg.method, Method::Mezo | Method::MezoAdam);
-        let in_place = all_f32 && !(dense && backend.fused_builds_weights_in_gemm());
+        let in_place = all_f32 && !backend.fused_builds_weights_in_gemm();
         if !cfg.method.runs_in_place() {
             Perturb::Fused
         } else if in_place || cfg.decay_needs_inplace() {

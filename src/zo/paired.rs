@@ -9,8 +9,8 @@
 //!
 //! The extra memory is the second stream's weights of one group (at most one layer's MLP,
 //! three matrices) and of one block of LM-head rows, beside the forward's second residual
-//! stream. Low-rank z (TeZO's matrices) is cheap to rebuild and rides on each stream's own
-//! fused hook.
+//! stream. Low-rank z (TeZO's matrices) costs r multiply-adds an element to rebuild and goes
+//! through each stream's own fused hook.
 
 use super::direction::{ElemState, TensorZ};
 use super::hook::{perturbed_range_pair, FusedHook};
