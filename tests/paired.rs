@@ -279,9 +279,10 @@ impl<H: LinearHook<CpuBackend>> LinearHook<CpuBackend> for WholeCopies<H> {
 }
 
 /// With bf16 GEMMs the fused and paired hooks build each tile of w + eps z (linear layers,
-/// TeZO's low-rank z with its virtual update included, and the LM head) as the GEMM packs it. The log-probs must be those of whole perturbed copies, bit
-/// for bit, through the target path and the logits path, over matrices of several tiles with
-/// a short last one and a k tail (intermediate size 100, vocabulary 1100).
+/// TeZO's low-rank z with its virtual update included, and the LM head) as the GEMM packs it.
+/// The log-probs must be those of whole perturbed copies, bit for bit, through the target path
+/// and the logits path, over matrices of several tiles with a short last one and a k tail
+/// (intermediate size 100, vocabulary 1100).
 #[test]
 fn tiles_built_in_the_bf16_gemm_equal_whole_perturbed_copies() {
     if CpuBackend::with_matmul(Matmul::Bf16).is_err() {
@@ -297,13 +298,12 @@ fn tiles_built_in_the_bf16_gemm_equal_whole_perturbed_copies() {
     for method in [Method::Mezo, Method::SparseMezo, Method::Tezo] {
         for dtype in [DType::F32, DType::BF16] {
             let w = LlamaWeights::random(&cfg, 5, dtype);
-            let m = Llama::new(
+            let mut m = Llama::new(
                 cfg.clone(),
                 w,
                 CpuBackend::with_matmul(Matmul::Bf16).unwrap(),
             );
             assert!(m.backend.packs_weight_tiles());
-            let mut m = m;
             let mut opt = ZoOptimizer::new(config(method, Perturb::Paired), &m).unwrap();
             // A step first, so that TeZO's tiles carry a virtual update beside eps tau.
             let mut loss = |m: &Llama<CpuBackend>, h: &mut dyn LinearHook<CpuBackend>| {
@@ -311,7 +311,6 @@ fn tiles_built_in_the_bf16_gemm_equal_whole_perturbed_copies() {
                 Ok(-lp.iter().sum::<f32>())
             };
             opt.step(&mut m, 1, &mut loss).unwrap();
-            let m = m;
             let (key, eps) = (opt.key(2), 5e-2);
             let what = format!("{method:?} {dtype:?}");
             let requests = [(0, 3), (4, 1040), (4, 7), (11, 1099)];
