@@ -6,96 +6,17 @@
 
 mod common;
 use common::*;
-use zoft::backend::cuda::{CudaBackend, CudaFusedHook, CudaPairedHook, CudaWeight};
+use zoft::backend::cuda::{CudaFusedHook, CudaPairedHook};
 use zoft::backend::mem::Tag;
-use zoft::backend::{LinearHook, NoHook, PairedHook};
-use zoft::model::{DType, Llama, LlamaConfig};
-use zoft::zo::{Method, Objective, Perturb, StepResult, ZoConfig, ZoOptimizer};
-
-/// Mean next-token cross-entropy of the batch, with its paired form; counts the paired
-/// forwards.
-struct NextToken<'b> {
-    bt: &'b Batch,
-    paired_calls: usize,
-}
-
-fn mean_nll(lp: &[f32], targets: &[i32]) -> f32 {
-    let n = targets.iter().filter(|&&t| t >= 0).count();
-    -(lp.iter().map(|&x| x as f64).sum::<f64>() / n as f64) as f32
-}
-
-impl Objective<CudaBackend> for NextToken<'_> {
-    fn loss(
-        &mut self,
-        m: &Llama<CudaBackend>,
-        h: &mut dyn LinearHook<CudaBackend>,
-    ) -> anyhow::Result<f32> {
-        let lp = m.target_logprobs(&self.bt.ids, &self.bt.layout, &self.bt.targets, h)?;
-        Ok(mean_nll(&lp, &self.bt.targets))
-    }
-
-    fn paired_losses(
-        &mut self,
-        m: &Llama<CudaBackend>,
-        h: &mut dyn PairedHook<CudaBackend>,
-    ) -> Option<anyhow::Result<[f32; 2]>> {
-        self.paired_calls += 1;
-        let bt = self.bt;
-        let lp = m.target_logprobs_paired(&bt.ids, &bt.layout, &bt.targets, h);
-        Some(lp.map(|lps| lps.map(|lp| mean_nll(&lp, &bt.targets))))
-    }
-}
-
-fn tiny_config(tied: bool) -> LlamaConfig {
-    serde_json::from_value(serde_json::json!({
-        "hidden_size": 64,
-        "intermediate_size": 160,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 300,
-        "max_position_embeddings": 128,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": tied
-    }))
-    .unwrap()
-}
-
-fn config(method: Method, perturb: Perturb) -> ZoConfig {
-    ZoConfig {
-        method,
-        perturb,
-        lr: 2e-2,
-        eps: 1e-2,
-        sparsity: 0.5,
-        rank: 3,
-        seed: 9,
-        ..Default::default()
-    }
-}
-
-fn bits(r: &StepResult) -> [u32; 3] {
-    [
-        r.loss_plus.to_bits(),
-        r.loss_minus.to_bits(),
-        r.projected_grad.to_bits(),
-    ]
-}
-
-fn device_bytes(g: &CudaBackend, m: &Llama<CudaBackend>) -> Vec<Vec<u8>> {
-    m.weights
-        .tensors()
-        .iter()
-        .map(|t: &&CudaWeight| g.weight_to_host_tensor(t).unwrap().bytes().to_vec())
-        .collect()
-}
+use zoft::backend::NoHook;
+use zoft::model::{DType, Llama};
+use zoft::zo::{Method, Perturb, ZoOptimizer};
 
 #[test]
 fn cuda_paired_steps_equal_fused_steps_bit_for_bit() {
     let Some(g) = cuda_or_emulator() else { return };
     for tied in [false, true] {
-        let cfg = tiny_config(tied);
+        let cfg = small_config(tied);
         let bt = batch(&cfg, 5);
         for method in [
             Method::Mezo,
@@ -111,9 +32,10 @@ fn cuda_paired_steps_equal_fused_steps_bit_for_bit() {
                 };
                 let (mut fused_m, mut paired_m) = (model(), model());
                 let start = device_bytes(&g, &fused_m);
-                let mut fused = ZoOptimizer::new(config(method, Perturb::Fused), &fused_m).unwrap();
+                let mut fused =
+                    ZoOptimizer::new(paired_zo_config(method, Perturb::Fused), &fused_m).unwrap();
                 let mut paired =
-                    ZoOptimizer::new(config(method, Perturb::Paired), &paired_m).unwrap();
+                    ZoOptimizer::new(paired_zo_config(method, Perturb::Paired), &paired_m).unwrap();
                 let mut objective = NextToken {
                     bt: &bt,
                     paired_calls: 0,
@@ -132,7 +54,11 @@ fn cuda_paired_steps_equal_fused_steps_bit_for_bit() {
                     let p = paired
                         .step_objective(&mut paired_m, s, &mut objective)
                         .unwrap();
-                    assert_eq!(bits(&p), bits(&f), "{what} step {s}: {p:?} vs fused {f:?}");
+                    assert_eq!(
+                        step_bits(&p),
+                        step_bits(&f),
+                        "{what} step {s}: {p:?} vs fused {f:?}"
+                    );
                     assert_ne!(f.loss_plus, f.loss_minus, "{what}: no perturbation seen");
                 }
                 // The CUDA backend has a paired hook: no step fell back to two forwards.
@@ -157,7 +83,7 @@ fn cuda_paired_steps_equal_fused_steps_bit_for_bit() {
 fn cuda_paired_hook_sees_what_a_fused_hook_per_sign_sees() {
     let Some(g) = cuda_or_emulator() else { return };
     for tied in [false, true] {
-        let cfg = tiny_config(tied);
+        let cfg = small_config(tied);
         let bt = batch(&cfg, 7);
         let requests: Vec<(u32, u32)> = vec![(0, 3), (0, 40), (4, 7), (11, 260), (11, 2)];
         for method in [Method::Mezo, Method::SparseMezo, Method::Tezo] {
@@ -165,7 +91,7 @@ fn cuda_paired_hook_sees_what_a_fused_hook_per_sign_sees() {
                 let what = format!("{method:?} {dtype:?} tied={tied}");
                 let w = g.random_weights(&cfg, 2, dtype).unwrap();
                 let m = Llama::new(cfg.clone(), w, g.clone());
-                let opt = ZoOptimizer::new(config(method, Perturb::Paired), &m).unwrap();
+                let opt = ZoOptimizer::new(paired_zo_config(method, Perturb::Paired), &m).unwrap();
                 let (key, eps) = (opt.key(4), 5e-2);
                 // A fused hook per sign first (which also makes whatever the backend keeps).
                 g.mem().reset_peaks();

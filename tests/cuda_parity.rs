@@ -611,26 +611,10 @@ fn upload_converts_every_dtype_in_chunks() {
     }
 }
 
-fn tiny_config(tied: bool) -> LlamaConfig {
-    serde_json::from_value(serde_json::json!({
-        "hidden_size": 64,
-        "intermediate_size": 160,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 300,
-        "max_position_embeddings": 128,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": tied
-    }))
-    .unwrap()
-}
-
 #[test]
 fn random_weights_on_device_match_host() {
     let Some(g) = gpu() else { return };
-    let cfg = tiny_config(false);
+    let cfg = common::small_config(false);
     let host_w = LlamaWeights::random(&cfg, 7, DType::F32);
     for dtype in [DType::F32, DType::BF16] {
         let dev_w = g.random_weights(&cfg, 7, dtype).unwrap();
@@ -685,7 +669,7 @@ fn memory_is_accounted_and_oom_is_explained() {
 fn whole_model_parity() {
     let Some(g) = gpu() else { return };
     for tied in [false, true] {
-        let cfg = tiny_config(tied);
+        let cfg = common::small_config(tied);
         for (dtype, tol) in [(DType::F32, F32_TOL), (DType::BF16, BF16_TOL)] {
             let host_w = LlamaWeights::random(&cfg, 11, dtype);
             let dev_w = g.upload_weights(&host_w, dtype).unwrap();
@@ -991,7 +975,7 @@ fn zo_decay_bit_identical() {
 #[test]
 fn zo_save_weights_matches_host_save() {
     let Some(g) = gpu() else { return };
-    let cfg = tiny_config(false);
+    let cfg = common::small_config(false);
     let dir = std::env::temp_dir().join(format!("zoft-cuda-save-{}", std::process::id()));
     for dtype in [DType::F32, DType::BF16] {
         // Matrices in `dtype` and gains in f32 on both sides, as the device stores them.
@@ -1024,7 +1008,7 @@ fn zo_save_weights_matches_host_save() {
 #[test]
 fn zo_optimizer_steps_bit_identical() {
     let Some(g) = gpu() else { return };
-    let cfg = tiny_config(false);
+    let cfg = common::small_config(false);
     for dtype in [DType::F32, DType::BF16] {
         for (mi, method) in [
             Method::Mezo,
@@ -1131,7 +1115,7 @@ fn zo_fused_forward_parity() {
     // The head runs in blocks of 64 of the 300 vocabulary rows, the last one short.
     let Some(g) = gpu() else { return };
     for tied in [false, true] {
-        let cfg = tiny_config(tied);
+        let cfg = common::small_config(tied);
         let (ids, layout, targets) = lm_batch(&cfg);
         let rows = [0usize, 4, 5, 22, 43];
         for (dtype, tol) in [(DType::F32, F32_TOL), (DType::BF16, BF16_TOL)] {
@@ -1235,7 +1219,7 @@ fn zo_fused_forward_parity() {
 #[test]
 fn zo_fused_step_with_zero_lr_leaves_the_weights_alone() {
     let Some(g) = gpu() else { return };
-    let cfg = tiny_config(true);
+    let cfg = common::small_config(true);
     let (ids, layout, targets) = lm_batch(&cfg);
     for dtype in [DType::F32, DType::BF16] {
         for method in [Method::Mezo, Method::SparseMezo, Method::Tezo] {
@@ -1278,7 +1262,7 @@ fn zo_fused_step_with_zero_lr_leaves_the_weights_alone() {
 #[test]
 fn zo_rank_above_the_low_rank_kernel_limit_is_refused_up_front() {
     let Some(g) = gpu() else { return };
-    let cfg = tiny_config(false);
+    let cfg = common::small_config(false);
     let gm = Llama::new(
         cfg.clone(),
         g.random_weights(&cfg, 5, DType::F32).unwrap(),

@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
-use zoft::backend::cuda::{CudaBackend, CudaWeight};
+use zoft::backend::cuda::CudaBackend;
 use zoft::model::{DType, Llama, LlamaConfig, LlamaWeights};
 use zoft::train::{load_train_state, train};
 
@@ -18,14 +18,6 @@ fn on_device(g: &CudaBackend, cfg: &LlamaConfig, w: &LlamaWeights) -> Llama<Cuda
         g.upload_weights(w, DType::F32).unwrap(),
         g.clone(),
     )
-}
-
-fn device_bytes(g: &CudaBackend, m: &Llama<CudaBackend>) -> Vec<Vec<u8>> {
-    m.weights
-        .tensors()
-        .iter()
-        .map(|t: &&CudaWeight| g.weight_to_host_tensor(t).unwrap().bytes().to_vec())
-        .collect()
 }
 
 fn file_bytes(dir: &Path, cfg: &LlamaConfig) -> Vec<Vec<u8>> {

@@ -8,12 +8,12 @@ use common::*;
 use std::sync::atomic::AtomicBool;
 use zoft::backend::cpu::{CpuBackend, Matmul};
 use zoft::backend::mem::Tag;
-use zoft::backend::{LinearHook, PairedHook};
+use zoft::backend::LinearHook;
 use zoft::model::{DType, HostTensor, Llama, LlamaConfig, LlamaWeights};
 use zoft::train::train;
 use zoft::zo::hook::FusedHook;
 use zoft::zo::paired::PairedFusedHook;
-use zoft::zo::{Method, Objective, Perturb, StepResult, ZoConfig, ZoOptimizer};
+use zoft::zo::{Method, Perturb, ZoOptimizer};
 
 const METHODS: [Method; 5] = [
     Method::Mezo,
@@ -22,60 +22,6 @@ const METHODS: [Method; 5] = [
     Method::Tezo,
     Method::TezoAdam,
 ];
-
-/// The tests' next-token loss (`loss_of`) with its paired form; counts the paired forwards.
-struct NextToken<'b> {
-    bt: &'b Batch,
-    paired_calls: usize,
-}
-
-impl Objective<CpuBackend> for NextToken<'_> {
-    fn loss(
-        &mut self,
-        m: &Llama<CpuBackend>,
-        h: &mut dyn LinearHook<CpuBackend>,
-    ) -> anyhow::Result<f32> {
-        Ok(loss_of(m, self.bt, h))
-    }
-
-    fn paired_losses(
-        &mut self,
-        m: &Llama<CpuBackend>,
-        h: &mut dyn PairedHook<CpuBackend>,
-    ) -> Option<anyhow::Result<[f32; 2]>> {
-        self.paired_calls += 1;
-        let bt = self.bt;
-        let lp = m.target_logprobs_paired(&bt.ids, &bt.layout, &bt.targets, h);
-        Some(lp.map(|lps| lps.map(|lp| mean_nll(&lp, &bt.targets))))
-    }
-}
-
-/// `loss_of`'s reduction of log-probabilities.
-fn mean_nll(lp: &[f32], targets: &[i32]) -> f32 {
-    let n = targets.iter().filter(|&&t| t >= 0).count();
-    -(lp.iter().map(|&x| x as f64).sum::<f64>() / n as f64) as f32
-}
-
-fn bits(r: &StepResult) -> [u32; 3] {
-    [
-        r.loss_plus.to_bits(),
-        r.loss_minus.to_bits(),
-        r.projected_grad.to_bits(),
-    ]
-}
-
-fn config(method: Method, perturb: Perturb) -> ZoConfig {
-    ZoConfig {
-        method,
-        perturb,
-        lr: 2e-2,
-        eps: 1e-2,
-        sparsity: 0.5,
-        rank: 3,
-        seed: 9,
-        ..Default::default()
-    }
-}
 
 #[test]
 fn paired_steps_equal_fused_steps_bit_for_bit() {
@@ -91,11 +37,13 @@ fn paired_steps_equal_fused_steps_bit_for_bit() {
                 };
                 let what = format!("{method:?} {dtype:?} tied={tied}");
                 let (mut fused_m, mut paired_m, mut closure_m) = (model(), model(), model());
-                let mut fused = ZoOptimizer::new(config(method, Perturb::Fused), &fused_m).unwrap();
+                let mut fused =
+                    ZoOptimizer::new(paired_zo_config(method, Perturb::Fused), &fused_m).unwrap();
                 let mut paired =
-                    ZoOptimizer::new(config(method, Perturb::Paired), &paired_m).unwrap();
+                    ZoOptimizer::new(paired_zo_config(method, Perturb::Paired), &paired_m).unwrap();
                 let mut closure =
-                    ZoOptimizer::new(config(method, Perturb::Paired), &closure_m).unwrap();
+                    ZoOptimizer::new(paired_zo_config(method, Perturb::Paired), &closure_m)
+                        .unwrap();
                 let start = snapshot(&fused_m);
                 let mut objective = NextToken {
                     bt: &bt,
@@ -112,8 +60,16 @@ fn paired_steps_equal_fused_steps_bit_for_bit() {
                     let c = closure
                         .step(&mut closure_m, s, &mut |m, h| Ok(loss_of(m, &bt, h)))
                         .unwrap();
-                    assert_eq!(bits(&p), bits(&f), "{what} step {s}: {p:?} vs fused {f:?}");
-                    assert_eq!(bits(&c), bits(&f), "{what} step {s}: closure {c:?}");
+                    assert_eq!(
+                        step_bits(&p),
+                        step_bits(&f),
+                        "{what} step {s}: {p:?} vs fused {f:?}"
+                    );
+                    assert_eq!(
+                        step_bits(&c),
+                        step_bits(&f),
+                        "{what} step {s}: closure {c:?}"
+                    );
                     assert_ne!(f.loss_plus, f.loss_minus, "{what}: no perturbation seen");
                 }
                 assert_eq!(objective.paired_calls, 3, "{what}: paired forwards run");
@@ -158,7 +114,7 @@ fn paired_hook_sees_what_a_fused_hook_per_sign_sees_through_head_blocks() {
                 LlamaWeights::random(&cfg, 2, DType::F32),
                 CpuBackend::new(),
             );
-            let opt = ZoOptimizer::new(config(method, Perturb::Paired), &m).unwrap();
+            let opt = ZoOptimizer::new(paired_zo_config(method, Perturb::Paired), &m).unwrap();
             let (key, eps) = (opt.key(4), 5e-2);
             let what = format!("{method:?} tied={tied}");
             let mut paired =
@@ -218,7 +174,7 @@ fn a_paired_step_holds_one_layer_of_weights_for_its_second_stream_and_gives_them
     for perturb in [Perturb::Fused, Perturb::Paired] {
         let mut m = tiny_model(&cfg, 6);
         let mem = m.backend.mem.clone();
-        let mut opt = ZoOptimizer::new(config(Method::Mezo, perturb), &m).unwrap();
+        let mut opt = ZoOptimizer::new(paired_zo_config(Method::Mezo, perturb), &m).unwrap();
         let before = mem.current(Tag::Scratch);
         mem.reset_peaks();
         let mut objective = NextToken {
@@ -304,7 +260,7 @@ fn tiles_built_in_the_bf16_gemm_equal_whole_perturbed_copies() {
                 CpuBackend::with_matmul(Matmul::Bf16).unwrap(),
             );
             assert!(m.backend.packs_weight_tiles());
-            let mut opt = ZoOptimizer::new(config(method, Perturb::Paired), &m).unwrap();
+            let mut opt = ZoOptimizer::new(paired_zo_config(method, Perturb::Paired), &m).unwrap();
             // A step first, so that TeZO's tiles carry a virtual update beside eps tau.
             let mut loss = |m: &Llama<CpuBackend>, h: &mut dyn LinearHook<CpuBackend>| {
                 let lp = m.target_logprobs(&bt.ids, &bt.layout, &bt.targets, h)?;

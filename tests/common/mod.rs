@@ -3,13 +3,13 @@
 
 use std::path::{Path, PathBuf};
 use zoft::backend::cpu::CpuBackend;
-use zoft::backend::{LinearHook, SeqLayout};
+use zoft::backend::{Backend, LinearHook, PairedHook, SeqLayout};
 use zoft::data::batch::LossKind;
 use zoft::data::jsonl::{Format, Origin};
 use zoft::data::{Example, Task, TaskKind};
 use zoft::model::{DType, Llama, LlamaConfig, LlamaWeights};
 use zoft::train::TrainOptions;
-use zoft::zo::{Method, Perturb, ZoConfig};
+use zoft::zo::{Method, Objective, Perturb, StepResult, ZoConfig};
 
 /// A tiny LLaMA config: GQA (4 query heads over 2 kv heads), 2 layers.
 pub fn tiny_config() -> LlamaConfig {
@@ -211,6 +211,92 @@ pub fn loss_of(m: &Llama<CpuBackend>, bt: &Batch, hook: &mut dyn LinearHook<CpuB
     let lp = m
         .target_logprobs(&bt.ids, &bt.layout, &bt.targets, hook)
         .unwrap();
-    let n = bt.targets.iter().filter(|&&t| t >= 0).count();
+    mean_nll(&lp, &bt.targets)
+}
+
+/// `loss_of`'s reduction of log-probabilities (in f64, over the targets that are not -1).
+pub fn mean_nll(lp: &[f32], targets: &[i32]) -> f32 {
+    let n = targets.iter().filter(|&&t| t >= 0).count();
     -(lp.iter().map(|&x| x as f64).sum::<f64>() / n as f64) as f32
+}
+
+/// The tests' next-token loss (`loss_of`) with its paired form, on any backend; counts the
+/// paired forwards.
+pub struct NextToken<'b> {
+    pub bt: &'b Batch,
+    pub paired_calls: usize,
+}
+
+impl<B: Backend> Objective<B> for NextToken<'_> {
+    fn loss(&mut self, m: &Llama<B>, h: &mut dyn LinearHook<B>) -> anyhow::Result<f32> {
+        let bt = self.bt;
+        let lp = m.target_logprobs(&bt.ids, &bt.layout, &bt.targets, h)?;
+        Ok(mean_nll(&lp, &bt.targets))
+    }
+
+    fn paired_losses(
+        &mut self,
+        m: &Llama<B>,
+        h: &mut dyn PairedHook<B>,
+    ) -> Option<anyhow::Result<[f32; 2]>> {
+        self.paired_calls += 1;
+        let bt = self.bt;
+        let lp = m.target_logprobs_paired(&bt.ids, &bt.layout, &bt.targets, h);
+        Some(lp.map(|lps| lps.map(|lp| mean_nll(&lp, &bt.targets))))
+    }
+}
+
+/// A step's two losses and projected gradient as bits, for bit-for-bit comparisons.
+pub fn step_bits(r: &StepResult) -> [u32; 3] {
+    [
+        r.loss_plus.to_bits(),
+        r.loss_minus.to_bits(),
+        r.projected_grad.to_bits(),
+    ]
+}
+
+/// The ZO hyperparameters of the fused / paired comparisons: large enough steps that a wrong
+/// bit shows, half of each tensor sparse, rank 3.
+pub fn paired_zo_config(method: Method, perturb: Perturb) -> ZoConfig {
+    ZoConfig {
+        method,
+        perturb,
+        lr: 2e-2,
+        eps: 1e-2,
+        sparsity: 0.5,
+        rank: 3,
+        seed: 9,
+        ..Default::default()
+    }
+}
+
+/// A small LLaMA (hidden 64, GQA 4 over 2 heads, 2 layers, vocabulary 300), tied or not: the
+/// CUDA tests' model, whose matrices span several kernel blocks.
+pub fn small_config(tied: bool) -> LlamaConfig {
+    serde_json::from_value(serde_json::json!({
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 300,
+        "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": tied
+    }))
+    .unwrap()
+}
+
+/// Each weight of a model on the device, as its stored bytes.
+#[cfg(feature = "cuda")]
+pub fn device_bytes(
+    g: &zoft::backend::cuda::CudaBackend,
+    m: &Llama<zoft::backend::cuda::CudaBackend>,
+) -> Vec<Vec<u8>> {
+    m.weights
+        .tensors()
+        .iter()
+        .map(|t| g.weight_to_host_tensor(t).unwrap().bytes().to_vec())
+        .collect()
 }
