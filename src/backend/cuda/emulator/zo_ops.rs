@@ -294,11 +294,14 @@ fn perturbed_copies_and_gathered_rows_have_the_cpu_pass_bits() {
             let key = PhiloxKey::of_tensor(KEY, id);
             // The CPU twin: an in-place Move pass from offset 0 over the whole tensor.
             let w = tensor(&values, &[rows, cols], dtype);
-            let mut want = copy(&w);
-            CpuBackend::new()
-                .zo_pass(&mut want, id, KEY, z, 0.0, Rule::Move { to }, None)
-                .unwrap();
-            let want = want.to_f32_vec();
+            let moved_to = |to: f32| {
+                let mut moved = copy(&w);
+                CpuBackend::new()
+                    .zo_pass(&mut moved, id, KEY, z, 0.0, Rule::Move { to }, None)
+                    .unwrap();
+                moved.to_f32_vec()
+            };
+            let want = moved_to(to);
 
             // A block of rows 3 .. 23: its z starts inside the tensor.
             let (r0, nr) = (3, 20);
@@ -327,12 +330,7 @@ fn perturbed_copies_and_gathered_rows_have_the_cpu_pass_bits() {
 
             // Both streams' copies of a paired forward from one launch: the second with the
             // bits of a Move pass to -3 to.
-            let mut want_other = copy(&w);
-            let rule = Rule::Move { to: -3.0 * to };
-            CpuBackend::new()
-                .zo_pass(&mut want_other, id, KEY, z, 0.0, rule, None)
-                .unwrap();
-            let want_other = want_other.to_f32_vec();
+            let want_other = moved_to(-3.0 * to);
             let mut pair = tensor(&vec![f32::NAN; n], &[nr, cols], dtype);
             let mut other = tensor(&vec![f32::NAN; n], &[nr, cols], dtype);
             copy_to(&mut pair, Some((&mut other, -3.0 * to)));
