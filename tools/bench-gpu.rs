@@ -9,13 +9,17 @@
 //! of each memory-lean method in each perturb mode as a multiple of the forward's time and
 //! peak memory. `--quick` shrinks every shape (a smoke run).
 
+#[path = "bench/common.rs"]
+mod common;
+
 use anyhow::Result;
+use common::NextTokenLoss;
 use serde_json::json;
 use zoft::backend::cuda::{cuda_available, driver_version, CudaBackend, GemmArgs, PhiloxKey};
 use zoft::backend::mem::Tag;
-use zoft::backend::{AttnShape, Backend, LinearHook, NoHook, PairedHook, SeqLayout};
+use zoft::backend::{AttnShape, Backend, NoHook, SeqLayout};
 use zoft::model::{DType, Llama, LlamaConfig};
-use zoft::zo::{Method, Objective, Perturb, ZoConfig, ZoOptimizer};
+use zoft::zo::{Method, Perturb, ZoConfig, ZoOptimizer};
 
 fn key(tensor: u32) -> PhiloxKey {
     PhiloxKey {
@@ -36,35 +40,6 @@ fn time(g: &CudaBackend, iters: usize, mut f: impl FnMut() -> Result<()>) -> Res
         Ok(())
     })?;
     Ok(ms as f64 / iters as f64)
-}
-
-/// Mean next-token loss over every target position, with the paired form that
-/// `--perturb paired` runs (a closure has none and would run as fused).
-struct NextTokenLoss<'a> {
-    ids: &'a [u32],
-    layout: &'a SeqLayout,
-    targets: &'a [i32],
-}
-
-impl NextTokenLoss<'_> {
-    fn mean(&self, logprobs: &[f32]) -> f32 {
-        -logprobs.iter().sum::<f32>() / logprobs.len() as f32
-    }
-}
-
-impl Objective<CudaBackend> for NextTokenLoss<'_> {
-    fn loss(&mut self, m: &Llama<CudaBackend>, h: &mut dyn LinearHook<CudaBackend>) -> Result<f32> {
-        Ok(self.mean(&m.target_logprobs(self.ids, self.layout, self.targets, h)?))
-    }
-
-    fn paired_losses(
-        &mut self,
-        m: &Llama<CudaBackend>,
-        h: &mut dyn PairedHook<CudaBackend>,
-    ) -> Option<Result<[f32; 2]>> {
-        let lp = m.target_logprobs_paired(self.ids, self.layout, self.targets, h);
-        Some(lp.map(|[plus, minus]| [self.mean(&plus), self.mean(&minus)]))
-    }
 }
 
 fn emit(v: serde_json::Value) {
@@ -268,26 +243,18 @@ fn model_rows(
     gemm_tflops: f64,
 ) -> Result<()> {
     let rows = batch * seq;
-    let layout = SeqLayout::full(batch, seq, &vec![seq; batch]);
     let weights = g.random_weights(cfg, 42, DType::BF16)?;
     let model = Llama::new(cfg.clone(), weights, g.clone());
     let ids: Vec<u32> = (0..rows as u64)
         .map(|i| ((i * 2_654_435_761) % cfg.vocab_size as u64) as u32)
         .collect();
-    let targets: Vec<i32> = (0..rows)
-        .map(|r| {
-            if (r + 1) % seq == 0 {
-                -1
-            } else {
-                ids[r + 1] as i32
-            }
-        })
-        .collect();
+    let mut objective = NextTokenLoss::new(ids, batch, seq);
+    let (ids, layout, targets) = (&objective.ids, &objective.layout, &objective.targets);
     g.mem().reset_peaks();
     let fwd_iters = if quick { 2 } else { 5 };
     let ms = time(g, fwd_iters, || {
         model
-            .target_logprobs(&ids, &layout, &targets, &mut NoHook)
+            .target_logprobs(ids, layout, targets, &mut NoHook)
             .map(|_| ())
     })?;
     let (fwd_ms, fwd_peak) = (ms, g.mem().report().total_peak);
@@ -308,7 +275,7 @@ fn model_rows(
     let mut h = g.alloc(rows, cfg.hidden_size, Tag::Activations)?;
     g.fill_act_normal(&mut h, key(21), 1.0)?;
     let ms = time(g, 3, || {
-        g.target_logprobs(&h, model.weights.lm_head(), &targets)
+        g.target_logprobs(&h, model.weights.lm_head(), targets)
             .map(|_| ())
     })?;
     emit(
@@ -324,11 +291,6 @@ fn model_rows(
     // lockstep, each matrix's z drawn once for both. The floor is 2.0x the forward; the memory
     // goal is the forward's peak.
     let mut model = model;
-    let mut objective = NextTokenLoss {
-        ids: &ids,
-        layout: &layout,
-        targets: &targets,
-    };
     for perturb in [Perturb::Inplace, Perturb::Fused, Perturb::Paired] {
         for method in [
             Method::Mezo,

@@ -1,7 +1,10 @@
-//! Shared by the CPU benchmarks: argument lookup and the model under test.
+//! Shared by the benchmarks: argument lookup, the model under test (CPU) and the loss a ZO
+//! step minimizes (any backend).
 #![allow(dead_code)] // each benchmark uses its own subset
 
-use zoft::model::{DType, LlamaConfig, LlamaWeights};
+use zoft::backend::{Backend, LinearHook, PairedHook, SeqLayout};
+use zoft::model::{DType, Llama, LlamaConfig, LlamaWeights};
+use zoft::zo::Objective;
 
 /// The value after `name` on the command line, or `default`.
 pub fn arg(name: &str, default: &str) -> String {
@@ -29,4 +32,54 @@ pub fn load_model() -> anyhow::Result<(LlamaConfig, LlamaWeights)> {
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// Mean causal-LM loss over every next token of `batch` full sequences, as the PyTorch peer
+/// computes it, with the paired form that `--perturb paired` runs (a closure has none).
+pub struct NextTokenLoss {
+    pub ids: Vec<u32>,
+    pub layout: SeqLayout,
+    pub targets: Vec<i32>,
+}
+
+impl NextTokenLoss {
+    /// `ids` as `batch` sequences of `seq` tokens, each token predicting the next.
+    pub fn new(ids: Vec<u32>, batch: usize, seq: usize) -> Self {
+        assert_eq!(ids.len(), batch * seq);
+        let targets = (0..batch * seq)
+            .map(|i| {
+                if (i + 1) % seq == 0 {
+                    -1
+                } else {
+                    ids[i + 1] as i32
+                }
+            })
+            .collect();
+        let layout = SeqLayout::full(batch, seq, &vec![seq; batch]);
+        NextTokenLoss {
+            ids,
+            layout,
+            targets,
+        }
+    }
+
+    fn mean(&self, logprobs: &[f32]) -> f32 {
+        let n = self.targets.iter().filter(|&&t| t >= 0).count() as f32;
+        -logprobs.iter().sum::<f32>() / n
+    }
+}
+
+impl<B: Backend> Objective<B> for NextTokenLoss {
+    fn loss(&mut self, m: &Llama<B>, h: &mut dyn LinearHook<B>) -> anyhow::Result<f32> {
+        Ok(self.mean(&m.target_logprobs(&self.ids, &self.layout, &self.targets, h)?))
+    }
+
+    fn paired_losses(
+        &mut self,
+        m: &Llama<B>,
+        h: &mut dyn PairedHook<B>,
+    ) -> Option<anyhow::Result<[f32; 2]>> {
+        let lp = m.target_logprobs_paired(&self.ids, &self.layout, &self.targets, h);
+        Some(lp.map(|[plus, minus]| [self.mean(&plus), self.mean(&minus)]))
+    }
 }

@@ -11,45 +11,12 @@
 #[path = "common.rs"]
 mod common;
 
-use common::{arg, load_model, median};
+use common::{arg, load_model, median, NextTokenLoss};
 use std::time::Instant;
 use zoft::backend::cpu::{CpuBackend, Matmul};
-use zoft::backend::{LinearHook, NoHook, PairedHook, SeqLayout};
+use zoft::backend::NoHook;
 use zoft::model::Llama;
 use zoft::zo::{Method, Objective, Perturb, ZoConfig, ZoOptimizer};
-
-/// Mean causal-LM loss over every next token, as the PyTorch peer computes it.
-struct NextTokenLoss {
-    ids: Vec<u32>,
-    layout: SeqLayout,
-    targets: Vec<i32>,
-}
-
-impl NextTokenLoss {
-    fn mean(&self, logprobs: &[f32]) -> f32 {
-        let n = self.targets.iter().filter(|&&t| t >= 0).count() as f32;
-        -logprobs.iter().sum::<f32>() / n
-    }
-}
-
-impl Objective<CpuBackend> for NextTokenLoss {
-    fn loss(
-        &mut self,
-        m: &Llama<CpuBackend>,
-        h: &mut dyn LinearHook<CpuBackend>,
-    ) -> anyhow::Result<f32> {
-        Ok(self.mean(&m.target_logprobs(&self.ids, &self.layout, &self.targets, h)?))
-    }
-
-    fn paired_losses(
-        &mut self,
-        m: &Llama<CpuBackend>,
-        h: &mut dyn PairedHook<CpuBackend>,
-    ) -> Option<anyhow::Result<[f32; 2]>> {
-        let lp = m.target_logprobs_paired(&self.ids, &self.layout, &self.targets, h);
-        Some(lp.map(|[plus, minus]| [self.mean(&plus), self.mean(&minus)]))
-    }
-}
 
 fn main() -> anyhow::Result<()> {
     let batch: usize = arg("--batch", "16").parse()?;
@@ -69,21 +36,7 @@ fn main() -> anyhow::Result<()> {
     let ids: Vec<u32> = (0..batch * seq)
         .map(|i| ((i * 7919) % cfg.vocab_size) as u32)
         .collect();
-    let layout = SeqLayout::full(batch, seq, &vec![seq; batch]);
-    let targets: Vec<i32> = (0..batch * seq)
-        .map(|i| {
-            if (i + 1) % seq == 0 {
-                -1
-            } else {
-                ids[i + 1] as i32
-            }
-        })
-        .collect();
-    let mut objective = NextTokenLoss {
-        ids,
-        layout,
-        targets,
-    };
+    let mut objective = NextTokenLoss::new(ids, batch, seq);
     let mem = model.backend.mem.clone();
     let weight_bytes = model.weights.byte_size();
     // The peak of an inference forward (a warm-up forward runs first).
