@@ -17,7 +17,7 @@ use zoft::backend::{AttnShape, Backend, SeqLayout};
 use zoft::model::{HostTensor, LlamaConfig};
 use zoft::rng::Philox;
 use zoft::zo::direction::StepKey;
-use zoft::zo::passes::{Rule, ZSpec, ZoBackend};
+use zoft::zo::passes::{AdamArgs, Rule, ZSpec, ZoBackend};
 
 fn normals(n: usize, seed: u64) -> Vec<f32> {
     let mut v = vec![0.0; n];
@@ -246,5 +246,30 @@ fn zo_passes(iters: usize, be: &CpuBackend) -> anyhow::Result<()> {
         });
         report_pass(name, s);
     }
+    // MeZO-Adam's update: the dense draw plus reading and writing both f32 moments.
+    let adam = Rule::Adam(AdamArgs {
+        g: 0.5,
+        lr: 1e-6,
+        wd: 0.0,
+        beta1: 0.9,
+        beta2: 0.999,
+        c1: 0.1,
+        c2: 0.001,
+        eps: 1e-8,
+    });
+    let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
+    let s = time(iters, || {
+        be.zo_pass(
+            &mut w,
+            0,
+            key,
+            ZSpec::Dense,
+            0.0,
+            adam,
+            Some((&mut m, &mut v)),
+        )
+        .unwrap()
+    });
+    report_pass("dense adam from w0", s);
     Ok(())
 }
