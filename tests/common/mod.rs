@@ -166,6 +166,8 @@ pub fn cuda_or_emulator() -> Option<zoft::backend::cuda::CudaBackend> {
             println!("skipped: no CUDA device ({reason}) and no C++ compiler for the emulator");
             return None;
         }
+        // tools/gpu-check reads this line: on a GPU machine it means the GPU went unused.
+        println!("emulated: no CUDA device ({reason}); running on the kernel emulator");
     }
     Some(CudaBackend::new(0).expect("a CUDA device is present but the backend did not start"))
 }
