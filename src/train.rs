@@ -216,10 +216,11 @@ pub fn save_checkpoint<B: ZoBackend + 'static>(
                 .with_context(|| format!("copying {}", src.display()))?;
         }
     }
-    std::fs::write(
-        tmp.join("config.json"),
-        serde_json::to_string_pretty(&model.cfg)?,
-    )?;
+    // The config names the dtype the weights are written in, which need not be the source's
+    // (a GPU run keeps f16 weights in bf16): HF transformers loads by it with dtype="auto".
+    let mut cfg = model.cfg.clone();
+    cfg.torch_dtype = Some(B::weight_dtype(&model.weights.embed).hf_name().into());
+    std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
     model.backend.save_weights(&model.weights, &tmp)?;
     std::fs::write(
         tmp.join("training_state.json"),

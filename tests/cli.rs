@@ -1,6 +1,7 @@
 //! The command line's device, precision and method choices: errors that say what was wrong,
 //! before any model is read.
 
+mod common;
 use std::process::Command;
 
 fn zoft(args: &[&str]) -> (bool, String) {
@@ -115,4 +116,38 @@ fn sparse_mezo_in_place_is_refused_and_auto_is_accepted() {
     assert!(!ok, "train ran without a model");
     assert!(err.contains("zoft-cli-test-no-such-model"), "{err}");
     assert!(!err.contains("perturb"), "{err}");
+}
+
+/// `zoft init` writes config.json with the dtype of the weights it wrote, whatever the
+/// config it started from says, so that HF transformers' dtype="auto" loads them as written.
+#[test]
+fn init_config_names_the_dtype_it_wrote() {
+    let dir = common::ScratchDir::new("cli-init");
+    let mut cfg = common::tiny_config();
+    cfg.torch_dtype = Some("bfloat16".into());
+    let src = dir.join("source.json");
+    std::fs::write(&src, serde_json::to_string(&cfg).unwrap()).unwrap();
+    for (dtype, hf, st) in [("f32", "float32", "F32"), ("f16", "float16", "F16")] {
+        let out = dir.join(dtype);
+        let (ok, err) = zoft(&[
+            "init",
+            "--config",
+            src.to_str().unwrap(),
+            "--dtype",
+            dtype,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "zoft init --dtype {dtype}: {err}");
+        let written: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(written["torch_dtype"], hf, "--dtype {dtype}");
+        let tensors =
+            zoft::model::safetensors_io::load_file(&out.join("model.safetensors")).unwrap();
+        assert!(
+            tensors.values().all(|t| t.dtype.name() == st),
+            "--dtype {dtype}: some tensors are not {st}"
+        );
+    }
 }

@@ -634,7 +634,7 @@ fn cmd_import(a: ImportArgs) -> Result<()> {
 }
 
 fn cmd_init(a: InitArgs) -> Result<()> {
-    let cfg = match LlamaConfig::preset(&a.config) {
+    let mut cfg = match LlamaConfig::preset(&a.config) {
         Some(c) => c,
         None => LlamaConfig::from_file(Path::new(&a.config))
             .with_context(|| format!("{:?} is neither a preset (llama-7b, llama-13b, llama-30b, llama-65b, smollm2-135m) nor a readable config.json", a.config))?,
@@ -648,6 +648,7 @@ fn cmd_init(a: InitArgs) -> Result<()> {
         a.out.display()
     );
     let w = LlamaWeights::random(&cfg, a.seed, dtype);
+    cfg.torch_dtype = Some(dtype.hf_name().into());
     std::fs::write(
         a.out.join("config.json"),
         serde_json::to_string_pretty(&cfg)?,

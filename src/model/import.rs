@@ -140,14 +140,6 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-fn torch_dtype(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "float32",
-        DType::F16 => "float16",
-        DType::BF16 => "bfloat16",
-    }
-}
-
 /// The HF `config.json` a GGUF's metadata describes, plus notes for the user. Fails for
 /// architectures other than LLaMA and for features zoft cannot run (partial RoPE, MoE, ...).
 pub fn config_from_gguf(g: &GgufFile, dtype: DType) -> Result<(LlamaConfig, Vec<String>)> {
@@ -260,7 +252,7 @@ pub fn config_from_gguf(g: &GgufFile, dtype: DType) -> Result<(LlamaConfig, Vec<
         eos_token_id: tok_id("eos_token_id").map(|e| json!(e)),
         pad_token_id: tok_id("padding_token_id"),
         hidden_act: "silu".into(),
-        torch_dtype: Some(torch_dtype(dtype).into()),
+        torch_dtype: Some(dtype.hf_name().into()),
     };
     cfg.validate()?;
     Ok((cfg, notes))

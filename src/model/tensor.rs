@@ -29,6 +29,15 @@ impl DType {
         }
     }
 
+    /// The name HF transformers gives it (config.json's `torch_dtype`).
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+        }
+    }
+
     pub fn parse(s: &str) -> Result<Self> {
         Ok(match s.to_ascii_lowercase().as_str() {
             "f32" | "float32" => DType::F32,
