@@ -1,7 +1,7 @@
 //! The trainer on the CUDA backend (the GPU, or the kernel emulator where there is none), on a
 //! tiny random model and the synthetic task of tests/train.rs: a run interrupted at a checkpoint
 //! and resumed on the device ends on the same bits as the uninterrupted run, the checkpoint
-//! holds the device's weights, and training moves them.
+//! holds the device's weights, and training moves them; a bf16 model's checkpoint says bf16.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -66,5 +66,42 @@ fn device_runs_resume_bit_for_bit_and_checkpoint_the_device_weights() {
             file_bytes(&a_dir.join("checkpoint"), &cfg) == final_a,
             "{name}: the final checkpoint differs from the device's weights"
         );
+    }
+}
+
+/// A model whose matrices are bf16 on the device is checkpointed so, and config.json says so (its
+/// source config said float32), so that HF transformers' dtype="auto" loads it as written.
+#[test]
+fn device_checkpoint_config_names_the_device_dtype() {
+    let Some(g) = cuda_or_emulator() else { return };
+    let mut cfg = tiny_config();
+    cfg.torch_dtype = Some("float32".into());
+    let t = synthetic_task(&cfg);
+    let dir = scratch_dir("cuda-bf16-checkpoint");
+    let w = LlamaWeights::random(&cfg, 4, DType::F32);
+    let mut m = Llama::new(
+        cfg.clone(),
+        g.upload_weights(&w, DType::BF16).unwrap(),
+        g.clone(),
+    );
+    let opts = train_options(zoft::zo::Method::Mezo, zoft::zo::Perturb::Fused, 2, 0, &dir);
+    train(
+        &mut m,
+        &dir,
+        &t,
+        0,
+        &opts,
+        None,
+        &AtomicBool::new(false),
+        |_| {},
+    )
+    .unwrap();
+    let ckpt = dir.join("checkpoint");
+    let written = LlamaConfig::from_file(&ckpt.join("config.json")).unwrap();
+    assert_eq!(written.torch_dtype.as_deref(), Some("bfloat16"));
+    let files = zoft::model::safetensors_io::load_file(&ckpt.join("model.safetensors")).unwrap();
+    // The matrices are bf16; the norm gains stay f32 on the device (dtype="auto" casts them).
+    for (name, tensor) in files.iter().filter(|(_, t)| t.shape.len() == 2) {
+        assert_eq!(tensor.dtype, DType::BF16, "{name}");
     }
 }
