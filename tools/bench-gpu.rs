@@ -7,7 +7,9 @@
 //! then for random models of two shapes (LLaMA-7B at 16 x 512, SmolLM2-135M at 16 x 64): the
 //! forward in model TFLOP/s as a fraction of the GEMM rate, the LM head + loss, and one ZO step
 //! of each memory-lean method in each perturb mode as a multiple of the forward's time and
-//! peak memory. `--quick` shrinks every shape (a smoke run).
+//! peak memory. `--quick` shrinks every shape (a smoke run); `--tiny` shrinks them to toy
+//! sizes, for running every path of this benchmark on the kernel emulator
+//! (`ZOFT_CUDA_EMULATOR=1`), where its timings mean nothing.
 
 #[path = "bench/common.rs"]
 mod common;
@@ -60,8 +62,24 @@ fn llama7b() -> LlamaConfig {
     .expect("a valid config")
 }
 
+/// A toy LLaMA (GQA, 2 layers) standing in for both model shapes under `--tiny`.
+fn toy() -> LlamaConfig {
+    serde_json::from_value(json!({
+        "hidden_size": 128,
+        "intermediate_size": 192,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 384,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5
+    }))
+    .expect("a valid config")
+}
+
 fn main() -> Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let tiny = std::env::args().any(|a| a == "--tiny");
+    let quick = tiny || std::env::args().any(|a| a == "--quick");
     if let Err(reason) = cuda_available() {
         emit(json!({"bench": "skipped", "reason": reason}));
         return Ok(());
@@ -73,12 +91,22 @@ fn main() -> Result<()> {
         .unwrap_or_default();
     emit(json!({
         "bench": "device", "name": g.device_name(), "compute_capability": format!("{}.{}", g.compute_capability().0, g.compute_capability().1),
-        "driver_cuda": drv, "free_bytes": free, "total_bytes": total, "quick": quick
+        "driver_cuda": drv, "free_bytes": free, "total_bytes": total, "quick": quick, "tiny": tiny
     }));
-    let iters = if quick { 3 } else { 20 };
+    let iters = if tiny {
+        1
+    } else if quick {
+        3
+    } else {
+        20
+    };
 
     // Device-to-device copy: bytes read + written per second.
-    let copy_bytes: usize = if quick { 64 << 20 } else { 1 << 30 };
+    let copy_bytes: usize = match (tiny, quick) {
+        (true, _) => 1 << 20,
+        (_, true) => 64 << 20,
+        _ => 1 << 30,
+    };
     let src = g.alloc_buf(copy_bytes, Tag::Scratch, "copy source")?;
     let mut dst = g.alloc_buf(copy_bytes, Tag::Scratch, "copy destination")?;
     let ms = time(&g, iters, || g.copy_buf(&src, &mut dst, copy_bytes))?;
@@ -87,7 +115,11 @@ fn main() -> Result<()> {
     drop((src, dst));
 
     // bf16 GEMM, f32 accumulate and output (what every linear runs).
-    let s = if quick { 2048 } else { 8192 };
+    let s = match (tiny, quick) {
+        (true, _) => 256,
+        (_, true) => 2048,
+        _ => 8192,
+    };
     let mut a = g.alloc_buf(s * s * 2, Tag::Scratch, "gemm A")?;
     let mut b = g.alloc_buf(s * s * 2, Tag::Scratch, "gemm B")?;
     let c = g.alloc_buf(s * s * 4, Tag::Scratch, "gemm C")?;
@@ -114,8 +146,12 @@ fn main() -> Result<()> {
     drop((a, b, c));
 
     // Elementwise and norm kernels at the LLaMA-7B 16 x 512 shapes.
-    let cfg = llama7b();
-    let (batch, seq) = if quick { (4, 128) } else { (16, 512) };
+    let cfg = if tiny { toy() } else { llama7b() };
+    let (batch, seq) = match (tiny, quick) {
+        (true, _) => (2, 32),
+        (_, true) => (4, 128),
+        _ => (16, 512),
+    };
     let rows = batch * seq;
     let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
     let bw = |name: &str, bytes: f64, ms: f64| {
@@ -200,16 +236,17 @@ fn main() -> Result<()> {
 
     // The models: a LLaMA-7B shape at the attention benchmark's batch, then the default model's
     // shape (SmolLM2-135M) at the CPU benchmark's 16 x 64, where launches dominate.
-    let mut cfg = llama7b();
+    let mut cfg = if tiny { toy() } else { llama7b() };
     if quick {
         cfg.num_hidden_layers = 2;
     }
     model_rows(&g, "llama-7b", &cfg, batch, seq, quick, gemm_tflops)?;
-    let mut small = smollm2_135m();
+    let mut small = if tiny { toy() } else { smollm2_135m() };
     if quick {
         small.num_hidden_layers = 2;
     }
-    model_rows(&g, "smollm2-135m", &small, 16, 64, quick, gemm_tflops)?;
+    let (batch, seq) = if tiny { (2, 16) } else { (16, 64) };
+    model_rows(&g, "smollm2-135m", &small, batch, seq, quick, gemm_tflops)?;
     Ok(())
 }
 
