@@ -137,9 +137,9 @@ impl Perturb {
     /// storage the round trip drifts (tests/zo.rs measures it) and the fused mode never writes
     /// a perturbation. Every method also goes fused where the backend builds the perturbed
     /// weights inside its GEMM (dense z and TeZO's low-rank z alike): there fused measured
-    /// faster than in place (tools/bench/results/README.md). TeZO with weight decay stays in place,
-    /// the one mode that can apply it. Sparse-MeZO is always fused: in place it would have to
-    /// store its mask (see `Method::runs_in_place`).
+    /// faster than in place (tools/bench/results/README.md). TeZO with weight decay stays in
+    /// place, the one mode that can apply it. Sparse-MeZO is always fused: in place it would
+    /// have to store its mask (see `Method::runs_in_place`).
     pub fn auto<B: ZoBackend>(
         cfg: &ZoConfig,
         backend: &B,
