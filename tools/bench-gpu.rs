@@ -77,9 +77,32 @@ fn toy() -> LlamaConfig {
     .expect("a valid config")
 }
 
+/// How big the shapes are: the real ones, `--quick`'s smaller ones or `--tiny`'s toys.
+#[derive(Clone, Copy, PartialEq)]
+enum Size {
+    Full,
+    Quick,
+    Tiny,
+}
+
+impl Size {
+    fn pick<T>(self, full: T, quick: T, tiny: T) -> T {
+        match self {
+            Size::Full => full,
+            Size::Quick => quick,
+            Size::Tiny => tiny,
+        }
+    }
+}
+
 fn main() -> Result<()> {
-    let tiny = std::env::args().any(|a| a == "--tiny");
-    let quick = tiny || std::env::args().any(|a| a == "--quick");
+    let has = |flag: &str| std::env::args().any(|a| a == flag);
+    let size = match (has("--tiny"), has("--quick")) {
+        (true, _) => Size::Tiny,
+        (_, true) => Size::Quick,
+        _ => Size::Full,
+    };
+    let (quick, tiny) = (size != Size::Full, size == Size::Tiny);
     if let Err(reason) = cuda_available() {
         emit(json!({"bench": "skipped", "reason": reason}));
         return Ok(());
@@ -93,20 +116,10 @@ fn main() -> Result<()> {
         "bench": "device", "name": g.device_name(), "compute_capability": format!("{}.{}", g.compute_capability().0, g.compute_capability().1),
         "driver_cuda": drv, "free_bytes": free, "total_bytes": total, "quick": quick, "tiny": tiny
     }));
-    let iters = if tiny {
-        1
-    } else if quick {
-        3
-    } else {
-        20
-    };
+    let iters = size.pick(20, 3, 1);
 
     // Device-to-device copy: bytes read + written per second.
-    let copy_bytes: usize = match (tiny, quick) {
-        (true, _) => 1 << 20,
-        (_, true) => 64 << 20,
-        _ => 1 << 30,
-    };
+    let copy_bytes: usize = size.pick(1 << 30, 64 << 20, 1 << 20);
     let src = g.alloc_buf(copy_bytes, Tag::Scratch, "copy source")?;
     let mut dst = g.alloc_buf(copy_bytes, Tag::Scratch, "copy destination")?;
     let ms = time(&g, iters, || g.copy_buf(&src, &mut dst, copy_bytes))?;
@@ -115,11 +128,7 @@ fn main() -> Result<()> {
     drop((src, dst));
 
     // bf16 GEMM, f32 accumulate and output (what every linear runs).
-    let s = match (tiny, quick) {
-        (true, _) => 256,
-        (_, true) => 2048,
-        _ => 8192,
-    };
+    let s = size.pick(8192, 2048, 256);
     let mut a = g.alloc_buf(s * s * 2, Tag::Scratch, "gemm A")?;
     let mut b = g.alloc_buf(s * s * 2, Tag::Scratch, "gemm B")?;
     let c = g.alloc_buf(s * s * 4, Tag::Scratch, "gemm C")?;
@@ -147,11 +156,7 @@ fn main() -> Result<()> {
 
     // Elementwise and norm kernels at the LLaMA-7B 16 x 512 shapes.
     let cfg = if tiny { toy() } else { llama7b() };
-    let (batch, seq) = match (tiny, quick) {
-        (true, _) => (2, 32),
-        (_, true) => (4, 128),
-        _ => (16, 512),
-    };
+    let (batch, seq) = size.pick((16, 512), (4, 128), (2, 32));
     let rows = batch * seq;
     let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
     let bw = |name: &str, bytes: f64, ms: f64| {
@@ -245,7 +250,7 @@ fn main() -> Result<()> {
     if quick {
         small.num_hidden_layers = 2;
     }
-    let (batch, seq) = if tiny { (2, 16) } else { (16, 64) };
+    let (batch, seq) = size.pick((16, 64), (16, 64), (2, 16));
     model_rows(&g, "smollm2-135m", &small, batch, seq, quick, gemm_tflops)?;
     Ok(())
 }
