@@ -25,18 +25,23 @@ fn normals(n: usize, seed: u64) -> Vec<f32> {
     v
 }
 
-/// Median seconds of `iters` calls after one warm-up call.
+/// Median seconds of at least `iters` calls, and of as many as fill 0.5 s, after warming up for
+/// at least 3 calls and 0.5 s. With one warm-up call and 3 timed ones, the GEMMs of under a
+/// millisecond read at half their rate in some runs (the CPU's clock and the thread pool still
+/// waking up, and the noise of a shared machine), which 31 calls or a standalone run did not.
 fn time(iters: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    median(
-        (0..iters)
-            .map(|_| {
-                let t = Instant::now();
-                f();
-                t.elapsed().as_secs_f64()
-            })
-            .collect(),
-    )
+    let run_for = |min_calls: usize, f: &mut dyn FnMut()| {
+        let start = Instant::now();
+        let mut seconds = vec![];
+        while seconds.len() < min_calls || start.elapsed().as_secs_f64() < 0.5 {
+            let t = Instant::now();
+            f();
+            seconds.push(t.elapsed().as_secs_f64());
+        }
+        seconds
+    };
+    run_for(3, &mut f);
+    median(run_for(iters, &mut f))
 }
 
 fn report(op: &str, variant: &str, seconds: f64, per_forward: usize) {
