@@ -16,12 +16,10 @@ use common::*;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 use zoft::backend::cpu::CpuBackend;
 use zoft::backend::{NoHook, SeqLayout};
 use zoft::model::safetensors_io::load_file;
 use zoft::model::{Llama, LlamaConfig};
-use zoft::train::train;
 use zoft::zo::{Method, Perturb};
 
 /// (case name, method, perturb mode, tied embeddings).
@@ -78,17 +76,7 @@ fn trained(
     // CPU's f32 GEMMs make in the estimate g move the written weights by about 1e-7 of their
     // size, far inside the tolerances below, while training still moves the logits by 3-4%.
     opts.zo.lr = 1e-4;
-    train(
-        &mut model,
-        &dir,
-        &task,
-        0,
-        &opts,
-        None,
-        &AtomicBool::new(false),
-        |_| {},
-    )
-    .unwrap();
+    train_quietly(&mut model, &dir, &task, &opts, None).unwrap();
     (dir, model)
 }
 

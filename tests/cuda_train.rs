@@ -7,10 +7,9 @@
 mod common;
 use common::*;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 use zoft::backend::cuda::CudaBackend;
 use zoft::model::{DType, Llama, LlamaConfig, LlamaWeights};
-use zoft::train::{load_train_state, train};
+use zoft::train::load_train_state;
 
 fn on_device(g: &CudaBackend, cfg: &LlamaConfig, w: &LlamaWeights) -> Llama<CudaBackend> {
     Llama::new(
@@ -30,13 +29,12 @@ fn device_runs_resume_bit_for_bit_and_checkpoint_the_device_weights() {
     let Some(g) = cuda_or_emulator() else { return };
     let cfg = tiny_config();
     let t = synthetic_task(&cfg);
-    let no_stop = AtomicBool::new(false);
     let start = LlamaWeights::random(&cfg, 4, DType::F32);
     for (method, perturb) in RESUME_CASES {
         let name = format!("cuda-{}-{perturb:?}", method.name());
         let run = |m: &mut Llama<CudaBackend>, src: &Path, steps, save, out: &Path, resume| {
             let opts = train_options(method, perturb, steps, save, out);
-            train(m, src, &t, 0, &opts, resume, &no_stop, |_| {}).unwrap();
+            train_quietly(m, src, &t, &opts, resume).unwrap();
         };
         // Uninterrupted: 6 steps, checkpoint at 3.
         let a_dir = scratch_dir(&format!("{name}-a"));
@@ -85,17 +83,7 @@ fn device_checkpoint_config_names_the_device_dtype() {
         g.clone(),
     );
     let opts = train_options(zoft::zo::Method::Mezo, zoft::zo::Perturb::Fused, 2, 0, &dir);
-    train(
-        &mut m,
-        &dir,
-        &t,
-        0,
-        &opts,
-        None,
-        &AtomicBool::new(false),
-        |_| {},
-    )
-    .unwrap();
+    train_quietly(&mut m, &dir, &t, &opts, None).unwrap();
     let ckpt = dir.join("checkpoint");
     let written = LlamaConfig::from_file(&ckpt.join("config.json")).unwrap();
     assert_eq!(written.torch_dtype.as_deref(), Some("bfloat16"));

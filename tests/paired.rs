@@ -5,12 +5,10 @@
 
 mod common;
 use common::*;
-use std::sync::atomic::AtomicBool;
 use zoft::backend::cpu::{CpuBackend, Matmul};
 use zoft::backend::mem::Tag;
 use zoft::backend::LinearHook;
 use zoft::model::{DType, HostTensor, Llama, LlamaConfig, LlamaWeights};
-use zoft::train::train;
 use zoft::zo::hook::FusedHook;
 use zoft::zo::paired::PairedFusedHook;
 use zoft::zo::{Method, Perturb, ZoOptimizer};
@@ -204,14 +202,13 @@ fn a_paired_step_holds_one_layer_of_weights_for_its_second_stream_and_gives_them
 fn paired_training_equals_fused_training() {
     let cfg = tiny_config();
     let task = synthetic_task(&cfg);
-    let no_stop = AtomicBool::new(false);
     for method in [Method::Mezo, Method::SparseMezo, Method::TezoAdam] {
         let mut runs = vec![];
         for perturb in [Perturb::Fused, Perturb::Paired] {
             let dir = scratch_dir(&format!("paired-{}-{perturb:?}", method.name()));
             let mut m = tiny_model(&cfg, 4);
             let opts = train_options(method, perturb, 4, 0, &dir);
-            train(&mut m, &dir, &task, 0, &opts, None, &no_stop, |_| {}).unwrap();
+            train_quietly(&mut m, &dir, &task, &opts, None).unwrap();
             runs.push((logged_losses(&dir.join("train_log.jsonl")), snapshot(&m)));
         }
         assert_eq!(runs[0].0, runs[1].0, "{method:?}: logged losses differ");

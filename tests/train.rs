@@ -23,50 +23,40 @@ fn load_ckpt(dir: &Path, cfg: &LlamaConfig) -> Llama<CpuBackend> {
 fn resumed_run_equals_uninterrupted_run() {
     let cfg = tiny_config();
     let t = synthetic_task(&cfg);
-    let no_stop = AtomicBool::new(false);
     for (method, perturb) in RESUME_CASES {
         let name = format!("{}-{perturb:?}", method.name());
         // Uninterrupted: 6 steps, checkpoint at 3.
         let a_dir = scratch_dir(&format!("{name}-a"));
         let mut a = tiny_model(&cfg, 4);
-        train(
+        train_quietly(
             &mut a,
             &a_dir,
             &t,
-            0,
             &train_options(method, perturb, 6, 3, &a_dir),
             None,
-            &no_stop,
-            |_| {},
         )
         .unwrap();
         // Interrupted after 3, then resumed from the checkpoint to 6.
         let b_dir = scratch_dir(&format!("{name}-b"));
         let mut b = tiny_model(&cfg, 4);
-        train(
+        train_quietly(
             &mut b,
             &b_dir,
             &t,
-            0,
             &train_options(method, perturb, 3, 0, &b_dir),
             None,
-            &no_stop,
-            |_| {},
         )
         .unwrap();
         let ckpt = b_dir.join("checkpoint");
         let state = load_train_state(&ckpt).unwrap();
         assert_eq!(state.0.step, 3);
         let mut b2 = load_ckpt(&ckpt, &cfg);
-        train(
+        train_quietly(
             &mut b2,
             &ckpt,
             &t,
-            0,
             &train_options(method, perturb, 6, 0, &b_dir),
             Some(state),
-            &no_stop,
-            |_| {},
         )
         .unwrap();
         assert!(
@@ -112,18 +102,14 @@ fn interruption_saves_a_checkpoint() {
 fn non_finite_loss_stops_and_keeps_last_good_checkpoint() {
     let cfg = tiny_config();
     let dir = scratch_dir("nan");
-    let no_stop = AtomicBool::new(false);
     let mut m = tiny_model(&cfg, 4);
     let t = synthetic_task(&cfg);
-    train(
+    train_quietly(
         &mut m,
         &dir,
         &t,
-        0,
         &train_options(Method::Mezo, Perturb::Inplace, 2, 0, &dir),
         None,
-        &no_stop,
-        |_| {},
     )
     .unwrap();
     let ckpt = dir.join("checkpoint");
@@ -131,15 +117,12 @@ fn non_finite_loss_stops_and_keeps_last_good_checkpoint() {
     // Poison a weight: every loss becomes NaN.
     m.weights.final_norm.f32s_mut().unwrap()[0] = f32::NAN;
     let state = load_train_state(&ckpt).unwrap();
-    let err = train(
+    let err = train_quietly(
         &mut m,
         &dir,
         &t,
-        0,
         &train_options(Method::Mezo, Perturb::Inplace, 4, 1, &dir),
         Some(state),
-        &no_stop,
-        |_| {},
     )
     .unwrap_err();
     let msg = format!("{err:#}");
@@ -158,12 +141,11 @@ fn non_finite_loss_stops_and_keeps_last_good_checkpoint() {
 fn training_lowers_the_loss_and_raises_accuracy() {
     let cfg = tiny_config();
     let dir = scratch_dir("learn");
-    let no_stop = AtomicBool::new(false);
     let mut m = tiny_model(&cfg, 4);
     let mut opts = train_options(Method::Mezo, Perturb::Inplace, 300, 0, &dir);
     opts.zo.lr = 1e-3;
     let t = synthetic_task(&cfg);
-    let s = train(&mut m, &dir, &t, 0, &opts, None, &no_stop, |_| {}).unwrap();
+    let s = train_quietly(&mut m, &dir, &t, &opts, None).unwrap();
     let losses = logged_losses(&dir.join("train_log.jsonl"));
     let (first, last) = first_last_means(&losses, 50);
     eprintln!(
@@ -181,12 +163,11 @@ fn training_lowers_the_loss_and_raises_accuracy() {
 fn the_log_has_each_steps_losses_and_estimate_and_the_run_ends_with_test_accuracy() {
     let cfg = tiny_config();
     let dir = scratch_dir("log");
-    let no_stop = AtomicBool::new(false);
     let mut m = tiny_model(&cfg, 4);
     let mut opts = train_options(Method::Mezo, Perturb::Inplace, 5, 0, &dir);
     opts.eval_every = 2;
     let t = synthetic_task(&cfg);
-    let s = train(&mut m, &dir, &t, 0, &opts, None, &no_stop, |_| {}).unwrap();
+    let s = train_quietly(&mut m, &dir, &t, &opts, None).unwrap();
     let text = std::fs::read_to_string(dir.join("train_log.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = text
         .lines()
@@ -227,15 +208,12 @@ fn empty_training_split_is_an_error() {
     let mut t = synthetic_task(&cfg);
     t.train.clear();
     let mut m = tiny_model(&cfg, 4);
-    let err = train(
+    let err = train_quietly(
         &mut m,
         &dir,
         &t,
-        0,
         &train_options(Method::Mezo, Perturb::Inplace, 2, 0, &dir),
         None,
-        &AtomicBool::new(false),
-        |_| {},
     )
     .unwrap_err();
     assert!(err.to_string().contains("train split is empty"), "{err}");
@@ -250,17 +228,7 @@ fn auto_perturb_on_resume_keeps_the_checkpoints_mode() {
     let dir = scratch_dir("auto-resume");
     let mut m = tiny_model(&cfg, 4);
     let opts = train_options(Method::Mezo, Perturb::Inplace, 1, 0, &dir);
-    train(
-        &mut m,
-        &dir,
-        &t,
-        0,
-        &opts,
-        None,
-        &AtomicBool::new(false),
-        |_| {},
-    )
-    .unwrap();
+    train_quietly(&mut m, &dir, &t, &opts, None).unwrap();
     let (state, _) = load_train_state(&dir.join("checkpoint")).unwrap();
     assert_eq!(state.zo.perturb, Perturb::Inplace);
     let Ok(tiles) = CpuBackend::with_matmul(zoft::backend::cpu::Matmul::Bf16) else {

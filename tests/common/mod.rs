@@ -1,14 +1,16 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use zoft::backend::cpu::CpuBackend;
 use zoft::backend::{Backend, LinearHook, PairedHook, SeqLayout};
 use zoft::data::batch::LossKind;
 use zoft::data::jsonl::{Format, Origin};
 use zoft::data::{Example, Task, TaskKind};
 use zoft::model::{DType, Llama, LlamaConfig, LlamaWeights};
-use zoft::train::TrainOptions;
+use zoft::train::{train, TrainOptions, TrainState, TrainSummary};
 use zoft::zo::{Method, Objective, Perturb, StepResult, ZoConfig};
 
 /// A tiny LLaMA config: GQA (4 query heads over 2 kv heads), 2 layers.
@@ -142,6 +144,27 @@ pub fn train_options(
         out_dir: out.to_path_buf(),
         progress: false,
     }
+}
+
+/// `train` of `task` (padding with token 0) from the model files in `src`, never
+/// interrupted and reporting nothing.
+pub fn train_quietly<B: zoft::zo::passes::ZoBackend + 'static>(
+    model: &mut Llama<B>,
+    src: &Path,
+    task: &Task,
+    opts: &TrainOptions,
+    resume: Option<(TrainState, HashMap<String, Vec<f32>>)>,
+) -> anyhow::Result<TrainSummary> {
+    train(
+        model,
+        src,
+        task,
+        0,
+        opts,
+        resume,
+        &AtomicBool::new(false),
+        |_| {},
+    )
 }
 
 /// A fresh directory under the system temp dir for this test process, removed when dropped
