@@ -6,7 +6,7 @@ use std::path::Path;
 use zoft::model::{DType, LlamaWeights};
 
 fn scratch(name: &str) -> ScratchDir {
-    ScratchDir::new(&format!("load-{name}"))
+    scratch_dir(&format!("load-{name}"))
 }
 
 /// A valid tiny model directory (config.json + model.safetensors).

@@ -171,15 +171,6 @@ pub fn train_quietly<B: zoft::zo::passes::ZoBackend + 'static>(
 /// unless the test is failing (then it stays, and its path is printed, for a look inside).
 pub struct ScratchDir(PathBuf);
 
-impl ScratchDir {
-    pub fn new(name: &str) -> ScratchDir {
-        let d = std::env::temp_dir().join(format!("zoft-test-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        ScratchDir(d)
-    }
-}
-
 impl std::ops::Deref for ScratchDir {
     type Target = Path;
     fn deref(&self) -> &Path {
@@ -205,7 +196,10 @@ impl Drop for ScratchDir {
 
 /// A fresh scratch directory for this test process (see `ScratchDir`).
 pub fn scratch_dir(name: &str) -> ScratchDir {
-    ScratchDir::new(name)
+    let d = std::env::temp_dir().join(format!("zoft-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    ScratchDir(d)
 }
 
 /// The CUDA backend on the GPU, or on the kernel emulator where there is none, or None after
