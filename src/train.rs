@@ -59,6 +59,8 @@ pub struct TrainSummary {
     pub test: Option<EvalResult>,
     pub checkpoint: PathBuf,
     pub stopped_early: Option<String>,
+    /// The backend's accounts at the end: peaks over the whole run, evaluations included.
+    pub memory: crate::backend::mem::MemReport,
 }
 
 /// The inputs a model needs for a batch: ids, layout and (row, token) requests. With
@@ -299,8 +301,9 @@ struct LogLine<'a> {
     projected_grad: f32,
     lr: f32,
     seconds: f64,
+    /// The backend's accounts by tag: weights, activations, scratch, optimizer moments.
     memory: &'a crate::backend::mem::MemReport,
-    weights_bytes: usize,
+    /// All optimizer state, including what a method keeps on the host beside the backend's.
     optimizer_bytes: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     dev_accuracy: Option<f64>,
@@ -377,12 +380,6 @@ pub fn train<B: ZoBackend + 'static>(
     let t0 = Instant::now();
     let mut step = start;
     let mut stopped_early = None;
-    let weights_bytes: usize = model
-        .weights
-        .tensors()
-        .into_iter()
-        .map(B::weight_bytes)
-        .sum();
     while step < opts.steps {
         if stop.load(Ordering::Relaxed) {
             stopped_early = Some(format!("interrupted at step {step}"));
@@ -419,7 +416,6 @@ pub fn train<B: ZoBackend + 'static>(
             lr: opts.zo.lr,
             seconds: ts.elapsed().as_secs_f64(),
             memory: &mem,
-            weights_bytes,
             optimizer_bytes: opt.method.state_bytes(),
             dev_accuracy: dev_acc,
         };
@@ -466,6 +462,7 @@ pub fn train<B: ZoBackend + 'static>(
         test: final_test,
         checkpoint: ckpt,
         stopped_early,
+        memory: model.backend.memory(),
     })
 }
 
@@ -485,6 +482,19 @@ pub fn fmt_acc(r: &EvalResult) -> String {
         Some(a) => format!("{:.4} ({} examples)", a, r.examples),
         None => format!("nll {:.4} ({} examples)", r.nll, r.examples),
     }
+}
+
+/// The run's peak memory and each tag's own peak (tags peak at different moments, so these
+/// need not add up to the total), in MiB: "567.4 MiB (weights 540.1, activations 25.0, ...)".
+pub fn fmt_peak_memory(m: &crate::backend::mem::MemReport) -> String {
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    let tags: Vec<String> = m
+        .peak
+        .iter()
+        .filter(|(_, b)| *b > 0)
+        .map(|(name, b)| format!("{name} {:.1}", mib(*b)))
+        .collect();
+    format!("{:.1} MiB ({})", mib(m.total_peak), tags.join(", "))
 }
 
 fn progress_bar(opts: &TrainOptions, start: u64) -> indicatif::ProgressBar {

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use zoft::backend::cpu::CpuBackend;
 use zoft::model::{DType, Llama, LlamaConfig, LlamaWeights};
-use zoft::train::{auto_perturb, load_train_state, train};
+use zoft::train::{auto_perturb, fmt_peak_memory, load_train_state, train};
 use zoft::zo::{Method, Perturb};
 
 fn load_ckpt(dir: &Path, cfg: &LlamaConfig) -> Llama<CpuBackend> {
@@ -164,6 +164,7 @@ fn the_log_has_each_steps_losses_and_estimate_and_the_run_ends_with_test_accurac
     let cfg = tiny_config();
     let dir = scratch_dir("log");
     let mut m = tiny_model(&cfg, 4);
+    let weight_bytes = m.weights.byte_size();
     let mut opts = train_options(Method::Mezo, Perturb::Inplace, 5, 0, &dir);
     opts.eval_every = 2;
     let t = synthetic_task(&cfg);
@@ -175,7 +176,9 @@ fn the_log_has_each_steps_losses_and_estimate_and_the_run_ends_with_test_accurac
         .collect();
     assert_eq!(lines.len(), 5, "{text}");
     let num = |v: &serde_json::Value, k: &str| {
-        v[k].as_f64()
+        k.split('.')
+            .fold(v, |v, k| &v[k])
+            .as_f64()
             .unwrap_or_else(|| panic!("{k} is missing from {v}"))
     };
     let mut moved = false;
@@ -190,13 +193,40 @@ fn the_log_has_each_steps_losses_and_estimate_and_the_run_ends_with_test_accurac
         assert_eq!(num(v, "projected_grad") as f32, g, "{v}");
         assert_eq!(num(v, "lr") as f32, opts.zo.lr, "{v}");
         assert!(num(v, "seconds") > 0.0, "{v}");
-        assert!(num(v, "weights_bytes") > 0.0, "{v}");
-        assert!(v["memory"]["total_peak"].as_u64().is_some(), "{v}");
+        // The accounts by tag hold the weights; plain MeZO keeps no optimizer state.
+        let weights = serde_json::json!(["weights", weight_bytes]);
+        assert!(
+            v["memory"]["current"]
+                .as_array()
+                .unwrap()
+                .contains(&weights),
+            "{v}"
+        );
+        assert!(num(v, "memory.total_peak") >= weight_bytes as f64, "{v}");
+        assert_eq!(num(v, "optimizer_bytes"), 0.0, "{v}");
         // Every second step, but not the last: the final evaluation reports that one.
         let evaluated = step.is_multiple_of(2) && step < 5;
         assert_eq!(v.get("dev_accuracy").is_some(), evaluated, "{v}");
     }
     assert!(moved, "every step's two losses were equal");
+    // The summary's accounts: the run's peak held the weights and, beside them, the largest
+    // activations (weights are held throughout, so the two add up within the total).
+    let peak = |tag: &str| s.memory.peak.iter().find(|(n, _)| n == tag).unwrap().1;
+    let activations = peak("activations");
+    assert_eq!(peak("weights"), weight_bytes);
+    assert!(activations > 0 && s.memory.total_peak >= weight_bytes + activations);
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    // Tags that held nothing (optimizer, gradients, adapters here) are left out.
+    let mut want = format!(
+        "{:.1} MiB (weights {:.1}, activations {:.1}",
+        mib(s.memory.total_peak),
+        mib(weight_bytes),
+        mib(activations)
+    );
+    if peak("scratch") > 0 {
+        want += &format!(", scratch {:.1}", mib(peak("scratch")));
+    }
+    assert_eq!(fmt_peak_memory(&s.memory), want + ")");
     let test = s.test.expect("a finished run reports its test split");
     assert!(test.accuracy.is_some(), "{test:?}");
 }

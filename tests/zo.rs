@@ -645,3 +645,42 @@ fn auto_perturb_is_in_place_for_f32_weights_and_gemms_and_fused_otherwise() {
     let c = zc(Method::Tezo, 0.1);
     assert_eq!(Perturb::auto(&c, &tile_gemms, &f32_w), Perturb::Inplace);
 }
+
+/// The CPU's memory accounts hold what a run holds: the model's weights (mapped or loaded)
+/// under weights, MeZO-Adam's two f32 moments under optimizer, each at its size in bytes, and
+/// give both back when the optimizer and the model go.
+#[test]
+fn memory_accounts_hold_the_weights_and_the_adam_moments() {
+    use zoft::backend::mem::Tag;
+    let cfg = tiny_config();
+    let weights = LlamaWeights::random(&cfg, 3, DType::F32);
+    let weight_bytes = weights.byte_size();
+    let params: usize = weights.tensors().iter().map(|t| t.numel()).sum();
+    let backend = CpuBackend::new();
+    let mem = backend.mem.clone();
+    assert_eq!(mem.current(Tag::Weights), 0);
+    let mut m = Llama::new(cfg.clone(), weights, backend);
+    assert_eq!(mem.current(Tag::Weights), weight_bytes);
+    assert_eq!(weight_bytes, 4 * params);
+    let zc = ZoConfig {
+        method: Method::MezoAdam,
+        perturb: Perturb::Inplace,
+        ..paired_zo_config(Method::MezoAdam, Perturb::Inplace)
+    };
+    let mut opt = ZoOptimizer::new(zc, &m).unwrap();
+    let bt = batch(&cfg, 5);
+    opt.step(&mut m, 0, &mut |mm, h| Ok(loss_of(mm, &bt, h)))
+        .unwrap();
+    assert_eq!(mem.current(Tag::Optimizer), 2 * 4 * params);
+    assert_eq!(opt.method.state_bytes(), 2 * 4 * params);
+    let report = m.backend.memory();
+    assert!(
+        report.current.contains(&("weights".into(), weight_bytes)),
+        "{report:?}"
+    );
+    drop(opt);
+    assert_eq!(mem.current(Tag::Optimizer), 0);
+    drop(m);
+    assert_eq!(mem.current(Tag::Weights), 0);
+    assert_eq!(mem.report().total, 0, "{:?}", mem.report());
+}

@@ -201,6 +201,17 @@ pub trait Backend: Sized {
     ) -> Result<Vec<f32>>;
     /// Copies rows [0, src.rows) of src into dst starting at row `dst_row` (KV cache append).
     fn copy_rows(&self, src: &Self::Act, dst: &mut Self::Act, dst_row: usize) -> Result<()>;
+
+    /// A model now holds `weights` (`Llama::new`): counts them under `Tag::Weights` if this
+    /// backend did not allocate them itself (the CPU's mapped or loaded tensors; the GPU's
+    /// uploads were counted as they were allocated).
+    fn adopt_weights(&self, weights: &crate::model::LlamaWeights<Self::Weight>) {
+        let _ = weights;
+    }
+    /// The model that held `weights` is going away: undoes `adopt_weights`.
+    fn release_weights(&self, weights: &crate::model::LlamaWeights<Self::Weight>) {
+        let _ = weights;
+    }
 }
 
 /// The one place every linear layer (and every other parameter use) goes through. A method

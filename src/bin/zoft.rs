@@ -448,6 +448,10 @@ fn train_on<B: ZoBackend + 'static>(
             ),
         ]);
         rows.push(vec![
+            "peak memory".into(),
+            zoft::train::fmt_peak_memory(&s.memory),
+        ]);
+        rows.push(vec![
             "checkpoint".into(),
             s.checkpoint.display().to_string(),
         ]);

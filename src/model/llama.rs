@@ -32,6 +32,12 @@ pub struct Llama<B: Backend> {
     inv_freq: Vec<f32>,
 }
 
+impl<B: Backend> Drop for Llama<B> {
+    fn drop(&mut self) {
+        self.backend.release_weights(&self.weights);
+    }
+}
+
 /// One layer's activations, allocated once per forward and reused by every layer (and by both
 /// streams of a paired forward). The normed input of each block lives beside it, one per stream.
 struct Workspace<A> {
@@ -55,6 +61,7 @@ pub struct KvCache<B: Backend> {
 impl<B: Backend> Llama<B> {
     pub fn new(cfg: LlamaConfig, weights: LlamaWeights<B::Weight>, backend: B) -> Self {
         let inv_freq = cfg.rope_inv_freq().into_iter().map(|f| f as f32).collect();
+        backend.adopt_weights(&weights);
         Llama {
             cfg,
             weights,

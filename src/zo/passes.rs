@@ -4,8 +4,8 @@
 //! (src/backend/cuda/zo.rs) mirrors its arithmetic operation for operation.
 
 use super::direction::{StepKey, TensorZ};
-use crate::backend::cpu::CpuBackend;
-use crate::backend::mem::MemReport;
+use crate::backend::cpu::{CpuAct, CpuBackend};
+use crate::backend::mem::{MemReport, Tag};
 use crate::backend::{Backend, LinearHook, PairedHook, ParamId};
 use crate::model::{DType, HostTensor, Llama, LlamaWeights};
 use anyhow::{bail, Result};
@@ -94,8 +94,6 @@ pub trait ZoBackend: Backend {
     fn zo_state(&self, values: &[f32]) -> Result<Self::State>;
     fn zo_state_to_host(&self, s: &Self::State) -> Result<Vec<f32>>;
     fn weight_shape(w: &Self::Weight) -> &[usize];
-    /// Bytes the tensor occupies in its storage dtype.
-    fn weight_bytes(w: &Self::Weight) -> usize;
     /// The tensor's storage dtype.
     fn weight_dtype(w: &Self::Weight) -> DType;
     /// Current and peak memory by tag of this backend's tracked allocations.
@@ -156,26 +154,23 @@ pub fn abs_percentile(values: Vec<f32>, sparsity: f32) -> f32 {
 }
 
 impl ZoBackend for CpuBackend {
-    type State = Vec<f32>;
+    /// Accounted under `Tag::Optimizer`.
+    type State = CpuAct;
 
     fn fused_builds_weights_in_gemm(&self) -> bool {
         self.packs_weight_tiles()
     }
 
-    fn zo_state(&self, values: &[f32]) -> Result<Vec<f32>> {
-        Ok(values.to_vec())
+    fn zo_state(&self, values: &[f32]) -> Result<CpuAct> {
+        self.from_host(values, 1, values.len(), Tag::Optimizer)
     }
 
-    fn zo_state_to_host(&self, s: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(s.clone())
+    fn zo_state_to_host(&self, s: &CpuAct) -> Result<Vec<f32>> {
+        Ok(s.data.clone())
     }
 
     fn weight_shape(w: &HostTensor) -> &[usize] {
         &w.shape
-    }
-
-    fn weight_bytes(w: &HostTensor) -> usize {
-        w.bytes().len()
     }
 
     fn weight_dtype(w: &HostTensor) -> DType {
@@ -198,15 +193,15 @@ impl ZoBackend for CpuBackend {
         z: ZSpec,
         offset: f32,
         rule: Rule,
-        moments: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
+        moments: Option<(&mut CpuAct, &mut CpuAct)>,
     ) -> Result<()> {
         let tz = TensorZ::from_spec(w, id, key, z)?;
         let moments = match (rule, moments) {
             (Rule::Adam(_), Some((m, v))) => {
-                if m.len() != w.numel() || v.len() != w.numel() {
+                if m.data.len() != w.numel() || v.data.len() != w.numel() {
                     bail!("{}: Adam moments do not match the tensor", w.name);
                 }
-                Some((&mut m[..], &mut v[..]))
+                Some((&mut m.data[..], &mut v.data[..]))
             }
             (Rule::Adam(_), None) => bail!("{}: an Adam pass needs its moments", w.name),
             _ => None,

@@ -262,7 +262,8 @@ fn zo_passes(iters: usize, be: &CpuBackend) -> anyhow::Result<()> {
         c2: 0.001,
         eps: 1e-8,
     });
-    let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
+    let zeros = vec![0.0f32; n];
+    let (mut m, mut v) = (be.zo_state(&zeros)?, be.zo_state(&zeros)?);
     let s = time(iters, || {
         be.zo_pass(
             &mut w,

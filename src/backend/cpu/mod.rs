@@ -847,4 +847,14 @@ impl Backend for CpuBackend {
         dst.data[dst_row * c..(dst_row + src.rows) * c].copy_from_slice(&src.data);
         Ok(())
     }
+
+    /// Mapped tensors count at their full size, as the pages a forward reads (and a ZO update
+    /// copies on write) are all of them.
+    fn adopt_weights(&self, weights: &crate::model::LlamaWeights<HostTensor>) {
+        self.mem.add(Tag::Weights, weights.byte_size());
+    }
+
+    fn release_weights(&self, weights: &crate::model::LlamaWeights<HostTensor>) {
+        self.mem.sub(Tag::Weights, weights.byte_size());
+    }
 }

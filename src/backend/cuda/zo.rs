@@ -77,10 +77,6 @@ impl ZoBackend for CudaBackend {
         &w.shape
     }
 
-    fn weight_bytes(w: &CudaWeight) -> usize {
-        w.buf.bytes()
-    }
-
     fn weight_dtype(w: &CudaWeight) -> DType {
         w.dtype
     }
