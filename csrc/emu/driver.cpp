@@ -140,6 +140,14 @@ CUresult cuMemAlloc_v2(unsigned long long* p, size_t bytes) { return alloc(p, by
 CUresult cuMemAllocAsync(unsigned long long* p, size_t bytes, void*) { return alloc(p, bytes); }
 CUresult cuMemFree_v2(unsigned long long p) { return release(p); }
 CUresult cuMemFreeAsync(unsigned long long p, void*) { return release(p); }
+// One pool that frees at once, so keeping freed memory and trimming it change nothing here.
+CUresult cuDeviceGetDefaultMemPool(void** pool, int) {
+  static int the_pool;
+  *pool = &the_pool;
+  return OK;
+}
+CUresult cuMemPoolSetAttribute(void*, int, void*) { return OK; }
+CUresult cuMemPoolTrimTo(void*, size_t) { return OK; }
 CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
   std::lock_guard<std::mutex> lock(g_mu);
   *free_bytes = kTotalBytes - g_held;

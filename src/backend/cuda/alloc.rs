@@ -1,11 +1,59 @@
 //! The one device allocator: every buffer is tagged with a `mem::Tag` and counted in the
 //! backend's `MemCounters` while it lives. Allocations are stream-ordered (cuMemAllocAsync /
 //! cuMemFreeAsync on the backend's single stream) where the device supports memory pools.
+//!
+//! The pool keeps what is freed (`keep_freed_memory`): with the driver's default release
+//! threshold of 0 it would hand every unused byte back to the OS at each synchronization, and a
+//! forward synchronizes several times (each read of losses or logits), so every step's scratch
+//! would be unmapped and mapped again. What the pool keeps is given back only when an
+//! allocation would otherwise fail (`trim_pool`).
 
 use crate::backend::mem::{MemCounters, Tag, TAGS};
 use anyhow::{anyhow, Result};
-use cudarc::driver::{result, sys, CudaStream};
+use cudarc::driver::{result, sys, CudaContext, CudaStream, DriverError};
+use std::ffi::c_void;
 use std::sync::Arc;
+
+/// The device's default stream-ordered pool, the one cuMemAllocAsync draws from.
+fn default_pool(ctx: &CudaContext) -> Result<sys::CUmemoryPool, DriverError> {
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: writes one handle for a valid device.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }.result()?;
+    Ok(pool)
+}
+
+/// Lets the default pool keep freed memory across synchronizations (see the module doc).
+pub(crate) fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    let set = || -> Result<(), DriverError> {
+        let pool = default_pool(ctx)?;
+        let mut threshold = u64::MAX;
+        // SAFETY: the release threshold is a u64 attribute; the value outlives the call.
+        unsafe {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut c_void,
+            )
+        }
+        .result()
+    };
+    set().map_err(|e| anyhow!("setting the CUDA memory pool's release threshold: {e}"))
+}
+
+/// Gives the memory the pool keeps back to the device, once every free queued on `stream`
+/// has run; whether that succeeded.
+fn trim_pool(stream: &CudaStream) -> bool {
+    let trim = || -> Result<(), DriverError> {
+        stream.synchronize()?;
+        let pool = default_pool(stream.context())?;
+        // SAFETY: a valid pool; keeps nothing it does not have to.
+        unsafe { sys::cuMemPoolTrimTo(pool, 0) }.result()
+    };
+    trim().is_ok()
+}
 
 /// A device buffer of `bytes` bytes, freed (stream-ordered) and uncounted on drop.
 pub struct DevBuf {
@@ -87,12 +135,24 @@ pub(crate) fn alloc(
     // Zero-byte requests get a minimal real allocation so every buffer has a valid address.
     let request = bytes.max(256);
     // SAFETY: plain allocation on a live stream; contents are unspecified, as documented.
-    let res = unsafe {
+    let try_alloc = || unsafe {
         if async_alloc {
             result::malloc_async(stream.cu_stream(), request)
         } else {
             result::malloc_sync(request)
         }
+    };
+    let res = match try_alloc() {
+        // Memory the pool keeps may be what is missing (allocations outside the pool, or a
+        // request larger than any block it holds): give it back and try once more.
+        Err(e) if async_alloc && e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+            if trim_pool(stream) {
+                try_alloc()
+            } else {
+                Err(e)
+            }
+        }
+        res => res,
     };
     match res {
         Ok(ptr) => {

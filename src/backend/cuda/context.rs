@@ -141,6 +141,8 @@ impl Launch for Device {
         if grid.1 > 65535 || grid.2 > 65535 {
             bail!("kernel {name}: grid {grid:?} exceeds the device limits");
         }
+        // The opt-in below is a driver call too, and needs the context current.
+        self.bind()?;
         if smem > 48 * 1024 {
             if smem > self.max_smem_optin {
                 bail!(
@@ -160,7 +162,6 @@ impl Launch for Device {
             .result()
             .map_err(|e| anyhow!("kernel {name}: setting {smem} bytes of shared memory: {e}"))?;
         }
-        self.bind()?;
         // SAFETY: the argument list matches the kernel's signature (each launcher in kernels.rs
         // mirrors its csrc declaration); the slots outlive the call, which copies them.
         args.with_params(|params| unsafe {
@@ -281,6 +282,7 @@ impl Device {
         let stream = ctx
             .new_stream()
             .map_err(|e| anyhow!("creating a CUDA stream: {e}"))?;
+        super::alloc::keep_freed_memory(&ctx)?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let capability = ctx.compute_capability().unwrap_or((0, 0));
         let max_smem_optin = ctx
