@@ -392,45 +392,47 @@ fn round_keys<V: PhiloxLanes>(p: &Philox) -> RoundKeys<V> {
     keys
 }
 
-/// Philox-4x32-10 over blocks first .. first + V::BLOCKS: the four words, one block a lane.
+/// Philox-4x32-10 over S streams of V::BLOCKS blocks each, from block `first`: the four words
+/// of each stream, one block a 64-bit lane. The streams go round by round together, so that S
+/// independent multiply chains are in flight at once: one stream's chain alone waits on each
+/// multiply, and streams run one after another overlapped too little (the normals took 12-14%
+/// longer that way with AVX-512 and with AVX2 on Zen 5; the bits are the same).
 #[inline(always)]
-fn philox<V: PhiloxLanes>(p: &Philox, keys: &RoundKeys<V>, first: u64) -> [V::Bits; 4] {
-    let b = V::counters(first);
-    let mut x = [
-        b,
-        V::high_halves(b),
-        V::splat64(p.step as u64),
-        V::splat64(p.tensor as u64),
-    ];
+fn philox_streams<V: PhiloxLanes, const S: usize>(
+    p: &Philox,
+    keys: &RoundKeys<V>,
+    first: u64,
+) -> [[V::Bits; 4]; S] {
+    // Plain loops, not `array::from_fn` (see `round_keys`).
+    let mut x = [[V::splat_bits(0); 4]; S];
+    for (s, xs) in x.iter_mut().enumerate() {
+        let b = V::counters(first + (s * V::BLOCKS) as u64);
+        *xs = [
+            b,
+            V::high_halves(b),
+            V::splat64(p.step as u64),
+            V::splat64(p.tensor as u64),
+        ];
+    }
     let (m0, m1) = (V::splat64(M0 as u64), V::splat64(M1 as u64));
     for &(k0, k1) in keys {
-        let p0 = V::mul_low_halves(x[0], m0);
-        let p1 = V::mul_low_halves(x[2], m1);
-        x = [
-            V::xor3(V::high_halves(p1), x[1], k0),
-            p1,
-            V::xor3(V::high_halves(p0), x[3], k1),
-            p0,
-        ];
+        for xs in x.iter_mut() {
+            let p0 = V::mul_low_halves(xs[0], m0);
+            let p1 = V::mul_low_halves(xs[2], m1);
+            *xs = [
+                V::xor3(V::high_halves(p1), xs[1], k0),
+                p1,
+                V::xor3(V::high_halves(p0), xs[3], k1),
+                p0,
+            ];
+        }
     }
     x
 }
 
-/// The normals of V::BLOCKS blocks from their words, written 4 per block at `out`.
-///
-/// # Safety
-/// `out` is valid for 4 * V::BLOCKS writes.
-#[inline(always)]
-unsafe fn normals<V: PhiloxLanes>(w: &[V::Bits; 4], out: *mut f32) {
-    // u32 lane 2j: block j's Box-Muller pair (word 0, word 1), giving elements 4j and 4j + 1;
-    // lane 2j + 1: its pair (word 2, word 3), giving elements 4j + 2 and 4j + 3.
-    let (c, s) = box_muller::<V>(V::pair(w[0], w[2]), V::pair(w[1], w[3]));
-    V::store_interleaved(c, s, out);
-}
-
 /// The normals of elements 4 * block .. 4 * block + out.len() (a multiple of BULK), S
-/// independent Philox streams of V::BLOCKS blocks at a time, so that the multiplier pipes and
-/// the dividers always have work to overlap; a tail of two streams finishes it.
+/// independent Philox streams of V::BLOCKS blocks at a time (S even), so that the multiplier
+/// pipes and the dividers always have work to overlap; a tail of two streams finishes it.
 #[inline(always)]
 fn fill_blocks<V: PhiloxLanes, const S: usize>(p: &Philox, block: u64, out: &mut [f32]) {
     let per_stream = 4 * V::BLOCKS;
@@ -456,16 +458,129 @@ fn streams<V: PhiloxLanes, const S: usize>(
     first: u64,
     out: &mut [f32],
 ) {
+    const {
+        assert!(
+            S.is_multiple_of(2),
+            "streams go through Box-Muller two at a time"
+        )
+    };
     assert_eq!(out.len(), S * 4 * V::BLOCKS);
-    // A plain loop, not `array::from_fn` (see `round_keys`).
-    let mut words = [[V::splat_bits(0); 4]; S];
-    for (s, w) in words.iter_mut().enumerate() {
-        *w = philox::<V>(p, keys, first + (s * V::BLOCKS) as u64);
-    }
+    let words = philox_streams::<V, S>(p, keys, first);
     let out = out.as_mut_ptr();
-    for (s, w) in words.iter().enumerate() {
+    for (s, w) in words.chunks_exact(2).enumerate() {
         // SAFETY: `out` holds the 4 * V::BLOCKS normals of each stream.
-        unsafe { normals::<V>(w, out.add(s * 4 * V::BLOCKS)) };
+        unsafe { normals_of_two::<V>(&w[0], &w[1], out.add(2 * s * 4 * V::BLOCKS)) };
+    }
+}
+
+/// The normals of two streams' blocks from their words, 4 per block, stream `a`'s at `out`
+/// and `b`'s after them. The two go through Box-Muller as one vector of twice the width
+/// (`Two`), so that their long chains (ln, sqrt, sin and cos) interleave: 4-6% faster normals
+/// than one stream at a time on Zen 5.
+///
+/// # Safety
+/// `out` is valid for 8 * V::BLOCKS writes.
+#[inline(always)]
+unsafe fn normals_of_two<V: PhiloxLanes>(a: &[V::Bits; 4], b: &[V::Bits; 4], out: *mut f32) {
+    // u32 lane 2j: block j's Box-Muller pair (word 0, word 1), giving elements 4j and 4j + 1;
+    // lane 2j + 1: its pair (word 2, word 3), giving elements 4j + 2 and 4j + 3.
+    let w1 = Two(V::pair(a[0], a[2]), V::pair(b[0], b[2]));
+    let w2 = Two(V::pair(a[1], a[3]), V::pair(b[1], b[3]));
+    let (c, s) = box_muller::<Two<V>>(w1, w2);
+    V::store_interleaved(c.0, s.0, out);
+    V::store_interleaved(c.1, s.1, out.add(4 * V::BLOCKS));
+}
+
+/// Two vectors of lanes as one of twice the width: each operation is the same operation on
+/// both halves, so the bits are those of each half alone.
+#[derive(Clone, Copy)]
+struct Two<T>(T, T);
+
+/// Implements a binary operator of `Two` halfwise.
+macro_rules! two_op {
+    ($tr:ident, $f:ident, $bound:ident) => {
+        impl<T: $bound<Output = T>> $tr for Two<T> {
+            type Output = Two<T>;
+            #[inline(always)]
+            fn $f(self, b: Two<T>) -> Two<T> {
+                Two(self.0.$f(b.0), self.1.$f(b.1))
+            }
+        }
+    };
+}
+two_op!(Add, add, Add);
+two_op!(Sub, sub, Sub);
+two_op!(Mul, mul, Mul);
+two_op!(Div, div, Div);
+two_op!(BitAnd, bitand, BitAnd);
+two_op!(BitOr, bitor, BitOr);
+
+impl<T: Neg<Output = T>> Neg for Two<T> {
+    type Output = Two<T>;
+    #[inline(always)]
+    fn neg(self) -> Two<T> {
+        Two(-self.0, -self.1)
+    }
+}
+
+impl<T: Shr<u32, Output = T>> Shr<u32> for Two<T> {
+    type Output = Two<T>;
+    #[inline(always)]
+    fn shr(self, n: u32) -> Two<T> {
+        Two(self.0 >> n, self.1 >> n)
+    }
+}
+
+impl<V: Lanes> Lanes for Two<V> {
+    type Bits = Two<V::Bits>;
+    type Mask = Two<V::Mask>;
+
+    #[inline(always)]
+    fn splat(x: f32) -> Self {
+        Two(V::splat(x), V::splat(x))
+    }
+    #[inline(always)]
+    fn splat_bits(x: u32) -> Self::Bits {
+        Two(V::splat_bits(x), V::splat_bits(x))
+    }
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        Two(self.0.mul_add(a.0, b.0), self.1.mul_add(a.1, b.1))
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        Two(self.0.sqrt(), self.1.sqrt())
+    }
+    #[inline(always)]
+    fn round_ties_even(self) -> Self {
+        Two(self.0.round_ties_even(), self.1.round_ties_even())
+    }
+    #[inline(always)]
+    fn to_bits(self) -> Self::Bits {
+        Two(self.0.to_bits(), self.1.to_bits())
+    }
+    #[inline(always)]
+    fn from_bits(b: Self::Bits) -> Self {
+        Two(V::from_bits(b.0), V::from_bits(b.1))
+    }
+    #[inline(always)]
+    fn from_i32_bits(b: Self::Bits) -> Self {
+        Two(V::from_i32_bits(b.0), V::from_i32_bits(b.1))
+    }
+    #[inline(always)]
+    fn gt(self, b: Self) -> Self::Mask {
+        Two(self.0.gt(b.0), self.1.gt(b.1))
+    }
+    #[inline(always)]
+    fn any_bit(b: Self::Bits, bit: u32) -> Self::Mask {
+        Two(V::any_bit(b.0, bit), V::any_bit(b.1, bit))
+    }
+    #[inline(always)]
+    fn select(m: Self::Mask, if_true: Self, if_false: Self) -> Self {
+        Two(
+            V::select(m.0, if_true.0, if_false.0),
+            V::select(m.1, if_true.1, if_false.1),
+        )
     }
 }
 
