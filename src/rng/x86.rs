@@ -395,7 +395,7 @@ fn round_keys<V: PhiloxLanes>(p: &Philox) -> RoundKeys<V> {
 /// Philox-4x32-10 over S streams of V::BLOCKS blocks each, from block `first`: the four words
 /// of each stream, one block a 64-bit lane. The streams go round by round together, so that S
 /// independent multiply chains are in flight at once: one stream's chain alone waits on each
-/// multiply, and streams run one after another overlapped too little (the normals took 12-14%
+/// multiply, and streams run one after another overlapped too little (the normals took 13-16%
 /// longer that way with AVX-512 and with AVX2 on Zen 5; the bits are the same).
 #[inline(always)]
 fn philox_streams<V: PhiloxLanes, const S: usize>(
@@ -475,7 +475,7 @@ fn streams<V: PhiloxLanes, const S: usize>(
 
 /// The normals of two streams' blocks from their words, 4 per block, stream `a`'s at `out`
 /// and `b`'s after them. The two go through Box-Muller as one vector of twice the width
-/// (`Two`), so that their long chains (ln, sqrt, sin and cos) interleave: 4-6% faster normals
+/// (`Two`), so that their long chains (ln, sqrt, sin and cos) interleave: 3-6% faster normals
 /// than one stream at a time on Zen 5.
 ///
 /// # Safety
