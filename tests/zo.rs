@@ -662,11 +662,7 @@ fn memory_accounts_hold_the_weights_and_the_adam_moments() {
     let mut m = Llama::new(cfg.clone(), weights, backend);
     assert_eq!(mem.current(Tag::Weights), weight_bytes);
     assert_eq!(weight_bytes, 4 * params);
-    let zc = ZoConfig {
-        method: Method::MezoAdam,
-        perturb: Perturb::Inplace,
-        ..paired_zo_config(Method::MezoAdam, Perturb::Inplace)
-    };
+    let zc = paired_zo_config(Method::MezoAdam, Perturb::Inplace);
     let mut opt = ZoOptimizer::new(zc, &m).unwrap();
     let bt = batch(&cfg, 5);
     opt.step(&mut m, 0, &mut |mm, h| Ok(loss_of(mm, &bt, h)))
