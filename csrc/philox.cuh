@@ -2,9 +2,11 @@
 // the one random generator of zoft. `src/rng` is the bit-for-bit Rust mirror; a parity
 // test compares them.
 //
-// Keying: key = (seed lo, seed hi); counter of block b = (b lo, b hi, step, tensor); element i
-// is lane i % 4 of block i / 4. Normals come in Box-Muller pairs: lanes (0, 1) use words
-// (0, 1) and lanes (2, 3) words (2, 3); even lanes take r cos, odd lanes r sin.
+// Keying: key = (seed lo, seed hi); counter of block b = (b lo, b hi, step, tensor). The
+// uniform and the sign of element i come from word i % 4 of block i / 4; its normal from word
+// (i % 8) / 2 of block i / 8: each word gives one Box-Muller pair, its high 20 bits the radius
+// and its low 12 the angle (cell midpoints, so no normal is zero); even elements take r cos,
+// odd ones r sin.
 //
 // Every float operation is an explicitly rounded intrinsic (__fmul_rn, __fadd_rn, __fsub_rn,
 // __fdiv_rn, __fsqrt_rn) or an explicit fused multiply-add (__fmaf_rn): intrinsics are never
@@ -61,7 +63,10 @@ __host__ __device__ __forceinline__ void philox_block(const PhiloxKey& key, uint
 #ifdef __CUDACC__
 
 // f32 constants, as the bit patterns of the Rust constants in src/rng/transform.rs.
-#define ZF_U24 __uint_as_float(0x33800000u)     // 1.0 / 16777216.0
+#define ZF_U20 __uint_as_float(0x35800000u)     // 2^-20
+#define ZF_U21 __uint_as_float(0x35000000u)     // 2^-21
+#define ZF_U12 __uint_as_float(0x39800000u)     // 2^-12
+#define ZF_U13 __uint_as_float(0x39000000u)     // 2^-13
 #define ZF_SQRT2 __uint_as_float(0x3FB504F3u)   // std::f32::consts::SQRT_2
 #define ZF_LN2 __uint_as_float(0x3F317218u)     // std::f32::consts::LN_2
 #define ZF_TAU __uint_as_float(0x40C90FDBu)     // std::f32::consts::TAU
@@ -76,14 +81,15 @@ __host__ __device__ __forceinline__ void philox_block(const PhiloxKey& key, uint
 #define ZF_COS_C1 __uint_as_float(0xBAB60646u)  // -0.0013887368
 #define ZF_COS_C2 __uint_as_float(0x3D2AAAA5u)  // 0.041666646
 
-// Uniform in [0, 1), an exact multiple of 2^-24.
-__device__ __forceinline__ float philox_u01_half_open(uint32_t w) {
-  return __fmul_rn((float)(w >> 8), ZF_U24);
+// A normal pair's radius uniform, in (0, 1): the midpoint of cell k = the word's high 20 bits,
+// (k + 1/2) 2^-20, exact (mirror of rng::transform::radius_u01).
+__device__ __forceinline__ float philox_radius_u01(uint32_t w) {
+  return __fmaf_rn((float)(w >> 12), ZF_U20, ZF_U21);
 }
 
-// Uniform in (0, 1], an exact multiple of 2^-24.
-__device__ __forceinline__ float philox_u01_open_closed(uint32_t w) {
-  return __fmul_rn((float)((w >> 8) + 1u), ZF_U24);
+// A normal pair's angle uniform, in (0, 1): the midpoint of cell k = the word's low 12 bits.
+__device__ __forceinline__ float philox_angle_u01(uint32_t w) {
+  return __fmaf_rn((float)(w & 0xfffu), ZF_U12, ZF_U13);
 }
 
 // Natural log for x in (0, 1] (mirror of rng::transform::ln).
@@ -129,56 +135,52 @@ __device__ __forceinline__ void philox_sincos_2pi(float u, float* sin_out, float
   }
 }
 
-// Box-Muller on two words: radius sqrt(-2 ln u1) and (sin, cos) of 2 pi u2.
-__device__ __forceinline__ void philox_box_muller(uint32_t w1, uint32_t w2, float* r, float* s,
-                                                  float* c) {
-  const float u1 = philox_u01_open_closed(w1);
-  const float u2 = philox_u01_half_open(w2);
-  *r = __fsqrt_rn(__fmul_rn(-2.0f, philox_ln(u1)));
-  philox_sincos_2pi(u2, s, c);
+// Box-Muller on one word: radius sqrt(-2 ln u1) and (sin, cos) of 2 pi u2.
+__device__ __forceinline__ void philox_box_muller(uint32_t w, float* r, float* s, float* c) {
+  *r = __fsqrt_rn(__fmul_rn(-2.0f, philox_ln(philox_radius_u01(w))));
+  philox_sincos_2pi(philox_angle_u01(w), s, c);
 }
 
-// The four standard normals of block `block`.
-__device__ __forceinline__ void philox_normal4(const PhiloxKey& key, uint64_t block, float z[4]) {
+// The eight standard normals of block `block`, a pair from each word.
+__device__ __forceinline__ void philox_normal8(const PhiloxKey& key, uint64_t block, float z[8]) {
   uint32_t w[4];
   philox_block(key, block, w);
-  float r0, s0, c0, r1, s1, c1;
-  philox_box_muller(w[0], w[1], &r0, &s0, &c0);
-  philox_box_muller(w[2], w[3], &r1, &s1, &c1);
-  z[0] = __fmul_rn(r0, c0);
-  z[1] = __fmul_rn(r0, s0);
-  z[2] = __fmul_rn(r1, c1);
-  z[3] = __fmul_rn(r1, s1);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    float r, s, c;
+    philox_box_muller(w[q], &r, &s, &c);
+    z[2 * q] = __fmul_rn(r, c);
+    z[2 * q + 1] = __fmul_rn(r, s);
+  }
 }
 
 // Standard normal of element i alone.
 __device__ __forceinline__ float philox_normal(const PhiloxKey& key, uint64_t i) {
   uint32_t w[4];
-  philox_block(key, i >> 2, w);
-  const int lane = (int)(i & 3);
-  const int pair = lane & ~1;
+  philox_block(key, i >> 3, w);
   float r, s, c;
-  philox_box_muller(w[pair], w[pair + 1], &r, &s, &c);
-  return (lane & 1) ? __fmul_rn(r, s) : __fmul_rn(r, c);
+  philox_box_muller(w[(i & 7) >> 1], &r, &s, &c);
+  return (i & 1) ? __fmul_rn(r, s) : __fmul_rn(r, c);
 }
 
 // Calls apply(e - start, z(e)) for every element e of [start, start + n), generating whole
-// Philox blocks of four: worker `worker` of `workers` takes blocks worker, worker + workers, ...
-// (a grid-stride loop with the global thread index, or a block-stride one with threadIdx.x).
+// Philox blocks of eight normals: worker `worker` of `workers` takes blocks worker,
+// worker + workers, ... (a grid-stride loop with the global thread index, or a block-stride one
+// with threadIdx.x).
 template <typename F>
 __device__ __forceinline__ void philox_for_each_normal(const PhiloxKey& key, uint64_t start,
                                                        uint64_t n, uint64_t worker,
                                                        uint64_t workers, F apply) {
   const uint64_t end = start + n;
-  const uint64_t first = start >> 2;
-  const uint64_t blocks = ((end + 3) >> 2) - first;
+  const uint64_t first = start >> 3;
+  const uint64_t blocks = ((end + 7) >> 3) - first;
   for (uint64_t g = worker; g < blocks; g += workers) {
     const uint64_t b = first + g;
-    float z[4];
-    philox_normal4(key, b, z);
+    float z[8];
+    philox_normal8(key, b, z);
 #pragma unroll
-    for (int l = 0; l < 4; ++l) {
-      const uint64_t e = 4 * b + l;
+    for (int l = 0; l < 8; ++l) {
+      const uint64_t e = 8 * b + l;
       if (e >= start && e < end) apply(e - start, z[l]);
     }
   }

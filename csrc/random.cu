@@ -3,7 +3,7 @@
 #include "common.cuh"
 #include "philox.cuh"
 
-// One thread per Philox block of four elements; elements [start, start + n) of the stream are
+// One thread per Philox block of eight normals; elements [start, start + n) of the stream are
 // written to out[0 .. n). `apply(out_index, z)` consumes the value.
 template <typename F>
 __device__ __forceinline__ void for_each_normal(uint64_t n, PhiloxKey key, uint64_t start, F apply) {

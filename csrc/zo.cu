@@ -28,7 +28,8 @@ static_assert(4 * (ZF_LR_COLS * (ZF_LR_MAX_RANK | 1) + (ZF_LR_ROWS + 1) * ZF_LR_
 // passes carry a flag rather than h = +inf.
 __device__ __forceinline__ void zo_unperturb(float w, float z, float offset, bool sparse, float h,
                                              float* w0, float* zr) {
-  const float u = __fsub_rn(w, __fmul_rn(offset, z));
+  // Offset 0 leaves w's bits (w - 0 z would turn -0 into +0 where z < 0), as on the CPU.
+  const float u = offset == 0.0f ? w : __fsub_rn(w, __fmul_rn(offset, z));
   if (!sparse || fabsf(u) <= h) {
     *w0 = u;
     *zr = z;
@@ -62,7 +63,9 @@ __device__ __forceinline__ float zo_adam(const ZoAdam& a, float w0, float z, flo
   *v = vn;
   const float dir =
       __fdiv_rn(__fdiv_rn(mn, a.c1), __fadd_rn(__fsqrt_rn(__fdiv_rn(vn, a.c2)), a.eps));
-  return __fsub_rn(w0, __fmul_rn(a.lr, __fadd_rn(dir, __fmul_rn(a.wd, w0))));
+  const float step = __fmul_rn(a.lr, __fadd_rn(dir, __fmul_rn(a.wd, w0)));
+  // A zero step (lr 0) keeps w0's bits: w0 - step would turn -0 into +0.
+  return step == 0.0f ? w0 : __fsub_rn(w0, step);
 }
 
 __device__ __forceinline__ uint64_t zo_thread() {
@@ -70,7 +73,7 @@ __device__ __forceinline__ uint64_t zo_thread() {
 }
 __device__ __forceinline__ uint64_t zo_threads() { return (uint64_t)gridDim.x * blockDim.x; }
 
-// Dense or sparse z with Move or Sgd: one thread per Philox block of four elements.
+// Dense or sparse z with Move or Sgd: one thread per Philox block of eight normals.
 template <typename T>
 __device__ __forceinline__ void zo_pass(T* w, uint64_t n, PhiloxKey key, float offset, int sparse,
                                         float h, int rule, float p0, float p1, float p2) {
@@ -188,7 +191,9 @@ __device__ __forceinline__ void zo_low_rank_move(T* w, const float* coef, int ro
         if (a < na) {
           T* p = w + (size_t)(a0 + a) * cols + b0 + b;
           const float z = acc[a];
-          store_f32(p, __fadd_rn(__fsub_rn(to_f32(*p), __fmul_rn(offset, z)), __fmul_rn(to, z)));
+          const float w = to_f32(*p);
+          const float w0 = offset == 0.0f ? w : __fsub_rn(w, __fmul_rn(offset, z));
+          store_f32(p, __fadd_rn(w0, __fmul_rn(to, z)));
         }
       }
     }

@@ -255,11 +255,12 @@ impl LlamaWeights<HostTensor> {
         let mut tensors = HashMap::new();
         for (i, (name, shape, kind)) in expected_tensors(cfg).into_iter().enumerate() {
             let n: usize = shape.iter().product();
-            let rng = crate::rng::Philox::new(seed, 0xC0FFEE, i as u32);
-            let data: Vec<f32> = match kind {
-                ParamKind::Norm => (0..n).map(|j| 1.0 + 0.1 * rng.normal(j as u64)).collect(),
-                _ => (0..n).map(|j| 0.05 * rng.normal(j as u64)).collect(),
-            };
+            let mut data = vec![0.0f32; n];
+            crate::rng::Philox::new(seed, 0xC0FFEE, i as u32).fill_normal(0, &mut data);
+            match kind {
+                ParamKind::Norm => data.iter_mut().for_each(|x| *x = 1.0 + 0.1 * *x),
+                _ => data.iter_mut().for_each(|x| *x *= 0.05),
+            }
             tensors.insert(
                 name.clone(),
                 HostTensor::from_f32_as(name, shape, &data, dtype),

@@ -62,7 +62,8 @@ impl Philox {
         }
     }
 
-    /// The four words of block `block` (elements 4*block .. 4*block+3).
+    /// The four words of block `block`: the uniforms and signs of elements 4*block ..
+    /// 4*block+3, or the normals of elements 8*block .. 8*block+7.
     #[inline]
     pub fn block(&self, block: u64) -> [u32; 4] {
         philox4x32_10(
@@ -71,14 +72,24 @@ impl Philox {
         )
     }
 
+    /// The eight normals of block `block` (elements 8*block .. 8*block+7): word q gives
+    /// the Box-Muller pair (r cos, r sin) of elements 8*block + 2q and 8*block + 2q + 1.
+    #[inline]
+    pub fn block_normals(&self, block: u64) -> [f32; 8] {
+        let w = self.block(block);
+        let mut z = [0.0; 8];
+        for (q, &word) in w.iter().enumerate() {
+            (z[2 * q], z[2 * q + 1]) = box_muller::<f32>(word);
+        }
+        z
+    }
+
     /// Standard normal value of element `i`.
     #[inline]
     pub fn normal(&self, i: u64) -> f32 {
-        let w = self.block(i / 4);
-        let lane = (i % 4) as usize;
-        let pair = lane & !1;
-        let (c, s) = box_muller::<f32>(w[pair], w[pair + 1]);
-        if lane & 1 == 0 {
+        let w = self.block(i / NORMALS_PER_BLOCK);
+        let (c, s) = box_muller::<f32>(w[(i % NORMALS_PER_BLOCK / 2) as usize]);
+        if i.is_multiple_of(2) {
             c
         } else {
             s
@@ -86,19 +97,29 @@ impl Philox {
     }
 
     /// Fills `out` with the normals of elements start.. start+out.len(). Bit-identical to
-    /// calling `normal` per element; the bulk runs 64 elements at a time in SIMD-friendly form.
+    /// calling `normal` per element; the bulk runs BULK elements at a time in vector form.
     pub fn fill_normal(&self, start: u64, out: &mut [f32]) {
-        let mut i = 0usize;
-        while i < out.len() && !(start + i as u64).is_multiple_of(4) {
-            out[i] = self.normal(start + i as u64);
-            i += 1;
+        // Up to the first block boundary, from that block's normals.
+        let lane = (start % NORMALS_PER_BLOCK) as usize;
+        let head = if lane == 0 {
+            0
+        } else {
+            out.len().min(8 - lane)
+        };
+        if head > 0 {
+            let z = self.block_normals(start / NORMALS_PER_BLOCK);
+            out[..head].copy_from_slice(&z[lane..lane + head]);
         }
-        let bulk = (out.len() - i) / BULK * BULK;
-        fill_bulk(self, (start + i as u64) / 4, &mut out[i..i + bulk]);
-        i += bulk;
-        while i < out.len() {
-            out[i] = self.normal(start + i as u64);
-            i += 1;
+        let rest = &mut out[head..];
+        let first_block = (start + head as u64) / NORMALS_PER_BLOCK;
+        let bulk = rest.len() / BULK * BULK;
+        let (body, tail) = rest.split_at_mut(bulk);
+        fill_bulk(self, first_block, body);
+        if !tail.is_empty() {
+            // A whole bulk call is cheaper than a block at a time in scalar code.
+            let mut z = [0.0; BULK];
+            fill_bulk(self, first_block + (bulk / 8) as u64, &mut z);
+            tail.copy_from_slice(&z[..tail.len()]);
         }
     }
 
@@ -120,14 +141,17 @@ impl Philox {
     }
 }
 
-/// Elements produced per bulk call (16 Philox blocks).
+/// Normals per Philox block: a Box-Muller pair from each of its four words.
+const NORMALS_PER_BLOCK: u64 = 8;
+
+/// Elements produced per bulk call (8 Philox blocks).
 const BULK: usize = 64;
 
-/// The normals of elements 4*block .. 4*block + 64, in structure-of-arrays form so the
+/// The normals of elements 8*block .. 8*block + 64, in structure-of-arrays form so the
 /// compiler vectorizes the rounds and the transforms.
 #[inline(always)]
 fn normals_bulk_body(p: &Philox, block: u64, out: &mut [f32; BULK]) {
-    const L: usize = BULK / 4;
+    const L: usize = BULK / 8;
     let mut c0 = [0u32; L];
     let mut c1 = [0u32; L];
     let c2 = [p.step; L];
@@ -151,13 +175,14 @@ fn normals_bulk_body(p: &Philox, block: u64, out: &mut [f32; BULK]) {
             x3[l] = lo0;
         }
     }
-    for l in 0..L {
-        (out[4 * l], out[4 * l + 1]) = box_muller::<f32>(x0[l], x1[l]);
-        (out[4 * l + 2], out[4 * l + 3]) = box_muller::<f32>(x2[l], x3[l]);
+    for (l, pairs) in out.chunks_exact_mut(8).enumerate() {
+        for (q, words) in [x0, x1, x2, x3].iter().enumerate() {
+            (pairs[2 * q], pairs[2 * q + 1]) = box_muller::<f32>(words[l]);
+        }
     }
 }
 
-/// The normals of elements 4 * block .. 4 * block + out.len() (a multiple of BULK), on the
+/// The normals of elements 8 * block .. 8 * block + out.len() (a multiple of BULK), on the
 /// widest vector unit the CPU has (`backend::cpu::simd::level`, which `ZOFT_SIMD` caps); every
 /// variant computes the same bits (the transforms use only correctly rounded ops and fused
 /// multiply-adds).
@@ -179,7 +204,7 @@ fn fill_bulk(p: &Philox, block: u64, out: &mut [f32]) {
 /// `fill_bulk` without vector intrinsics, left to the compiler to vectorize.
 fn fill_blocks_portable(p: &Philox, block: u64, out: &mut [f32]) {
     for (c, chunk) in out.chunks_exact_mut(BULK).enumerate() {
-        normals_bulk_body(p, block + 16 * c as u64, chunk.try_into().unwrap());
+        normals_bulk_body(p, block + (BULK / 8 * c) as u64, chunk.try_into().unwrap());
     }
 }
 
@@ -207,30 +232,37 @@ mod tests {
         );
     }
 
-    /// Over every input the generator can produce (the 2^24 uniforms of each kind), the
-    /// polynomials stay within a few f32 roundings of the f64 functions, and so does each
-    /// normal of the Box-Muller pair.
+    /// Over every input the generator can produce (the 2^20 radius uniforms and the 2^12
+    /// angles), the polynomials stay within a few f32 roundings of the f64 functions, and so
+    /// does each normal of the Box-Muller pair, over every radius; none is zero.
     #[test]
     fn transforms_match_f64_on_every_uniform() {
-        use transform::{ln, sincos_2pi, u01_open_closed};
+        use transform::{angle_u01, ln, radius_u01, sincos_2pi, RADIUS_BITS};
         let (mut ln_err, mut sin_err, mut cos_err, mut normal_err) = (0f64, 0f64, 0f64, 0f64);
-        for k in 0..1u32 << 24 {
-            let w = k << 8;
-            let u1 = u01_open_closed::<f32>(w);
-            let l = (u1 as f64).ln();
-            // Relative to ln u1, or absolute near u1 = 1 where ln u1 vanishes.
-            ln_err = ln_err.max((ln::<f32>(u1) as f64 - l).abs() / l.abs().max(1.0));
-            let u2 = u01_half_open::<f32>(w);
+        let angle_bits = 32 - RADIUS_BITS;
+        for k in 0..1u32 << angle_bits {
+            let u2 = angle_u01::<f32>(k);
+            assert_eq!(u2 as f64, (k as f64 + 0.5) / (1u64 << angle_bits) as f64);
             let (s, c) = sincos_2pi::<f32>(u2);
+            // Off the axes: a normal is never exactly zero.
+            assert!(s != 0.0 && c != 0.0, "angle {u2}: sin {s}, cos {c}");
             let a = std::f64::consts::TAU * u2 as f64;
             sin_err = sin_err.max((s as f64 - a.sin()).abs());
             cos_err = cos_err.max((c as f64 - a.cos()).abs());
-            // Pair u1 with a scrambled u2, so that every radius meets many angles.
-            let w2 = k.wrapping_mul(0x9E37_79B9) << 8;
-            let (zc, zs) = box_muller::<f32>(w, w2);
+        }
+        for k in 0..1u32 << RADIUS_BITS {
+            // Every radius, with an angle scrambled from it so that many angles are met.
+            let w = k << angle_bits | (k.wrapping_mul(0x9E37_79B9) >> RADIUS_BITS);
+            let u1 = radius_u01::<f32>(w);
+            assert_eq!(u1 as f64, (k as f64 + 0.5) / (1u64 << RADIUS_BITS) as f64);
+            let l = (u1 as f64).ln();
+            // Relative to ln u1, or absolute near u1 = 1 where ln u1 vanishes.
+            ln_err = ln_err.max((ln::<f32>(u1) as f64 - l).abs() / l.abs().max(1.0));
+            let (zc, zs) = box_muller::<f32>(w);
+            assert!(zc != 0.0 && zs != 0.0, "word {w:#x}: normals {zc}, {zs}");
             let r = (-2.0 * l).sqrt();
-            let a2 = std::f64::consts::TAU * u01_half_open::<f32>(w2) as f64;
-            for (z, exact) in [(zc, r * a2.cos()), (zs, r * a2.sin())] {
+            let a = std::f64::consts::TAU * angle_u01::<f32>(w) as f64;
+            for (z, exact) in [(zc, r * a.cos()), (zs, r * a.sin())] {
                 normal_err = normal_err.max((z as f64 - exact).abs() / exact.abs().max(1.0));
             }
         }
@@ -265,12 +297,15 @@ mod tests {
         }
         for (seed, step, tensor) in [(0u64, 0u32, 0u32), (u64::MAX, 7, 0xFFFF_FF01), (42, 3, 9)] {
             let p = Philox::new(seed, step, tensor);
-            for (&block, len) in starts.iter().flat_map(|b| [(b, 4 * BULK), (b, 3 * BULK)]) {
+            for (&block, len) in starts
+                .iter()
+                .flat_map(|b| [(b, 4 * BULK), (b, 3 * BULK), (b, 5 * BULK)])
+            {
                 for (name, fill) in &variants {
                     let mut got = vec![f32::NAN; len];
                     fill(&p, block, &mut got);
                     for (j, x) in got.iter().enumerate() {
-                        let e = 4 * block + j as u64;
+                        let e = 8 * block + j as u64;
                         let want = p.normal(e);
                         assert_eq!(x.to_bits(), want.to_bits(), "{name}: element {e}");
                     }
@@ -295,15 +330,25 @@ mod tests {
         let mut bulk = [0.0f32; BULK];
         normals_bulk_body(&p, 5, &mut bulk);
         for (j, x) in bulk.iter().enumerate() {
-            assert_eq!(x.to_bits(), p.normal(20 + j as u64).to_bits());
-            assert_eq!(x.to_bits(), v[20 + j].to_bits());
+            assert_eq!(x.to_bits(), p.normal(40 + j as u64).to_bits());
+            assert_eq!(x.to_bits(), v[40 + j].to_bits());
         }
-        // Any element regenerated alone equals the bulk fill, from any offset.
-        let mut w = vec![0.0f32; 11];
-        p.fill_normal(1001, &mut w);
-        for (j, x) in w.iter().enumerate() {
-            assert_eq!(x.to_bits(), p.normal(1001 + j as u64).to_bits());
-            assert_eq!(x.to_bits(), v[1001 + j].to_bits());
+        // A block's normals are its elements'.
+        for (j, x) in p.block_normals(7).iter().enumerate() {
+            assert_eq!(x.to_bits(), v[56 + j].to_bits());
+        }
+        // Any element regenerated alone equals the bulk fill, from any offset and at any
+        // length: within one block, across a partial head, the bulk and a partial tail.
+        for start in 1000..1010u64 {
+            for len in [0, 1, 7, 8, 9, 63, 64, 65, 200] {
+                let mut w = vec![f32::NAN; len];
+                p.fill_normal(start, &mut w);
+                for (j, x) in w.iter().enumerate() {
+                    let e = start as usize + j;
+                    assert_eq!(x.to_bits(), p.normal(e as u64).to_bits(), "element {e}");
+                    assert_eq!(x.to_bits(), v[e].to_bits(), "element {e}");
+                }
+            }
         }
         // Different keys give different streams.
         assert_ne!(Philox::new(42, 4, 7).normal(0), p.normal(0));

@@ -26,7 +26,8 @@ trait PhiloxLanes: Lanes {
     const BLOCKS: usize;
     /// Every 64-bit lane `x`.
     fn splat64(x: u64) -> Self::Bits;
-    /// Lane j = first + j.
+    /// Lane j = first + j / 2 + (j % 2) * BLOCKS / 2: the order in which `unpack_lo64` and
+    /// `unpack_hi64` put the blocks back in sequence.
     fn counters(first: u64) -> Self::Bits;
     /// The high half of each 64-bit lane, in its low half.
     fn high_halves(a: Self::Bits) -> Self::Bits;
@@ -35,6 +36,10 @@ trait PhiloxLanes: Lanes {
     fn xor3(a: Self::Bits, b: Self::Bits, c: Self::Bits) -> Self::Bits;
     /// u32 lane 2j = a's block j word, lane 2j + 1 = b's block j word.
     fn pair(a: Self::Bits, b: Self::Bits) -> Self::Bits;
+    /// In each 128-bit lane, the low 64 bits of a, then those of b.
+    fn unpack_lo64(a: Self::Bits, b: Self::Bits) -> Self::Bits;
+    /// In each 128-bit lane, the high 64 bits of a, then those of b.
+    fn unpack_hi64(a: Self::Bits, b: Self::Bits) -> Self::Bits;
     /// out[2j] = x[j], out[2j + 1] = y[j].
     ///
     /// # Safety
@@ -217,7 +222,7 @@ impl PhiloxLanes for F8 {
         unsafe {
             U8(_mm256_add_epi64(
                 _mm256_set1_epi64x(first as i64),
-                _mm256_setr_epi64x(0, 1, 2, 3),
+                _mm256_setr_epi64x(0, 2, 1, 3),
             ))
         }
     }
@@ -241,6 +246,14 @@ impl PhiloxLanes for F8 {
                 _mm256_slli_epi64::<32>(b.0),
             ))
         }
+    }
+    #[inline(always)]
+    fn unpack_lo64(a: U8, b: U8) -> U8 {
+        unsafe { U8(_mm256_unpacklo_epi64(a.0, b.0)) }
+    }
+    #[inline(always)]
+    fn unpack_hi64(a: U8, b: U8) -> U8 {
+        unsafe { U8(_mm256_unpackhi_epi64(a.0, b.0)) }
     }
     #[inline(always)]
     unsafe fn store_interleaved(x: F8, y: F8, out: *mut f32) {
@@ -340,7 +353,7 @@ impl PhiloxLanes for F16 {
         unsafe {
             U16(_mm512_add_epi64(
                 _mm512_set1_epi64(first as i64),
-                _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7),
+                _mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7),
             ))
         }
     }
@@ -366,6 +379,14 @@ impl PhiloxLanes for F16 {
                 _mm512_slli_epi64::<32>(b.0),
             ))
         }
+    }
+    #[inline(always)]
+    fn unpack_lo64(a: U16, b: U16) -> U16 {
+        unsafe { U16(_mm512_unpacklo_epi64(a.0, b.0)) }
+    }
+    #[inline(always)]
+    fn unpack_hi64(a: U16, b: U16) -> U16 {
+        unsafe { U16(_mm512_unpackhi_epi64(a.0, b.0)) }
     }
     #[inline(always)]
     unsafe fn store_interleaved(x: F16, y: F16, out: *mut f32) {
@@ -430,13 +451,13 @@ fn philox_streams<V: PhiloxLanes, const S: usize>(
     x
 }
 
-/// The normals of elements 4 * block .. 4 * block + out.len() (a multiple of BULK), S
-/// independent Philox streams of V::BLOCKS blocks at a time (S even), so that the multiplier
-/// pipes and the dividers always have work to overlap; a tail of two streams finishes it.
+/// The normals of elements 8 * block .. 8 * block + out.len() (a multiple of BULK), S
+/// independent Philox streams of V::BLOCKS blocks at a time, so that the multiplier pipes and
+/// the dividers always have work to overlap; single streams finish it.
 #[inline(always)]
 fn fill_blocks<V: PhiloxLanes, const S: usize>(p: &Philox, block: u64, out: &mut [f32]) {
-    let per_stream = 4 * V::BLOCKS;
-    assert!(out.len().is_multiple_of(BULK) && BULK.is_multiple_of(2 * per_stream));
+    let per_stream = 8 * V::BLOCKS;
+    assert!(out.len().is_multiple_of(BULK) && BULK.is_multiple_of(per_stream));
     let keys = round_keys::<V>(p);
     let mut first = block;
     let mut groups = out.chunks_exact_mut(S * per_stream);
@@ -444,9 +465,9 @@ fn fill_blocks<V: PhiloxLanes, const S: usize>(p: &Philox, block: u64, out: &mut
         streams::<V, S>(p, &keys, first, group);
         first += (S * V::BLOCKS) as u64;
     }
-    for pair in groups.into_remainder().chunks_exact_mut(2 * per_stream) {
-        streams::<V, 2>(p, &keys, first, pair);
-        first += (2 * V::BLOCKS) as u64;
+    for one in groups.into_remainder().chunks_exact_mut(per_stream) {
+        streams::<V, 1>(p, &keys, first, one);
+        first += V::BLOCKS as u64;
     }
 }
 
@@ -458,35 +479,33 @@ fn streams<V: PhiloxLanes, const S: usize>(
     first: u64,
     out: &mut [f32],
 ) {
-    const {
-        assert!(
-            S.is_multiple_of(2),
-            "streams go through Box-Muller two at a time"
-        )
-    };
-    assert_eq!(out.len(), S * 4 * V::BLOCKS);
+    let per_stream = 8 * V::BLOCKS;
+    assert_eq!(out.len(), S * per_stream);
     let words = philox_streams::<V, S>(p, keys, first);
     let out = out.as_mut_ptr();
-    for (s, w) in words.chunks_exact(2).enumerate() {
-        // SAFETY: `out` holds the 4 * V::BLOCKS normals of each stream.
-        unsafe { normals_of_two::<V>(&w[0], &w[1], out.add(2 * s * 4 * V::BLOCKS)) };
+    for (s, w) in words.iter().enumerate() {
+        // SAFETY: `out` holds the normals of each stream.
+        unsafe { normals_of_stream::<V>(w, out.add(s * per_stream)) };
     }
 }
 
-/// The normals of two streams' blocks from their words, 4 per block, stream `a`'s at `out`
-/// and `b`'s after them. The two go through Box-Muller as one vector of twice the width
-/// (`Two`), so that their long chains (ln, sqrt, sin and cos) interleave: 3-6% faster normals
-/// than one stream at a time on Zen 5.
+/// The 8 * V::BLOCKS normals of one stream's blocks from their words, in element order. The
+/// first half of the blocks and the second go through Box-Muller as one vector of twice the
+/// width (`Two`), so that their long chains (ln, sqrt, sin and cos) interleave (3-6% faster
+/// normals on Zen 5 than one vector at a time, as measured when pairs took two words).
 ///
 /// # Safety
 /// `out` is valid for 8 * V::BLOCKS writes.
 #[inline(always)]
-unsafe fn normals_of_two<V: PhiloxLanes>(a: &[V::Bits; 4], b: &[V::Bits; 4], out: *mut f32) {
-    // u32 lane 2j: block j's Box-Muller pair (word 0, word 1), giving elements 4j and 4j + 1;
-    // lane 2j + 1: its pair (word 2, word 3), giving elements 4j + 2 and 4j + 3.
-    let w1 = Two(V::pair(a[0], a[2]), V::pair(b[0], b[2]));
-    let w2 = Two(V::pair(a[1], a[3]), V::pair(b[1], b[3]));
-    let (c, s) = box_muller::<Two<V>>(w1, w2);
+unsafe fn normals_of_stream<V: PhiloxLanes>(w: &[V::Bits; 4], out: *mut f32) {
+    // 64-bit lane j of `w01` holds words 0 and 1 of block `counters` put in lane j, and `w23`
+    // words 2 and 3; unpacking gives 128-bit lane k the four words of block k (`lo`) and of
+    // block k + BLOCKS / 2 (`hi`), so u32 lane j of each is word j % 4 of block j / 4.
+    let w01 = V::pair(w[0], w[1]);
+    let w23 = V::pair(w[2], w[3]);
+    let words = Two(V::unpack_lo64(w01, w23), V::unpack_hi64(w01, w23));
+    // Word q of a block gives its elements 2q (r cos) and 2q + 1 (r sin).
+    let (c, s) = box_muller::<Two<V>>(words);
     V::store_interleaved(c.0, s.0, out);
     V::store_interleaved(c.1, s.1, out.add(4 * V::BLOCKS));
 }
@@ -590,8 +609,10 @@ impl<V: Lanes> Lanes for Two<V> {
 /// The CPU has AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn fill_blocks_avx2(p: &Philox, block: u64, out: &mut [f32]) {
-    // Two streams: four streams' words alone would fill all sixteen AVX2 registers.
-    fill_blocks::<F8, 2>(p, block, out)
+    // Four streams, though their words alone fill all sixteen AVX2 registers: with a Box-Muller
+    // pair per word the normals still ran 9-12% faster than with two streams on Zen 5 (the
+    // spills go to L1 while the multiplies wait).
+    fill_blocks::<F8, 4>(p, block, out)
 }
 
 /// `fill_blocks` in AVX-512.

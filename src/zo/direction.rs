@@ -142,9 +142,9 @@ wide! {
         // The mask and the rule are chosen once per call, so that each (mask, rule) pair is a
         // tight loop with both matches folded away.
         match threshold {
-            None => apply_rule(w, z, rule, m, v, |w, z| (w - offset * z, z)),
+            None => apply_rule(w, z, rule, m, v, |w, z| (unperturbed(w, z, offset), z)),
             Some(h) => apply_rule(w, z, rule, m, v, |w, z| {
-                let w0 = w - offset * z;
+                let w0 = unperturbed(w, z, offset);
                 if w0.abs() <= h {
                     (w0, z)
                 } else {
@@ -161,17 +161,28 @@ wide! {
     /// so the same bits (signed zeros included), without writing and rereading the copy.
     fn perturb_from(w0: &[f32], z: &[f32], s: f32, threshold: Option<f32>, out: &mut [f32]) {
         let elems = out.iter_mut().zip(w0.iter().zip(z));
-        let moved = |w: f32, z: f32| Rule::Move { to: s }.apply(w - 0.0 * z, z, None);
+        let moved = |w: f32, z: f32| Rule::Move { to: s }.apply(unperturbed(w, z, 0.0), z, None);
         match threshold {
             None => elems.for_each(|(o, (&w, &z))| *o = moved(w, z)),
             Some(h) => elems.for_each(|(o, (&w, &z))| {
-                *o = if (w - 0.0 * z).abs() <= h {
+                *o = if unperturbed(w, z, 0.0).abs() <= h {
                     moved(w, z)
                 } else {
                     Rule::Move { to: s }.apply(w, 0.0, None)
                 }
             }),
         }
+    }
+}
+
+/// w0 from w = w0 + offset z. An offset of 0 leaves w's bits: w - 0 z would turn a -0
+/// weight into +0 wherever z < 0 (so that an update at lr 0 would not be the identity).
+#[inline(always)]
+pub(crate) fn unperturbed(w: f32, z: f32, offset: f32) -> f32 {
+    if offset == 0.0 {
+        w
+    } else {
+        w - offset * z
     }
 }
 
@@ -520,7 +531,7 @@ mod tests {
                 })
             }
         };
-        let w0 = w - offset * z;
+        let w0 = if offset == 0.0 { w } else { w - offset * z };
         let (w0, z) = match tz {
             TensorZ::Sparse(_, h) if w0.abs() > *h => (w, 0.0),
             _ => (w0, z),

@@ -548,6 +548,11 @@ impl<B: ZoBackend + 'static> ZoOptimizer<B> {
         let key = self.key(0);
         for (id, t) in model.weights.tensors_mut().into_iter().enumerate() {
             if let Some(c) = self.method.virtual_coefficients(id) {
+                // Nothing to add; skipped, since a pass would turn a -0 weight into +0 (an
+                // IEEE sum of zeros of either sign is +0 unless both are -0).
+                if c.iter().all(|&x| x == 0.0) {
+                    continue;
+                }
                 let z = ZSpec::LowRank { coef: c };
                 backend.zo_pass(t, id, key, z, 0.0, Rule::Move { to: 1.0 }, None)?;
             }

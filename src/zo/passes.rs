@@ -46,7 +46,8 @@ pub enum Rule {
     Move { to: f32 },
     /// w0 - lr (g z + wd w0); elements with z == 0 (outside a sparse mask) stay at w0.
     Sgd { lr: f32, g: f32, wd: f32 },
-    /// AdamW on the estimate g z, with per-element moments passed to the pass.
+    /// AdamW on the estimate g z, with per-element moments passed to the pass; a zero step
+    /// leaves w0 as it is.
     Adam(AdamArgs),
 }
 
@@ -68,7 +69,13 @@ impl Rule {
                 let ge = a.g * z;
                 *m = a.beta1 * *m + (1.0 - a.beta1) * ge;
                 *v = a.beta2 * *v + (1.0 - a.beta2) * ge * ge;
-                w0 - a.lr * ((*m / a.c1) / ((*v / a.c2).sqrt() + a.eps) + a.wd * w0)
+                let step = a.lr * ((*m / a.c1) / ((*v / a.c2).sqrt() + a.eps) + a.wd * w0);
+                // A zero step (lr 0) keeps w0's bits: w0 - step would turn -0 into +0.
+                if step == 0.0 {
+                    w0
+                } else {
+                    w0 - step
+                }
             }
         }
     }

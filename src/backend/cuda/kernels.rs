@@ -301,8 +301,10 @@ pub struct PhiloxKey {
     pub tensor: u32,
 }
 
-fn philox_grid(start: u64, n: u64) -> u32 {
-    let blocks = (start + n).div_ceil(4) - start / 4;
+/// Blocks of THREADS threads for one thread per Philox block over elements [start, start + n),
+/// `per_block` elements a block (8 normals, or 4 uniforms or signs).
+fn philox_grid(start: u64, n: u64, per_block: u64) -> u32 {
+    let blocks = (start + n).div_ceil(per_block) - start / per_block;
     blocks.div_ceil(THREADS as u64).clamp(1, 65535) as u32
 }
 
@@ -332,7 +334,7 @@ pub(crate) fn fill_normal(
         .f32(shift);
     dev.launch(
         name,
-        (philox_grid(start, n as u64), 1, 1),
+        (philox_grid(start, n as u64, 8), 1, 1),
         (THREADS, 1, 1),
         0,
         args,
@@ -355,7 +357,7 @@ pub(crate) fn axpy_normal(
         .f32(scale);
     dev.launch(
         name,
-        (philox_grid(start, n as u64), 1, 1),
+        (philox_grid(start, n as u64, 8), 1, 1),
         (THREADS, 1, 1),
         0,
         args,
@@ -375,7 +377,7 @@ pub(crate) fn fill_rademacher(
         .f32(scale);
     dev.launch(
         "fill_rademacher_f32",
-        (philox_grid(start, n as u64), 1, 1),
+        (philox_grid(start, n as u64, 4), 1, 1),
         (THREADS, 1, 1),
         0,
         args,
@@ -447,7 +449,7 @@ pub(crate) fn zo_pass(
     let args = z.args(args).i32(code).f32(p[0]).f32(p[1]).f32(p[2]);
     dev.launch(
         name,
-        (philox_grid(0, n as u64), 1, 1),
+        (philox_grid(0, n as u64, 8), 1, 1),
         (THREADS, 1, 1),
         0,
         args,
@@ -488,7 +490,7 @@ pub(crate) fn zo_adam_pass(
         .f32(a.eps);
     dev.launch(
         name,
-        (philox_grid(0, n as u64), 1, 1),
+        (philox_grid(0, n as u64, 8), 1, 1),
         (THREADS, 1, 1),
         0,
         args,
@@ -609,7 +611,7 @@ pub(crate) fn zo_perturbed_copy(
     let args = z.args(args).f32(to).f32(to_other);
     dev.launch(
         name,
-        (philox_grid(start, n as u64), 1, 1),
+        (philox_grid(start, n as u64, 8), 1, 1),
         (THREADS, 1, 1),
         0,
         args,
@@ -644,8 +646,8 @@ pub(crate) fn zo_perturb_gathered(
         key,
     );
     let args = z.args(args).f32(to);
-    // Threads cover a row's Philox blocks (d / 4 plus a partial block at each end).
-    let threads = row_threads(d / 4 + 2).min(256);
+    // Threads cover a row's Philox blocks (d / 8 plus a partial block at each end).
+    let threads = row_threads(d / 8 + 2).min(256);
     dev.launch(name, (rows_grid(n_rows)?, 1, 1), (threads, 1, 1), 0, args)
 }
 
