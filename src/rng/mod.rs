@@ -266,6 +266,9 @@ mod tests {
                 normal_err = normal_err.max((z as f64 - exact).abs() / exact.abs().max(1.0));
             }
         }
+        eprintln!(
+            "errors: ln {ln_err:e}, sin {sin_err:e}, cos {cos_err:e}, normals {normal_err:e}"
+        );
         // f32's unit roundoff is 6e-8; each bound is a few of them.
         assert!(ln_err < 1.5e-7, "ln: error {ln_err:e}");
         assert!(sin_err < 1.5e-7, "sin: error {sin_err:e}");
