@@ -118,8 +118,9 @@ pub(crate) fn u01_half_open<V: Lanes>(w: V::Bits) -> V {
 pub(crate) const RADIUS_BITS: u32 = 20;
 pub(crate) const ANGLE_BITS: u32 = 32 - RADIUS_BITS;
 
-/// (k + 1/2) / 2^bits for k below 2^bits (at most 2^24): exact, as k converts exactly and the
-/// fused multiply-add's one rounding has nothing to round.
+/// (k + 1/2) / 2^bits for k below 2^bits, bits at most 23: exact, as k converts exactly and
+/// the result, (2k + 1) / 2^(bits + 1), fits f32's 24-bit significand, so the fused
+/// multiply-add's one rounding has nothing to round.
 #[inline(always)]
 fn cell_midpoint<V: Lanes>(k: V::Bits, bits: u32) -> V {
     let cell = 1.0 / (1u32 << bits) as f32;
