@@ -23,13 +23,18 @@ static_assert(4 * (ZF_LR_COLS * (ZF_LR_MAX_RANK | 1) + (ZF_LR_ROWS + 1) * ZF_LR_
                   48 * 1024,
               "the low-rank tiles of the largest rank must fit the default shared memory");
 
+// w0 from w = w0 + offset z (mirror of zo::direction::unperturbed): offset 0 leaves w's bits,
+// since w - 0 z would turn -0 into +0 where z < 0.
+__device__ __forceinline__ float zo_unperturbed(float w, float z, float offset) {
+  return offset == 0.0f ? w : __fsub_rn(w, __fmul_rn(offset, z));
+}
+
 // The w0 and z a rule sees (TensorZ::pass). Sparse: where |w0| > h the perturbation was never
 // applied, so the stored w is w0 and z is 0. A NaN w0 fails that test too, which is why dense
 // passes carry a flag rather than h = +inf.
 __device__ __forceinline__ void zo_unperturb(float w, float z, float offset, bool sparse, float h,
                                              float* w0, float* zr) {
-  // Offset 0 leaves w's bits (w - 0 z would turn -0 into +0 where z < 0), as on the CPU.
-  const float u = offset == 0.0f ? w : __fsub_rn(w, __fmul_rn(offset, z));
+  const float u = zo_unperturbed(w, z, offset);
   if (!sparse || fabsf(u) <= h) {
     *w0 = u;
     *zr = z;
@@ -191,9 +196,7 @@ __device__ __forceinline__ void zo_low_rank_move(T* w, const float* coef, int ro
         if (a < na) {
           T* p = w + (size_t)(a0 + a) * cols + b0 + b;
           const float z = acc[a];
-          const float w = to_f32(*p);
-          const float w0 = offset == 0.0f ? w : __fsub_rn(w, __fmul_rn(offset, z));
-          store_f32(p, __fadd_rn(w0, __fmul_rn(to, z)));
+          store_f32(p, __fadd_rn(zo_unperturbed(to_f32(*p), z, offset), __fmul_rn(to, z)));
         }
       }
     }

@@ -75,9 +75,9 @@ impl Philox {
     /// The eight normals of block `block` (elements 8*block .. 8*block+7): word q gives
     /// the Box-Muller pair (r cos, r sin) of elements 8*block + 2q and 8*block + 2q + 1.
     #[inline]
-    pub fn block_normals(&self, block: u64) -> [f32; 8] {
+    pub fn block_normals(&self, block: u64) -> [f32; NORMALS_PER_BLOCK] {
         let w = self.block(block);
-        let mut z = [0.0; 8];
+        let mut z = [0.0; NORMALS_PER_BLOCK];
         for (q, &word) in w.iter().enumerate() {
             (z[2 * q], z[2 * q + 1]) = box_muller::<f32>(word);
         }
@@ -87,8 +87,9 @@ impl Philox {
     /// Standard normal value of element `i`.
     #[inline]
     pub fn normal(&self, i: u64) -> f32 {
-        let w = self.block(i / NORMALS_PER_BLOCK);
-        let (c, s) = box_muller::<f32>(w[(i % NORMALS_PER_BLOCK / 2) as usize]);
+        let per_block = NORMALS_PER_BLOCK as u64;
+        let w = self.block(i / per_block);
+        let (c, s) = box_muller::<f32>(w[(i % per_block / 2) as usize]);
         if i.is_multiple_of(2) {
             c
         } else {
@@ -100,25 +101,30 @@ impl Philox {
     /// calling `normal` per element; the bulk runs BULK elements at a time in vector form.
     pub fn fill_normal(&self, start: u64, out: &mut [f32]) {
         // Up to the first block boundary, from that block's normals.
-        let lane = (start % NORMALS_PER_BLOCK) as usize;
+        let per_block = NORMALS_PER_BLOCK as u64;
+        let lane = (start % per_block) as usize;
         let head = if lane == 0 {
             0
         } else {
-            out.len().min(8 - lane)
+            out.len().min(NORMALS_PER_BLOCK - lane)
         };
         if head > 0 {
-            let z = self.block_normals(start / NORMALS_PER_BLOCK);
+            let z = self.block_normals(start / per_block);
             out[..head].copy_from_slice(&z[lane..lane + head]);
         }
         let rest = &mut out[head..];
-        let first_block = (start + head as u64) / NORMALS_PER_BLOCK;
+        let first_block = (start + head as u64) / per_block;
         let bulk = rest.len() / BULK * BULK;
         let (body, tail) = rest.split_at_mut(bulk);
         fill_bulk(self, first_block, body);
         if !tail.is_empty() {
             // A whole bulk call is cheaper than a block at a time in scalar code.
             let mut z = [0.0; BULK];
-            fill_bulk(self, first_block + (bulk / 8) as u64, &mut z);
+            fill_bulk(
+                self,
+                first_block + (bulk / NORMALS_PER_BLOCK) as u64,
+                &mut z,
+            );
             tail.copy_from_slice(&z[..tail.len()]);
         }
     }
@@ -142,7 +148,7 @@ impl Philox {
 }
 
 /// Normals per Philox block: a Box-Muller pair from each of its four words.
-const NORMALS_PER_BLOCK: u64 = 8;
+const NORMALS_PER_BLOCK: usize = 8;
 
 /// Elements produced per bulk call (8 Philox blocks).
 const BULK: usize = 64;
@@ -151,7 +157,7 @@ const BULK: usize = 64;
 /// compiler vectorizes the rounds and the transforms.
 #[inline(always)]
 fn normals_bulk_body(p: &Philox, block: u64, out: &mut [f32; BULK]) {
-    const L: usize = BULK / 8;
+    const L: usize = BULK / NORMALS_PER_BLOCK;
     let mut c0 = [0u32; L];
     let mut c1 = [0u32; L];
     let c2 = [p.step; L];
@@ -175,7 +181,7 @@ fn normals_bulk_body(p: &Philox, block: u64, out: &mut [f32; BULK]) {
             x3[l] = lo0;
         }
     }
-    for (l, pairs) in out.chunks_exact_mut(8).enumerate() {
+    for (l, pairs) in out.chunks_exact_mut(NORMALS_PER_BLOCK).enumerate() {
         for (q, words) in [x0, x1, x2, x3].iter().enumerate() {
             (pairs[2 * q], pairs[2 * q + 1]) = box_muller::<f32>(words[l]);
         }
@@ -204,7 +210,11 @@ fn fill_bulk(p: &Philox, block: u64, out: &mut [f32]) {
 /// `fill_bulk` without vector intrinsics, left to the compiler to vectorize.
 fn fill_blocks_portable(p: &Philox, block: u64, out: &mut [f32]) {
     for (c, chunk) in out.chunks_exact_mut(BULK).enumerate() {
-        normals_bulk_body(p, block + (BULK / 8 * c) as u64, chunk.try_into().unwrap());
+        normals_bulk_body(
+            p,
+            block + (BULK / NORMALS_PER_BLOCK * c) as u64,
+            chunk.try_into().unwrap(),
+        );
     }
 }
 

@@ -15,7 +15,7 @@
 //! `inline(always)`, so its intrinsics compile into that caller.
 
 use super::transform::{box_muller, Lanes};
-use super::{Philox, BULK, M0, M1};
+use super::{Philox, BULK, M0, M1, NORMALS_PER_BLOCK};
 use std::arch::x86_64::*;
 use std::ops::{Add, BitAnd, BitOr, Div, Mul, Neg, Shr, Sub};
 
@@ -456,7 +456,7 @@ fn philox_streams<V: PhiloxLanes, const S: usize>(
 /// the dividers always have work to overlap; single streams finish it.
 #[inline(always)]
 fn fill_blocks<V: PhiloxLanes, const S: usize>(p: &Philox, block: u64, out: &mut [f32]) {
-    let per_stream = 8 * V::BLOCKS;
+    let per_stream = NORMALS_PER_BLOCK * V::BLOCKS;
     assert!(out.len().is_multiple_of(BULK) && BULK.is_multiple_of(per_stream));
     let keys = round_keys::<V>(p);
     let mut first = block;
@@ -479,7 +479,7 @@ fn streams<V: PhiloxLanes, const S: usize>(
     first: u64,
     out: &mut [f32],
 ) {
-    let per_stream = 8 * V::BLOCKS;
+    let per_stream = NORMALS_PER_BLOCK * V::BLOCKS;
     assert_eq!(out.len(), S * per_stream);
     let words = philox_streams::<V, S>(p, keys, first);
     let out = out.as_mut_ptr();
