@@ -29,6 +29,63 @@ __device__ __forceinline__ float4 load4(const bf16* p) {
 }
 __device__ __forceinline__ void store4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
 
+// The global thread index and thread count of a 1-D grid, for grid-stride loops.
+__device__ __forceinline__ uint64_t grid_thread() {
+  return (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ uint64_t grid_threads() { return (uint64_t)gridDim.x * blockDim.x; }
+
+// Eight consecutive elements (one Philox block's worth) in 16-byte accesses: one for bf16, two
+// for f32, so that a warp whose threads each own a block reads and writes whole sectors. Only
+// where aligned16(p); element 2q of a bf16 run is the low half of 32-bit word q.
+__device__ __forceinline__ bool aligned16(const void* p) { return ((uintptr_t)p & 15u) == 0; }
+__device__ __forceinline__ void load8(const float* p, float x[8]) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0];
+  const float4 b = reinterpret_cast<const float4*>(p)[1];
+  x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w;
+  x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+}
+__device__ __forceinline__ void load8(const bf16* p, float x[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    // Widening is exact: the bf16 bits become the f32's upper half.
+    x[2 * q] = __uint_as_float(words[q] << 16);
+    x[2 * q + 1] = __uint_as_float(words[q] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void store8(float* p, const float x[8]) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(x[0], x[1], x[2], x[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(x[4], x[5], x[6], x[7]);
+}
+// Rounded as store_f32 rounds each element.
+__device__ __forceinline__ void store8(bf16* p, const float x[8]) {
+  uint32_t words[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(x[2 * q]));
+    const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(x[2 * q + 1]));
+    words[q] = lo | (hi << 16);
+  }
+  *reinterpret_cast<uint4*>(p) = make_uint4(words[0], words[1], words[2], words[3]);
+}
+
+// p[l] = f(p[l], z[l]) for the eight elements at p, with vector accesses where p allows them.
+template <typename T, typename F>
+__device__ __forceinline__ void update8(T* p, const float z[8], F f) {
+  if (aligned16(p)) {
+    float x[8];
+    load8(p, x);
+#pragma unroll
+    for (int l = 0; l < 8; ++l) x[l] = f(x[l], z[l]);
+    store8(p, x);
+  } else {
+#pragma unroll
+    for (int l = 0; l < 8; ++l) store_f32(p + l, f(to_f32(p[l]), z[l]));
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

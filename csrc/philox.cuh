@@ -163,14 +163,16 @@ __device__ __forceinline__ float philox_normal(const PhiloxKey& key, uint64_t i)
   return (i & 1) ? __fmul_rn(r, s) : __fmul_rn(r, c);
 }
 
-// Calls apply(e - start, z(e)) for every element e of [start, start + n), generating whole
-// Philox blocks of eight normals: worker `worker` of `workers` takes blocks worker,
-// worker + workers, ... (a grid-stride loop with the global thread index, or a block-stride one
-// with threadIdx.x).
-template <typename F>
-__device__ __forceinline__ void philox_for_each_normal(const PhiloxKey& key, uint64_t start,
-                                                       uint64_t n, uint64_t worker,
-                                                       uint64_t workers, F apply) {
+// Walks the Philox blocks of eight normals that cover elements [start, start + n): worker
+// `worker` of `workers` takes blocks worker, worker + workers, ... (a grid-stride loop with the
+// global thread index, or a block-stride one with threadIdx.x). A block whose eight elements
+// all lie in the range goes to whole(i, z) at once (i = its first element - start), so that
+// the caller can move the eight with vector accesses; the elements of a block cut by either
+// end go to part(e - start, z(e)) one by one.
+template <typename W, typename F>
+__device__ __forceinline__ void philox_for_each_block(const PhiloxKey& key, uint64_t start,
+                                                      uint64_t n, uint64_t worker,
+                                                      uint64_t workers, W whole, F part) {
   const uint64_t end = start + n;
   const uint64_t first = start >> 3;
   const uint64_t blocks = ((end + 7) >> 3) - first;
@@ -178,12 +180,32 @@ __device__ __forceinline__ void philox_for_each_normal(const PhiloxKey& key, uin
     const uint64_t b = first + g;
     float z[8];
     philox_normal8(key, b, z);
+    const uint64_t e0 = 8 * b;
+    if (e0 >= start && e0 + 8 <= end) {
+      whole(e0 - start, z);
+      continue;
+    }
 #pragma unroll
     for (int l = 0; l < 8; ++l) {
-      const uint64_t e = 8 * b + l;
-      if (e >= start && e < end) apply(e - start, z[l]);
+      const uint64_t e = e0 + l;
+      if (e >= start && e < end) part(e - start, z[l]);
     }
   }
+}
+
+// Calls apply(e - start, z(e)) for every element e of [start, start + n), block by block as
+// philox_for_each_block deals them.
+template <typename F>
+__device__ __forceinline__ void philox_for_each_normal(const PhiloxKey& key, uint64_t start,
+                                                       uint64_t n, uint64_t worker,
+                                                       uint64_t workers, F apply) {
+  philox_for_each_block(
+      key, start, n, worker, workers,
+      [&](uint64_t i, const float* z) {
+#pragma unroll
+        for (int l = 0; l < 8; ++l) apply(i + l, z[l]);
+      },
+      apply);
 }
 
 // +1 or -1 for element i (the top bit of its word).

@@ -3,25 +3,32 @@
 #include "common.cuh"
 #include "philox.cuh"
 
-// One thread per Philox block of eight normals; elements [start, start + n) of the stream are
-// written to out[0 .. n). `apply(out_index, z)` consumes the value.
-template <typename F>
-__device__ __forceinline__ void for_each_normal(uint64_t n, PhiloxKey key, uint64_t start, F apply) {
-  philox_for_each_normal(key, start, n, (uint64_t)blockIdx.x * blockDim.x + threadIdx.x,
-                         (uint64_t)gridDim.x * blockDim.x, apply);
-}
-
 // out[i] = shift + scale * z(start + i), as two rounded ops (no fma); shift == 0 skips the add
 // so that scale 1 gives the raw normals bit for bit (including the sign of zero). This is what
-// LlamaWeights::random computes on the host: `0.05 * z` and `1.0 + 0.1 * z`.
+// LlamaWeights::random computes on the host: `0.05 * z` and `1.0 + 0.1 * z`. One thread per
+// Philox block of eight normals, written with vector stores where out allows.
 template <typename T>
 __device__ __forceinline__ void fill_normal(T* out, uint64_t n, PhiloxKey key, uint64_t start,
                                             float scale, float shift) {
-  for_each_normal(n, key, start, [&](uint64_t i, float z) {
+  const auto value = [&](float z) {
     float v = __fmul_rn(scale, z);
     if (shift != 0.0f) v = __fadd_rn(shift, v);
-    store_f32(out + i, v);
-  });
+    return v;
+  };
+  philox_for_each_block(
+      key, start, n, grid_thread(), grid_threads(),
+      [&](uint64_t i, const float* z) {
+        float v[8];
+#pragma unroll
+        for (int l = 0; l < 8; ++l) v[l] = value(z[l]);
+        if (aligned16(out + i)) {
+          store8(out + i, v);
+        } else {
+#pragma unroll
+          for (int l = 0; l < 8; ++l) store_f32(out + i + l, v[l]);
+        }
+      },
+      [&](uint64_t i, float z) { store_f32(out + i, value(z)); });
 }
 
 // w[i] += scale * z(start + i): widen to f32, add the rounded product (no fma), round back
@@ -29,9 +36,11 @@ __device__ __forceinline__ void fill_normal(T* out, uint64_t n, PhiloxKey key, u
 template <typename T>
 __device__ __forceinline__ void axpy_normal(T* w, uint64_t n, PhiloxKey key, uint64_t start,
                                             float scale) {
-  for_each_normal(n, key, start, [&](uint64_t i, float z) {
-    store_f32(w + i, __fadd_rn(to_f32(w[i]), __fmul_rn(scale, z)));
-  });
+  const auto moved = [&](float x, float z) { return __fadd_rn(x, __fmul_rn(scale, z)); };
+  philox_for_each_block(
+      key, start, n, grid_thread(), grid_threads(),
+      [&](uint64_t i, const float* z) { update8(w + i, z, moved); },
+      [&](uint64_t i, float z) { store_f32(w + i, moved(to_f32(w[i]), z)); });
 }
 
 #define ZF_KEY PhiloxKey{k0, k1, step, tensor}
@@ -68,8 +77,7 @@ extern "C" __global__ void fill_rademacher_f32(float* out, uint64_t n, uint32_t 
   const uint64_t end = start + n;
   const uint64_t first = start >> 2;
   const uint64_t blocks = ((end + 3) >> 2) - first;
-  const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
-  for (uint64_t g = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; g < blocks; g += stride) {
+  for (uint64_t g = grid_thread(); g < blocks; g += grid_threads()) {
     const uint64_t b = first + g;
     uint32_t w[4];
     philox_block(key, b, w);
@@ -85,8 +93,7 @@ extern "C" __global__ void fill_rademacher_f32(float* out, uint64_t n, uint32_t 
 extern "C" __global__ void philox_words(uint32_t* out, uint64_t n, uint32_t k0, uint32_t k1,
                                         uint32_t step, uint32_t tensor, uint64_t first) {
   const PhiloxKey key = ZF_KEY;
-  const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
-  for (uint64_t g = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; g < n; g += stride) {
+  for (uint64_t g = grid_thread(); g < n; g += grid_threads()) {
     uint32_t w[4];
     philox_block(key, first + g, w);
 #pragma unroll

@@ -73,20 +73,19 @@ __device__ __forceinline__ float zo_adam(const ZoAdam& a, float w0, float z, flo
   return step == 0.0f ? w0 : __fsub_rn(w0, step);
 }
 
-__device__ __forceinline__ uint64_t zo_thread() {
-  return (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
-}
-__device__ __forceinline__ uint64_t zo_threads() { return (uint64_t)gridDim.x * blockDim.x; }
-
 // Dense or sparse z with Move or Sgd: one thread per Philox block of eight normals.
 template <typename T>
 __device__ __forceinline__ void zo_pass(T* w, uint64_t n, PhiloxKey key, float offset, int sparse,
                                         float h, int rule, float p0, float p1, float p2) {
-  philox_for_each_normal(key, 0, n, zo_thread(), zo_threads(), [&](uint64_t j, float z) {
+  const auto updated = [&](float x, float z) {
     float w0, zr;
-    zo_unperturb(to_f32(w[j]), z, offset, sparse != 0, h, &w0, &zr);
-    store_f32(w + j, zo_rule(rule, w0, zr, p0, p1, p2));
-  });
+    zo_unperturb(x, z, offset, sparse != 0, h, &w0, &zr);
+    return zo_rule(rule, w0, zr, p0, p1, p2);
+  };
+  philox_for_each_block(
+      key, 0, n, grid_thread(), grid_threads(),
+      [&](uint64_t j, const float* z) { update8(w + j, z, updated); },
+      [&](uint64_t j, float z) { store_f32(w + j, updated(to_f32(w[j]), z)); });
 }
 
 // The fused perturbation (src/backend/cuda/fused.rs): dst[i] = w0 + to z(start + i) with
@@ -98,14 +97,35 @@ template <typename T>
 __device__ __forceinline__ void zo_perturbed_copy(const T* src, T* dst, T* other, uint64_t n,
                                                   uint64_t start, PhiloxKey key, int sparse,
                                                   float h, float to, float to_other) {
-  philox_for_each_normal(key, start, n, zo_thread(), zo_threads(), [&](uint64_t i, float z) {
+  const auto moved = [&](float x, float z, float by) {
     float w0, zr;
-    zo_unperturb(to_f32(src[i]), z, 0.0f, sparse != 0, h, &w0, &zr);
-    store_f32(dst + i, zo_rule(ZF_RULE_MOVE, w0, zr, to, 0.0f, 0.0f));
-    if (other != nullptr) {
-      store_f32(other + i, zo_rule(ZF_RULE_MOVE, w0, zr, to_other, 0.0f, 0.0f));
+    zo_unperturb(x, z, 0.0f, sparse != 0, h, &w0, &zr);
+    return zo_rule(ZF_RULE_MOVE, w0, zr, by, 0.0f, 0.0f);
+  };
+  const auto one = [&](uint64_t i, float z) {
+    const float x = to_f32(src[i]);
+    store_f32(dst + i, moved(x, z, to));
+    if (other != nullptr) store_f32(other + i, moved(x, z, to_other));
+  };
+  const auto eight = [&](uint64_t i, const float* z) {
+    if (!aligned16(src + i) || !aligned16(dst + i) ||
+        (other != nullptr && !aligned16(other + i))) {
+#pragma unroll
+      for (int l = 0; l < 8; ++l) one(i + l, z[l]);
+      return;
     }
-  });
+    float x[8], y[8];
+    load8(src + i, x);
+#pragma unroll
+    for (int l = 0; l < 8; ++l) y[l] = moved(x[l], z[l], to);
+    store8(dst + i, y);
+    if (other != nullptr) {
+#pragma unroll
+      for (int l = 0; l < 8; ++l) y[l] = moved(x[l], z[l], to_other);
+      store8(other + i, y);
+    }
+  };
+  philox_for_each_block(key, start, n, grid_thread(), grid_threads(), eight, one);
 }
 
 // The same for the embedding rows a forward gathers: row r of `rows` (f32, d wide) holds
@@ -129,11 +149,31 @@ __device__ __forceinline__ void zo_perturb_gathered(float* rows, const uint32_t*
 template <typename T>
 __device__ __forceinline__ void zo_adam_pass(T* w, float* m, float* v, uint64_t n, PhiloxKey key,
                                              float offset, int sparse, float h, const ZoAdam& a) {
-  philox_for_each_normal(key, 0, n, zo_thread(), zo_threads(), [&](uint64_t j, float z) {
+  const auto updated = [&](float x, float z, float* mj, float* vj) {
     float w0, zr;
-    zo_unperturb(to_f32(w[j]), z, offset, sparse != 0, h, &w0, &zr);
-    store_f32(w + j, zo_adam(a, w0, zr, m + j, v + j));
-  });
+    zo_unperturb(x, z, offset, sparse != 0, h, &w0, &zr);
+    return zo_adam(a, w0, zr, mj, vj);
+  };
+  const auto one = [&](uint64_t j, float z) {
+    store_f32(w + j, updated(to_f32(w[j]), z, m + j, v + j));
+  };
+  const auto eight = [&](uint64_t j, const float* z) {
+    if (!aligned16(w + j) || !aligned16(m + j) || !aligned16(v + j)) {
+#pragma unroll
+      for (int l = 0; l < 8; ++l) one(j + l, z[l]);
+      return;
+    }
+    float x[8], mj[8], vj[8];
+    load8(w + j, x);
+    load8(m + j, mj);
+    load8(v + j, vj);
+#pragma unroll
+    for (int l = 0; l < 8; ++l) x[l] = updated(x[l], z[l], &mj[l], &vj[l]);
+    store8(w + j, x);
+    store8(m + j, mj);
+    store8(v + j, vj);
+  };
+  philox_for_each_block(key, 0, n, grid_thread(), grid_threads(), eight, one);
 }
 
 // Low-rank z with Move: w <- (w - offset z) + to z for the [rows x cols] matrix w, where
@@ -206,7 +246,7 @@ __device__ __forceinline__ void zo_low_rank_move(T* w, const float* coef, int ro
 // w <- w - factor w (`*x -= factor * *x`), grid-stride.
 template <typename T>
 __device__ __forceinline__ void zo_decay(T* w, uint64_t n, float factor) {
-  for (uint64_t i = zo_thread(); i < n; i += zo_threads()) {
+  for (uint64_t i = grid_thread(); i < n; i += grid_threads()) {
     const float x = to_f32(w[i]);
     store_f32(w + i, __fsub_rn(x, __fmul_rn(factor, x)));
   }
@@ -261,7 +301,7 @@ extern "C" __global__ void zo_perturb_gathered_bf16(float* rows, const uint32_t*
 // low-rank side product, multiplied in the order of the low-rank kernel's uc.
 extern "C" __global__ void scale_cols_f32(float* x, uint64_t n, int cols, const float* coef,
                                           float norm) {
-  for (uint64_t i = zo_thread(); i < n; i += zo_threads()) {
+  for (uint64_t i = grid_thread(); i < n; i += grid_threads()) {
     x[i] = __fmul_rn(__fmul_rn(x[i], coef[i % (uint64_t)cols]), norm);
   }
 }

@@ -217,6 +217,22 @@ fn main() -> Result<()> {
     emit(json!({"bench": "axpy_normal_bf16", "elements": n, "ms": ms,
         "GB_per_s": (n * 4) as f64 / (ms * 1e-3) / 1e9,
         "fraction_of_copy": (n * 4) as f64 / (ms * 1e-3) / 1e9 / copy_gbs}));
+    // The passes move each Philox block's eight elements in one 16-byte access where the
+    // address allows it. From stream element 1 no block starts on a 16-byte boundary, so the
+    // same pass runs element by element: the ratio is what the vector accesses buy.
+    let mut wbuf = g.alloc_buf(n * 2, Tag::Scratch, "pass access")?;
+    g.fill_normal(&mut wbuf, DType::BF16, n, key(22), 0, 0.02, 0.0)?;
+    let mut access_ms = [0.0; 2];
+    for (ms, start) in access_ms.iter_mut().zip([0, 1]) {
+        *ms = time(&g, iters, || {
+            g.axpy_normal_buf(&mut wbuf, DType::BF16, n, key(23), start, 1e-3)
+        })?;
+    }
+    emit(
+        json!({"bench": "pass_access_bf16", "elements": n, "vector_ms": access_ms[0],
+        "element_ms": access_ms[1], "element_over_vector": access_ms[1] / access_ms[0]}),
+    );
+    drop(wbuf);
     drop((x, delta, out, resid, gate, up, wmat, norm_w));
 
     // Attention at the same shape.

@@ -27,6 +27,8 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   return __nv_bfloat16{(uint16_t)(rounded >> 16)};
 }
 
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.x; }
+
 inline float2 __bfloat1622float2(__nv_bfloat162 v) {
   return float2{__bfloat162float(v.x), __bfloat162float(v.y)};
 }

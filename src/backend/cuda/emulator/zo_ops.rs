@@ -73,6 +73,49 @@ fn storage(t: &mut HostTensor) -> u64 {
     addr_mut(t.bytes_mut())
 }
 
+/// A tensor's bytes copied to `shift` bytes past a 16-byte boundary. The kernels move each
+/// Philox block's eight elements with 16-byte accesses where the addresses allow it and element
+/// by element where they do not, so the tests run both: at shift 0 and at one element.
+struct Placed {
+    store: Vec<u128>,
+    shift: usize,
+    like: HostTensor,
+}
+
+impl Placed {
+    fn new(t: &HostTensor, shift: usize) -> Self {
+        let len = t.bytes().len();
+        let mut store = vec![0u128; (shift + len).div_ceil(16)];
+        bytemuck::cast_slice_mut::<u128, u8>(&mut store)[shift..shift + len]
+            .copy_from_slice(t.bytes());
+        Placed {
+            store,
+            shift,
+            like: copy(t),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice::<u128, u8>(&self.store)[self.shift..][..self.like.bytes().len()]
+    }
+
+    /// The address of the bytes, for a kernel to read or write.
+    fn addr(&mut self) -> u64 {
+        let len = self.like.bytes().len();
+        addr_mut(&mut bytemuck::cast_slice_mut::<u128, u8>(&mut self.store)[self.shift..][..len])
+    }
+
+    fn values(&self) -> Vec<f32> {
+        let t = &self.like;
+        HostTensor::from_bytes(t.name.clone(), t.shape.clone(), t.dtype, self.bytes()).to_f32_vec()
+    }
+}
+
+/// Byte shifts that give 16-byte-aligned and misaligned addresses for elements of `dtype`.
+fn shifts(dtype: DType) -> [usize; 2] {
+    [0, dtype.size()]
+}
+
 fn elem_z(z: ZSpec) -> ElemZ {
     match z {
         ZSpec::Dense => ElemZ::Dense,
@@ -113,13 +156,17 @@ fn element_wise_passes_leave_the_cpu_bits() {
         threshold: fifth_threshold(&values),
     };
     for dtype in [DType::F32, DType::BF16] {
-        for z in [ZSpec::Dense, sparse] {
+        for (z, shift) in [ZSpec::Dense, sparse]
+            .into_iter()
+            .flat_map(|z| shifts(dtype).map(|s| (z, s)))
+        {
+            let what = format!("{dtype:?} {z:?} at shift {shift}");
             let key = PhiloxKey::of_tensor(KEY, id);
             // +eps z from the unperturbed weights.
-            let mut got = tensor(&values, &shape, dtype);
+            let mut got = Placed::new(&tensor(&values, &shape, dtype), shift);
             kernels::zo_pass(
                 emu,
-                storage(&mut got),
+                got.addr(),
                 dtype,
                 n,
                 key,
@@ -129,11 +176,7 @@ fn element_wise_passes_leave_the_cpu_bits() {
             )
             .unwrap();
             let want = perturbed(&values, &shape, dtype, id, z, eps);
-            same_bits(
-                &got.to_f32_vec(),
-                &want.to_f32_vec(),
-                &format!("{dtype:?} {z:?} +eps z"),
-            );
+            same_bits(&got.values(), &want.to_f32_vec(), &format!("{what} +eps z"));
             // Then the two rules that follow it: -eps z (a Move to -eps), and the restore +
             // SGD update with weight decay.
             for (rule, erule) in [
@@ -151,17 +194,16 @@ fn element_wise_passes_leave_the_cpu_bits() {
                     },
                 ),
             ] {
-                let mut got = copy(&want);
-                kernels::zo_pass(emu, storage(&mut got), dtype, n, key, elem_z(z), eps, erule)
-                    .unwrap();
+                let mut got = Placed::new(&want, shift);
+                kernels::zo_pass(emu, got.addr(), dtype, n, key, elem_z(z), eps, erule).unwrap();
                 let mut cpu = copy(&want);
                 CpuBackend::new()
                     .zo_pass(&mut cpu, id, KEY, z, eps, rule, None)
                     .unwrap();
                 same_bits(
-                    &got.to_f32_vec(),
+                    &got.values(),
                     &cpu.to_f32_vec(),
-                    &format!("{dtype:?} {z:?} {rule:?}"),
+                    &format!("{what} {rule:?}"),
                 );
             }
         }
@@ -206,29 +248,31 @@ fn adam_passes_leave_the_cpu_weights_and_moments() {
                     Some((&mut cm, &mut cv)),
                 )
                 .unwrap();
-            let (mut got, mut gm, mut gv) = (copy(&start), m0.clone(), v0.clone());
-            let key = PhiloxKey::of_tensor(KEY, id);
-            kernels::zo_adam_pass(
-                emu,
-                storage(&mut got),
-                dtype,
-                addr_mut(&mut gm),
-                addr_mut(&mut gv),
-                n,
-                key,
-                elem_z(z),
-                eps,
-                &a,
-            )
-            .unwrap();
-            let what = format!("{dtype:?} {z:?} Adam");
-            same_bits(
-                &got.to_f32_vec(),
-                &cpu.to_f32_vec(),
-                &format!("{what} weights"),
-            );
-            same_bits(&gm, &cm.data, &format!("{what} first moments"));
-            same_bits(&gv, &cv.data, &format!("{what} second moments"));
+            // All three aligned, then each of them alone misaligned.
+            let elt = dtype.size();
+            for (ws, ms, vs) in [(0, 0, 0), (elt, 0, 0), (0, 4, 0), (0, 0, 4)] {
+                let moments = |v: &[f32], shift| Placed::new(&tensor(v, &[n], DType::F32), shift);
+                let mut got = Placed::new(&start, ws);
+                let (mut gm, mut gv) = (moments(&m0, ms), moments(&v0, vs));
+                let key = PhiloxKey::of_tensor(KEY, id);
+                kernels::zo_adam_pass(
+                    emu,
+                    got.addr(),
+                    dtype,
+                    gm.addr(),
+                    gv.addr(),
+                    n,
+                    key,
+                    elem_z(z),
+                    eps,
+                    &a,
+                )
+                .unwrap();
+                let what = format!("{dtype:?} {z:?} Adam, shifts {ws} {ms} {vs}");
+                same_bits(&got.values(), &cpu.to_f32_vec(), &format!("{what} weights"));
+                same_bits(&gm.values(), &cm.data, &format!("{what} first moments"));
+                same_bits(&gv.values(), &cv.data, &format!("{what} second moments"));
+            }
         }
     }
 }
@@ -305,44 +349,55 @@ fn perturbed_copies_and_gathered_rows_have_the_cpu_pass_bits() {
             };
             let want = moved_to(to);
 
-            // A block of rows 3 .. 23: its z starts inside the tensor.
-            let (r0, nr) = (3, 20);
+            // Blocks of 20 rows whose z starts inside the tensor: from row 3 (element 390, inside
+            // a Philox block), and from row 4 (element 520, on a block's edge) with each of the
+            // table, the copy and the other stream's copy at an aligned address or not.
             let elt = dtype.size();
-            let mut dst = tensor(&vec![f32::NAN; nr * cols], &[nr, cols], dtype);
-            let src = addr(&w.bytes()[r0 * cols * elt..]);
-            let (n, start) = (nr * cols, (r0 * cols) as u64);
-            let copy_to = |dst: &mut HostTensor, other: Option<(&mut HostTensor, f32)>| {
-                let other = other.map(|(o, to)| (storage(o), to));
-                kernels::zo_perturbed_copy(
-                    emu,
-                    src,
-                    dtype,
-                    n,
-                    start,
-                    key,
-                    elem_z(z),
-                    (storage(dst), to),
-                    other,
-                )
-                .unwrap();
-            };
-            copy_to(&mut dst, None);
-            let block = &want[r0 * cols..(r0 + nr) * cols];
-            same_bits(&dst.to_f32_vec(), block, &format!("{what} block copy"));
-
-            // Both streams' copies of a paired forward from one launch: the second with the
-            // bits of a Move pass to -3 to.
             let want_other = moved_to(-3.0 * to);
-            let mut pair = tensor(&vec![f32::NAN; n], &[nr, cols], dtype);
-            let mut other = tensor(&vec![f32::NAN; n], &[nr, cols], dtype);
-            copy_to(&mut pair, Some((&mut other, -3.0 * to)));
-            same_bits(&pair.to_f32_vec(), block, &format!("{what} paired copy"));
-            let block_other = &want_other[r0 * cols..(r0 + nr) * cols];
-            same_bits(
-                &other.to_f32_vec(),
-                block_other,
-                &format!("{what} other copy"),
-            );
+            let nr = 20;
+            let n = nr * cols;
+            for (r0, [src_shift, dst_shift, other_shift]) in [
+                (3, [0, 0, 0]),
+                (4, [0, 0, 0]),
+                (4, [elt, 0, 0]),
+                (4, [0, elt, 0]),
+                (4, [0, 0, elt]),
+            ] {
+                let what =
+                    format!("{what} rows {r0}.., shifts {src_shift} {dst_shift} {other_shift}");
+                let mut table = Placed::new(&w, src_shift);
+                let src = table.addr() + (r0 * cols * elt) as u64;
+                let start = (r0 * cols) as u64;
+                let poisoned = || tensor(&vec![f32::NAN; n], &[nr, cols], dtype);
+                let copy_to = |dst: &mut Placed, other: Option<(&mut Placed, f32)>| {
+                    let other = other.map(|(o, to)| (o.addr(), to));
+                    kernels::zo_perturbed_copy(
+                        emu,
+                        src,
+                        dtype,
+                        n,
+                        start,
+                        key,
+                        elem_z(z),
+                        (dst.addr(), to),
+                        other,
+                    )
+                    .unwrap();
+                };
+                let mut dst = Placed::new(&poisoned(), dst_shift);
+                copy_to(&mut dst, None);
+                let block = &want[r0 * cols..(r0 + nr) * cols];
+                same_bits(&dst.values(), block, &format!("{what} block copy"));
+
+                // Both streams' copies of a paired forward from one launch: the second with the
+                // bits of a Move pass to -3 to.
+                let mut pair = Placed::new(&poisoned(), dst_shift);
+                let mut other = Placed::new(&poisoned(), other_shift);
+                copy_to(&mut pair, Some((&mut other, -3.0 * to)));
+                same_bits(&pair.values(), block, &format!("{what} paired copy"));
+                let block_other = &want_other[r0 * cols..(r0 + nr) * cols];
+                same_bits(&other.values(), block_other, &format!("{what} other copy"));
+            }
 
             // Gathered rows (as the embedding kernel widens them), one row twice.
             let ids = [5u32, 0, 36, 5];
@@ -441,42 +496,47 @@ fn scaled_and_shifted_fills_and_axpy_are_the_cpu_expressions() {
         tensor: 17,
     };
     let p = Philox::new(SEED, 2, 17);
-    let (start, n) = (6u64, 517);
-    let z = |i: usize| p.normal(start + i as u64);
+    let n = 517;
     let elems = |f: &dyn Fn(usize) -> f32| (0..n).map(f).collect::<Vec<f32>>();
 
-    // The random model's norm gains and weights: 1 + 0.1 z in f32, 0.05 z rounded to bf16.
-    let mut got = vec![f32::NAN; n];
-    kernels::fill_normal(emu, addr_mut(&mut got), DType::F32, n, key, start, 0.1, 1.0).unwrap();
-    same_bits(&got, &elems(&|i| 1.0 + 0.1 * z(i)), "1 + 0.1 z");
-    let mut got = tensor(&vec![f32::NAN; n], &[n], DType::BF16);
-    kernels::fill_normal(
-        emu,
-        storage(&mut got),
-        DType::BF16,
-        n,
-        key,
-        start,
-        0.05,
-        0.0,
-    )
-    .unwrap();
-    let want = tensor(&elems(&|i| 0.05 * z(i)), &[n], DType::BF16);
-    same_bits(&got.to_f32_vec(), &want.to_f32_vec(), "0.05 z in bf16");
-
-    let base = randn(n, 21, 1.0);
-    for dtype in [DType::F32, DType::BF16] {
-        let mut got = tensor(&base, &[n], dtype);
-        kernels::axpy_normal(emu, storage(&mut got), dtype, n, key, start, -3e-2).unwrap();
-        let from = tensor(&base, &[n], dtype).to_f32_vec();
-        let want = tensor(&elems(&|i| from[i] + -3e-2 * z(i)), &[n], dtype);
+    // The random model's norm gains and weights: 1 + 0.1 z in f32, 0.05 z rounded to bf16;
+    // from an element inside a Philox block, and from one on a block's edge at an aligned
+    // address or not.
+    for (start, shift) in [(6u64, 0usize), (8, 0), (8, 1)] {
+        let z = |i: usize| p.normal(start + i as u64);
+        let what = format!("from {start} at shift {shift} elements");
+        let mut got = Placed::new(&tensor(&vec![f32::NAN; n], &[n], DType::F32), 4 * shift);
+        kernels::fill_normal(emu, got.addr(), DType::F32, n, key, start, 0.1, 1.0).unwrap();
         same_bits(
-            &got.to_f32_vec(),
-            &want.to_f32_vec(),
-            &format!("{dtype:?} w + s z"),
+            &got.values(),
+            &elems(&|i| 1.0 + 0.1 * z(i)),
+            &format!("1 + 0.1 z {what}"),
         );
+        let mut got = Placed::new(&tensor(&vec![f32::NAN; n], &[n], DType::BF16), 2 * shift);
+        kernels::fill_normal(emu, got.addr(), DType::BF16, n, key, start, 0.05, 0.0).unwrap();
+        let want = tensor(&elems(&|i| 0.05 * z(i)), &[n], DType::BF16);
+        same_bits(
+            &got.values(),
+            &want.to_f32_vec(),
+            &format!("0.05 z in bf16 {what}"),
+        );
+
+        let base = randn(n, 21, 1.0);
+        for dtype in [DType::F32, DType::BF16] {
+            let from = tensor(&base, &[n], dtype);
+            let mut got = Placed::new(&from, shift * dtype.size());
+            kernels::axpy_normal(emu, got.addr(), dtype, n, key, start, -3e-2).unwrap();
+            let from = from.to_f32_vec();
+            let want = tensor(&elems(&|i| from[i] + -3e-2 * z(i)), &[n], dtype);
+            same_bits(
+                &got.values(),
+                &want.to_f32_vec(),
+                &format!("{dtype:?} w + s z {what}"),
+            );
+        }
     }
 
+    let start = 6;
     let mut got = vec![f32::NAN; n];
     kernels::fill_rademacher(emu, addr_mut(&mut got), n, key, start, 0.5).unwrap();
     same_bits(
