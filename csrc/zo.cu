@@ -93,10 +93,12 @@ __device__ __forceinline__ void zo_pass(T* w, uint64_t n, PhiloxKey key, float o
 // start + i of the tensor, written to a copy instead (a whole tensor, or a block of its rows).
 // Where `other` is not null it gets w0 + to_other z(start + i) from the same draw of z: the
 // weights of a paired forward's other stream (src/backend/cuda/paired.rs).
+// Worker `worker` of `workers` takes Philox blocks worker, worker + workers, ...
 template <typename T>
 __device__ __forceinline__ void zo_perturbed_copy(const T* src, T* dst, T* other, uint64_t n,
                                                   uint64_t start, PhiloxKey key, int sparse,
-                                                  float h, float to, float to_other) {
+                                                  float h, float to, float to_other,
+                                                  uint64_t worker, uint64_t workers) {
   const auto moved = [&](float x, float z, float by) {
     float w0, zr;
     zo_unperturb(x, z, 0.0f, sparse != 0, h, &w0, &zr);
@@ -125,8 +127,20 @@ __device__ __forceinline__ void zo_perturbed_copy(const T* src, T* dst, T* other
       store8(other + i, y);
     }
   };
-  philox_for_each_block(key, start, n, grid_thread(), grid_threads(), eight, one);
+  philox_for_each_block(key, start, n, worker, workers, eight, one);
 }
+
+// One tensor of a batched perturbed copy: zo_perturbed_copy of the whole tensor (start 0, no
+// second copy), its storage f32 or bf16. Mirrored field for field by kernels.rs CopyJob.
+struct ZoCopyJob {
+  uint64_t src, dst;     // T*
+  uint64_t n;            // elements
+  uint64_t first_block;  // the Philox blocks of the jobs before this one
+  uint32_t tensor;       // Philox counter word 3
+  uint32_t bf16;         // 1: bf16 storage, 0: f32
+  uint32_t sparse;
+  float threshold;
+};
 
 // The same for the embedding rows a forward gathers: row r of `rows` (f32, d wide) holds
 // table row ids[r] (stored as T) and becomes that row of the perturbed table, rounded to T and
@@ -270,7 +284,7 @@ extern "C" __global__ void zo_perturbed_copy_f32(const float* src, float* dst, f
                                                int sparse, float threshold, float to,
                                                float to_other) {
   zo_perturbed_copy(src, dst, other, n, start, PhiloxKey{k0, k1, step, tensor}, sparse, threshold,
-                    to, to_other);
+                    to, to_other, grid_thread(), grid_threads());
 }
 
 extern "C" __global__ void zo_perturbed_copy_bf16(const bf16* src, bf16* dst, bf16* other,
@@ -279,7 +293,37 @@ extern "C" __global__ void zo_perturbed_copy_bf16(const bf16* src, bf16* dst, bf
                                                 int sparse, float threshold, float to,
                                                 float to_other) {
   zo_perturbed_copy(src, dst, other, n, start, PhiloxKey{k0, k1, step, tensor}, sparse, threshold,
-                    to, to_other);
+                    to, to_other, grid_thread(), grid_threads());
+}
+
+// The perturbed copies of several tensors in one launch (a layer's element-wise parameters,
+// src/backend/cuda/fused.rs): thread g of the grid-stride loop takes global Philox block g,
+// which lies in the last job whose first_block <= g.
+extern "C" __global__ void zo_perturbed_copy_jobs(const ZoCopyJob* jobs, int count,
+                                                 uint64_t blocks, uint32_t k0, uint32_t k1,
+                                                 uint32_t step, float to) {
+  for (uint64_t g = grid_thread(); g < blocks; g += grid_threads()) {
+    int lo = 0, hi = count - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (jobs[mid].first_block <= g) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    const ZoCopyJob& j = jobs[lo];
+    const PhiloxKey key{k0, k1, step, j.tensor};
+    // Block b of the job alone: worker b of as many workers as the job has blocks.
+    const uint64_t b = g - j.first_block, job_blocks = (j.n + 7) >> 3;
+    if (j.bf16) {
+      zo_perturbed_copy((const bf16*)j.src, (bf16*)j.dst, (bf16*)nullptr, j.n, 0, key, j.sparse,
+                        j.threshold, to, 0.0f, b, job_blocks);
+    } else {
+      zo_perturbed_copy((const float*)j.src, (float*)j.dst, (float*)nullptr, j.n, 0, key,
+                        j.sparse, j.threshold, to, 0.0f, b, job_blocks);
+    }
+  }
 }
 
 extern "C" __global__ void zo_perturb_gathered_f32(float* rows, const uint32_t* ids, int d,

@@ -1155,12 +1155,41 @@ fn zo_fused_forward_parity() {
                 .unwrap();
 
                 let (key, eps) = (go.key(1), 5e-2);
+                let kernels_before = g.launch_counts().0;
                 let mut gh = CudaFusedHook::new(&go, key, eps).with_head_block_rows(64);
                 let fused = gm
                     .target_logprobs(&ids, &layout, &targets, &mut gh)
                     .unwrap();
                 let fused_logits = gm.logits_at(&ids, &layout, &rows, &mut gh).unwrap();
                 drop(gh);
+                // Each layer's copies written by one launch (as `--perturb fused` runs): the
+                // same bits, and per layer and forward one launch where there were one per
+                // element-wise parameter (nine, or TeZO's two norm gains). At least: with
+                // TeZO's head beside it, the second forward also finds the final norm's copy
+                // still in the scratch that the layers no longer use.
+                let kernels_one_by_one = g.launch_counts().0 - kernels_before;
+                let kernels_before = g.launch_counts().0;
+                let mut bh = CudaFusedHook::new(&go, key, eps)
+                    .with_head_block_rows(64)
+                    .with_layers(&gm.weights);
+                let batched = gm
+                    .target_logprobs(&ids, &layout, &targets, &mut bh)
+                    .unwrap();
+                let batched_logits = gm.logits_at(&ids, &layout, &rows, &mut bh).unwrap();
+                drop(bh);
+                let kernels_batched = g.launch_counts().0 - kernels_before;
+                assert_same_f32(&format!("{what} layer batches"), &batched, &fused);
+                assert_same_f32(
+                    &format!("{what} layer batches, logits"),
+                    &batched_logits,
+                    &fused_logits,
+                );
+                let per_layer = if method == Method::Tezo { 2 } else { 9 };
+                let saved = kernels_one_by_one - kernels_batched;
+                assert!(
+                    saved >= 2 * cfg.num_hidden_layers as u64 * (per_layer - 1),
+                    "{what}: the layer batches saved {saved} launches over two forwards"
+                );
                 let mut ch = FusedHook::new(&co, key, eps, &cm.backend).with_head_block_rows(64);
                 let cpu = cm
                     .target_logprobs(&ids, &layout, &targets, &mut ch)
@@ -1215,6 +1244,48 @@ fn zo_fused_forward_parity() {
             }
         }
     }
+}
+
+#[test]
+fn zo_fused_layers_stored_unlike_are_copied_one_tensor_at_a_time() {
+    // Layer 1 in f32 among bf16 layers: one buffer per position in a layer cannot hold every
+    // layer's copy, so the hook that would batch them copies one tensor at a time instead.
+    let Some(g) = gpu() else { return };
+    let cfg = common::small_config(false);
+    let (ids, layout, targets) = lm_batch(&cfg);
+    let mut w = g.random_weights(&cfg, 7, DType::BF16).unwrap();
+    let mut f32_layers = g.random_weights(&cfg, 8, DType::F32).unwrap().layers;
+    w.layers[1] = f32_layers.swap_remove(1);
+    let m = Llama::new(cfg.clone(), w, g.clone());
+    let zc = ZoConfig {
+        method: Method::Mezo,
+        perturb: Perturb::Fused,
+        ..Default::default()
+    };
+    let opt = ZoOptimizer::new(zc, &m).unwrap();
+    let (key, eps) = (opt.key(1), 5e-2);
+    let run = |batched: bool| {
+        let before = g.launch_counts().0;
+        let mut hook = CudaFusedHook::new(&opt, key, eps);
+        if batched {
+            hook = hook.with_layers(&m.weights);
+        }
+        let lp = m
+            .target_logprobs(&ids, &layout, &targets, &mut hook)
+            .unwrap();
+        (lp, g.launch_counts().0 - before)
+    };
+    let (one_by_one, launches) = run(false);
+    let (fallen_back, fallback_launches) = run(true);
+    assert_same_f32("layers stored unlike", &fallen_back, &one_by_one);
+    assert_eq!(fallback_launches, launches, "launches of the fallback");
+    let plain = m
+        .target_logprobs(&ids, &layout, &targets, &mut NoHook)
+        .unwrap();
+    assert!(
+        rel(&one_by_one, &plain) > 1e-4,
+        "the perturbation moved nothing"
+    );
 }
 
 #[test]

@@ -44,6 +44,14 @@ fn time(g: &CudaBackend, iters: usize, mut f: impl FnMut() -> Result<()>) -> Res
     Ok(ms as f64 / iters as f64)
 }
 
+/// Kernels and cuBLAS GEMMs that one call of `f` issues.
+fn launches(g: &CudaBackend, f: impl FnOnce() -> Result<()>) -> Result<(u64, u64)> {
+    let (k0, m0) = g.launch_counts();
+    f()?;
+    let (k1, m1) = g.launch_counts();
+    Ok((k1 - k0, m1 - m0))
+}
+
 fn emit(v: serde_json::Value) {
     println!("{v}");
 }
@@ -316,6 +324,11 @@ fn model_rows(
             .map(|_| ())
     })?;
     let (fwd_ms, fwd_peak) = (ms, g.mem().report().total_peak);
+    let (fwd_kernels, fwd_gemms) = launches(g, || {
+        model
+            .target_logprobs(ids, layout, targets, &mut NoHook)
+            .map(|_| ())
+    })?;
     let (dd, l) = (cfg.hidden_size as f64, cfg.num_hidden_layers as f64);
     let per_layer =
         2.0 * dd * (cfg.q_dim() + cfg.kv_dim()) as f64 + 3.0 * dd * cfg.intermediate_size as f64;
@@ -328,7 +341,8 @@ fn model_rows(
     emit(
         json!({"bench": "forward", "shape": shape_name, "batch": batch, "seq": seq,
         "layers": cfg.num_hidden_layers, "ms": ms, "model_TFLOP_per_s": tflops,
-        "fraction_of_gemm": tflops / gemm_tflops, "peak_bytes": fwd_peak}),
+        "fraction_of_gemm": tflops / gemm_tflops, "peak_bytes": fwd_peak,
+        "kernels": fwd_kernels, "gemms": fwd_gemms}),
     );
     let mut h = g.alloc(rows, cfg.hidden_size, Tag::Activations)?;
     g.fill_act_normal(&mut h, key(21), 1.0)?;
@@ -375,11 +389,17 @@ fn model_rows(
             })?;
             // Device moments are in the tracked peak already (optimizer tag).
             let peak = g.mem().report().total_peak;
+            let (kernels, gemms) = launches(g, || {
+                opt.step_objective(&mut model, step, &mut objective)
+                    .map(|_| ())
+            })?;
             emit(
                 json!({"bench": "zo_step", "shape": shape_name, "batch": batch, "seq": seq,
                 "method": method.name(), "perturb": format!("{perturb:?}").to_lowercase(),
                 "ms": ms, "step_over_forward": ms / fwd_ms,
                 "peak_over_forward": peak as f64 / fwd_peak as f64,
+                "kernels": kernels, "gemms": gemms,
+                "launches_over_forward": (kernels + gemms) as f64 / (fwd_kernels + fwd_gemms) as f64,
                 "optimizer_state_bytes": opt.method.state_bytes()}),
             );
         }

@@ -8,6 +8,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{result, sys, CudaContext, CudaStream};
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 #[cfg(target_endian = "big")]
@@ -52,6 +53,7 @@ pub(crate) const KERNELS: &[&str] = &[
     "zo_decay_bf16",
     "zo_perturbed_copy_f32",
     "zo_perturbed_copy_bf16",
+    "zo_perturbed_copy_jobs",
     "zo_perturb_gathered_f32",
     "zo_perturb_gathered_bf16",
     "scale_cols_f32",
@@ -170,6 +172,7 @@ impl Launch for Device {
         .map_err(|e| {
             anyhow!("CUDA kernel {name} (grid {grid:?}, block {block:?}) failed to launch: {e}")
         })?;
+        self.launched.kernels.fetch_add(1, Ordering::Relaxed);
         if self.sync_each_launch {
             self.stream
                 .synchronize()
@@ -251,6 +254,9 @@ pub(crate) struct Device {
     pub max_smem_optin: usize,
     /// cuBLAS workspace, accounted as scratch.
     _blas_workspace: Option<DevBuf>,
+    /// Kernels and cuBLAS GEMMs issued so far (benchmarks: where launches, not work, set the
+    /// time of a small model's forward).
+    pub launched: LaunchCounts,
     pub name: String,
     pub capability: (i32, i32),
 }
@@ -261,6 +267,23 @@ unsafe impl Send for Device {}
 unsafe impl Sync for Device {}
 
 const BLAS_WORKSPACE: usize = 32 << 20;
+
+/// Work issued to the stream, counted as it is issued.
+#[derive(Debug, Default)]
+pub struct LaunchCounts {
+    pub kernels: AtomicU64,
+    pub gemms: AtomicU64,
+}
+
+impl LaunchCounts {
+    /// (kernels, GEMMs) so far.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.kernels.load(Ordering::Relaxed),
+            self.gemms.load(Ordering::Relaxed),
+        )
+    }
+}
 
 impl Device {
     pub(crate) fn new(ordinal: usize, mem: Arc<MemCounters>) -> Result<Self> {
@@ -328,6 +351,7 @@ impl Device {
             sync_each_launch: std::env::var("ZOFT_CUDA_SYNC").is_ok_and(|v| v == "1"),
             max_smem_optin,
             _blas_workspace: None,
+            launched: LaunchCounts::default(),
             name,
             capability,
         };

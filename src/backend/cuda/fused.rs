@@ -3,8 +3,10 @@
 //! update), built on the fly, so restore is exact by construction:
 //! - dense or sparse z: a perturbed copy of the tensor, or of a block of LM-head rows, written by
 //!   one kernel with the bits an in-place pass leaves, into one scratch buffer that every tensor
-//!   of the forward reuses; the embedding perturbs only the rows it gathers (rounded to the
-//!   table's dtype, as an in-place pass would leave them);
+//!   of the forward reuses; under `--perturb fused` the copies of a layer's element-wise
+//!   parameters are written together, one launch a layer, into a layer's worth of scratch
+//!   (`LayerCopies`); the embedding perturbs only the rows it gathers (rounded to the table's
+//!   dtype, as an in-place pass would leave them);
 //! - low-rank z: the stored weights run the GEMM and a side product adds
 //!   ((x V) diag(c) / sqrt(r)) U^T beside it, never forming U diag(c) V^T.
 //!
@@ -22,6 +24,8 @@ use super::{
 use crate::backend::cpu::head::RunningLogSumExp;
 use crate::backend::mem::Tag;
 use crate::backend::{Backend, LinearHook, ParamId};
+use crate::model::llama::layer_param_ids;
+use crate::model::weights::LlamaWeights;
 use crate::model::DType;
 use crate::zo::direction::{StepKey, FACTOR_U, FACTOR_V};
 use crate::zo::hook::FusedView;
@@ -39,6 +43,39 @@ pub struct CudaFusedHook<'a> {
     scratch: Option<CudaWeight>,
     scratch_of: Option<ParamId>,
     head_block_rows: usize,
+    /// Given the model's parameters, the copies of each layer's element-wise parameters are
+    /// written together (see `LayerCopies`); without them, one tensor at a time.
+    layers: Option<LayerCopies<'a>>,
+}
+
+/// The perturbed copies of one layer's element-wise parameters, written by one launch of
+/// `zo_perturbed_copy_jobs` when the forward first asks for a parameter of that layer (nine
+/// launches a layer become one), into buffers that serve every layer in turn: one layer's
+/// worth of scratch, where the copies one tensor at a time need only the largest tensor's.
+struct LayerCopies<'a> {
+    /// Every parameter, by id.
+    params: Vec<&'a CudaWeight>,
+    layers: usize,
+    /// Per position in a layer (`layer_param_ids` order), its copy, if it moves element-wise.
+    copies: Vec<Option<CudaWeight>>,
+    /// The jobs of every layer, made on first use.
+    table: Option<LayerTable>,
+    /// The layer whose copies the buffers hold.
+    current: Option<usize>,
+}
+
+/// The copy jobs of every layer on the device, and where each layer's batch lies in them.
+struct LayerTable {
+    jobs: DevBuf,
+    batches: Vec<LayerBatch>,
+}
+
+/// One layer's jobs: `count` of them from job `first`, `blocks` Philox blocks in all.
+#[derive(Clone, Copy)]
+struct LayerBatch {
+    first: usize,
+    count: usize,
+    blocks: u64,
 }
 
 /// The factors of one matrix's low-rank z for a side product, f32 on the device:
@@ -147,7 +184,135 @@ impl<'a> CudaFusedHook<'a> {
             scratch: None,
             scratch_of: None,
             head_block_rows: CUDA_HEAD_BLOCK_ROWS,
+            layers: None,
         }
+    }
+
+    /// Writes each layer's element-wise copies in one launch, for the model with these
+    /// weights (what `--perturb fused` does; a paired forward's streams copy one tensor at a
+    /// time).
+    pub fn with_layers(mut self, weights: &'a LlamaWeights<CudaWeight>) -> Self {
+        let layers = weights.layers.len();
+        self.layers = Some(LayerCopies {
+            params: weights.tensors(),
+            layers,
+            copies: vec![],
+            table: None,
+            current: None,
+        });
+        self
+    }
+
+    /// The layer and position in it of parameter `id`, if its copy is written with its
+    /// layer's.
+    fn layer_slot(&self, id: ParamId, w: &CudaWeight) -> Option<(usize, usize)> {
+        let lc = self.layers.as_ref()?;
+        let (first, per_layer) = (layer_param_ids(0)[0], layer_param_ids(0).len());
+        let (l, k) = (id.checked_sub(first)? / per_layer, (id - first) % per_layer);
+        let batched = l < lc.layers && self.view.low_rank(&w.shape).is_none();
+        batched.then_some((l, k))
+    }
+
+    /// The copies of layer `l`'s parameters that move element-wise in this forward, written
+    /// unless they already hold that layer. False where the layers are not stored alike: the
+    /// hook then turns to copying one tensor at a time.
+    fn perturb_layer(&mut self, g: &CudaBackend, l: usize) -> Result<bool> {
+        let lc = self.layers.as_ref().expect("batching is on");
+        if lc.current == Some(l) {
+            return Ok(true);
+        }
+        if lc.table.is_none() && !self.make_layer_table(g)? {
+            self.layers = None;
+            return Ok(false);
+        }
+        let key = PhiloxKey::of_tensor(self.view.key, 0);
+        let lc = self.layers.as_mut().expect("batching is on");
+        let table = lc.table.as_ref().expect("made above");
+        let b = table.batches[l];
+        let at = table
+            .jobs
+            .ptr_at(b.first * std::mem::size_of::<kernels::CopyJob>());
+        kernels::zo_perturbed_copy_jobs(&g.dev, at, b.count, b.blocks, key, self.view.scale)?;
+        lc.current = Some(l);
+        Ok(true)
+    }
+
+    /// Gives the layer copies back (the LM head, past the last layer, needs scratch of its
+    /// own); a later forward through this hook makes them again.
+    fn release_layers(&mut self) {
+        if let Some(lc) = self.layers.as_mut() {
+            lc.copies.clear();
+            lc.table = None;
+            lc.current = None;
+        }
+    }
+
+    /// Allocates the copy buffers (each position's largest tensor over the layers) and uploads
+    /// the jobs of every layer; false, with nothing made, where a position's tensors differ in
+    /// dtype from layer to layer (one buffer cannot serve them all).
+    fn make_layer_table(&mut self, g: &CudaBackend) -> Result<bool> {
+        let view = &self.view;
+        let lc = self.layers.as_mut().expect("batching is on");
+        let moving =
+            |id: ParamId, t: &CudaWeight| view.moves(id) && view.low_rank(&t.shape).is_none();
+        let per_layer = layer_param_ids(0).len();
+        let mut copies: Vec<Option<CudaWeight>> = (0..per_layer).map(|_| None).collect();
+        for l in 0..lc.layers {
+            for (k, id) in layer_param_ids(l).into_iter().enumerate() {
+                let t = lc.params[id];
+                if !moving(id, t) {
+                    continue;
+                }
+                if copies[k].as_ref().is_some_and(|c| c.dtype != t.dtype) {
+                    return Ok(false);
+                }
+                let fits =
+                    (copies[k].as_ref()).is_some_and(|c| c.buf.bytes() >= t.numel() * elt(t.dtype));
+                if !fits {
+                    let bytes = (t.numel() * elt(t.dtype)).max(1);
+                    copies[k] = None; // the smaller buffer goes before the larger one comes
+                    let buf = g.alloc_buf(bytes, Tag::Scratch, "a layer's perturbed copies")?;
+                    copies[k] = Some(CudaWeight {
+                        buf,
+                        dtype: t.dtype,
+                        shape: vec![],
+                        name: t.name.clone(),
+                    });
+                }
+            }
+        }
+        let mut jobs = kernels::CopyJobs::default();
+        let mut batches = Vec::with_capacity(lc.layers);
+        for l in 0..lc.layers {
+            jobs.new_batch();
+            let first = jobs.jobs.len();
+            for (k, id) in layer_param_ids(l).into_iter().enumerate() {
+                let t = lc.params[id];
+                if !moving(id, t) {
+                    continue;
+                }
+                let dst = copies[k].as_ref().expect("allocated above").ptr();
+                let tensor = PhiloxKey::of_tensor(view.key, id).tensor;
+                let z = elem_z(view.elem_z(id));
+                jobs.push((t.ptr(), dst), t.dtype, t.numel(), tensor, z)?;
+            }
+            batches.push(LayerBatch {
+                first,
+                count: jobs.jobs.len() - first,
+                blocks: jobs.blocks,
+            });
+        }
+        let jobs_dev = if jobs.jobs.is_empty() {
+            g.alloc_buf(1, Tag::Scratch, "no perturbation jobs")?
+        } else {
+            g.buf_from_host(&jobs.jobs, Tag::Scratch, "the layers' perturbation jobs")?
+        };
+        lc.copies = copies;
+        lc.table = Some(LayerTable {
+            jobs: jobs_dev,
+            batches,
+        });
+        Ok(true)
     }
 
     /// Perturbs and multiplies the LM head `rows` vocabulary rows at a time (default
@@ -223,6 +388,7 @@ impl<'a> CudaFusedHook<'a> {
         rows: &DeviceRows,
         mut each: impl FnMut(usize, usize, usize, usize, &DevBuf) -> Result<()>,
     ) -> Result<()> {
+        self.release_layers();
         let (vocab, d) = (head.shape[0], head.shape[1]);
         let es = elt(head.dtype);
         let n_rows = rows.n;
@@ -322,6 +488,17 @@ impl LinearHook<CudaBackend> for CudaFusedHook<'_> {
     ) -> Result<&'b CudaWeight> {
         if !self.view.moves(id) {
             return Ok(w);
+        }
+        if let Some((l, k)) = self.layer_slot(id, w) {
+            if self.perturb_layer(g, l)? {
+                let lc = self.layers.as_mut().expect("batching is on");
+                let copy = lc.copies[k]
+                    .as_mut()
+                    .expect("a moving parameter has its copy");
+                copy.shape.clone_from(&w.shape);
+                copy.name.clone_from(&w.name);
+                return Ok(copy);
+            }
         }
         if self.scratch_of != Some(id) {
             let low_rank = self.view.low_rank(&w.shape);

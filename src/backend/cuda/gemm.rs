@@ -105,5 +105,9 @@ fn gemm(dev: &Device, a: &GemmArgs, w_is_k_by_n: bool) -> Result<()> {
             a.in_dtype.name(),
             a.out_dtype.name()
         )
-    })
+    })?;
+    dev.launched
+        .gemms
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
 }

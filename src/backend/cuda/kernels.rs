@@ -618,6 +618,105 @@ pub(crate) fn zo_perturbed_copy(
     )
 }
 
+/// One tensor of `zo_perturbed_copy_jobs` (csrc/zo.cu ZoCopyJob, field for field): the
+/// perturbed copy of a whole tensor, f32 or bf16, under its own Philox tensor word and z.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct CopyJob {
+    src: u64,
+    dst: u64,
+    n: u64,
+    /// The Philox blocks (8 elements each) of the jobs before this one.
+    first_block: u64,
+    tensor: u32,
+    bf16: u32,
+    sparse: u32,
+    threshold: f32,
+}
+
+/// Batches of perturbed copies as the kernel takes them: the jobs, and the Philox blocks of
+/// the batch being filled.
+#[derive(Default)]
+pub(crate) struct CopyJobs {
+    pub jobs: Vec<CopyJob>,
+    pub blocks: u64,
+}
+
+impl CopyJobs {
+    /// Starts another batch in the same table: the jobs pushed from now on count their blocks
+    /// from 0 (a launch runs one batch, from its first job).
+    pub(crate) fn new_batch(&mut self) {
+        self.blocks = 0;
+    }
+
+    /// Adds dst = w0 + to z for the n elements of `dtype` at `src` (z of Philox tensor word
+    /// `tensor`); empty tensors add nothing.
+    pub(crate) fn push(
+        &mut self,
+        (src, dst): (u64, u64),
+        dtype: DType,
+        n: usize,
+        tensor: u32,
+        z: ElemZ,
+    ) -> Result<()> {
+        let bf16 = match dtype {
+            DType::F32 => 0,
+            DType::BF16 => 1,
+            DType::F16 => bail!("zo_perturbed_copy_jobs: f16 storage is not supported on the GPU"),
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        let (sparse, threshold) = match z {
+            ElemZ::Dense => (0, 0.0),
+            ElemZ::Sparse { threshold } => (1, threshold),
+        };
+        self.jobs.push(CopyJob {
+            src,
+            dst,
+            n: n as u64,
+            first_block: self.blocks,
+            tensor,
+            bf16,
+            sparse,
+            threshold,
+        });
+        self.blocks += (n as u64).div_ceil(8);
+        Ok(())
+    }
+}
+
+/// Runs `count` jobs of a `CopyJobs` table at device address `jobs` (`blocks` Philox blocks in
+/// all) for Philox seed and step `key` (its tensor word comes from each job), each copy moved
+/// by `to` z.
+pub(crate) fn zo_perturbed_copy_jobs(
+    dev: &dyn Launch,
+    jobs: u64,
+    count: usize,
+    blocks: u64,
+    key: PhiloxKey,
+    to: f32,
+) -> Result<()> {
+    if count == 0 {
+        return Ok(());
+    }
+    let args = Args::new()
+        .ptr(jobs)
+        .i32(check_i32("copy jobs", count)?)
+        .u64(blocks)
+        .u32(key.seed as u32)
+        .u32((key.seed >> 32) as u32)
+        .u32(key.step)
+        .f32(to);
+    dev.launch(
+        "zo_perturbed_copy_jobs",
+        (philox_grid(0, 8 * blocks, 8), 1, 1),
+        (THREADS, 1, 1),
+        0,
+        args,
+    )
+}
+
 /// Row r of `rows_f32` ([n_rows x d], holding table row ids[r] widened from `table_dtype`)
 /// becomes that row of the perturbed table (w0 + to z, rounded to `table_dtype`).
 #[allow(clippy::too_many_arguments)]

@@ -126,6 +126,11 @@ impl CudaBackend {
         self.dev.mem_info()
     }
 
+    /// Kernels and cuBLAS GEMMs this backend has issued so far.
+    pub fn launch_counts(&self) -> (u64, u64) {
+        self.dev.launched.get()
+    }
+
     pub fn device_name(&self) -> &str {
         &self.dev.name
     }

@@ -153,11 +153,12 @@ impl ZoBackend for CudaBackend {
 
     fn fused_hook<'a>(
         opt: &'a ZoOptimizer<Self>,
-        _model: &'a Llama<Self>,
+        model: &'a Llama<Self>,
         key: StepKey,
         scale: f32,
     ) -> Result<Box<dyn LinearHook<Self> + 'a>> {
-        Ok(Box::new(super::fused::CudaFusedHook::new(opt, key, scale)))
+        let hook = super::fused::CudaFusedHook::new(opt, key, scale).with_layers(&model.weights);
+        Ok(Box::new(hook))
     }
 
     fn paired_hook<'a>(

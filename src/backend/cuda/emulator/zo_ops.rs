@@ -428,6 +428,57 @@ fn perturbed_copies_and_gathered_rows_have_the_cpu_pass_bits() {
 }
 
 #[test]
+fn a_batch_of_perturbed_copies_is_each_tensors_copy() {
+    let Some(emu) = emulator() else { return };
+    let to = 3e-2;
+    // (shape, dtype, parameter id, sparse, byte shift of the copy): a norm-like f32 vector,
+    // bf16 and f32 matrices whose sizes are no multiple of a Philox block, one of them
+    // written to a misaligned copy, and an empty tensor between them.
+    let tensors: [(&[usize], DType, usize, bool, usize); 5] = [
+        (&[61], DType::F32, 1, false, 0),
+        (&[13, 37], DType::BF16, 2, true, 0),
+        (&[0], DType::BF16, 3, false, 0),
+        (&[9, 21], DType::BF16, 4, false, 2),
+        (&[17, 5], DType::F32, 7, true, 0),
+    ];
+    let mut sources = vec![];
+    let mut copies = vec![];
+    let mut wants = vec![];
+    let mut jobs = kernels::CopyJobs::default();
+    for (i, &(shape, dtype, id, sparse, shift)) in tensors.iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let values = randn(n, 40 + i as u64, 0.05);
+        let z = if sparse {
+            ZSpec::Sparse {
+                threshold: fifth_threshold(&values),
+            }
+        } else {
+            ZSpec::Dense
+        };
+        let w = tensor(&values, shape, dtype);
+        let mut want = copy(&w);
+        CpuBackend::new()
+            .zo_pass(&mut want, id, KEY, z, 0.0, Rule::Move { to }, None)
+            .unwrap();
+        wants.push(want.to_f32_vec());
+        let mut src = Placed::new(&w, 0);
+        let mut dst = Placed::new(&tensor(&vec![f32::NAN; n], shape, dtype), shift);
+        let key = PhiloxKey::of_tensor(KEY, id);
+        jobs.push((src.addr(), dst.addr()), dtype, n, key.tensor, elem_z(z))
+            .unwrap();
+        sources.push(src);
+        copies.push(dst);
+    }
+    assert_eq!(jobs.jobs.len(), 4, "the empty tensor makes no job");
+    let table = addr(bytemuck::cast_slice::<_, u8>(&jobs.jobs));
+    let key = PhiloxKey::of_tensor(KEY, 0);
+    kernels::zo_perturbed_copy_jobs(emu, table, jobs.jobs.len(), jobs.blocks, key, to).unwrap();
+    for (i, (got, want)) in copies.iter().zip(&wants).enumerate() {
+        same_bits(&got.values(), want, &format!("tensor {i} of the batch"));
+    }
+}
+
+#[test]
 fn vocabulary_blocks_and_scaled_factors_match_their_cpu_twins() {
     let Some(emu) = emulator() else { return };
     // Running log-sum-exp over blocks of 64 of 300 logits (the last block short).
