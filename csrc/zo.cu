@@ -73,18 +73,19 @@ __device__ __forceinline__ float zo_adam(const ZoAdam& a, float w0, float z, flo
   return step == 0.0f ? w0 : __fsub_rn(w0, step);
 }
 
-// Dense or sparse z with Move or Sgd: one thread per Philox block of eight normals.
+// Dense or sparse z with Move or Sgd: worker `worker` of `workers` takes Philox blocks worker,
+// worker + workers, ... of eight normals.
 template <typename T>
 __device__ __forceinline__ void zo_pass(T* w, uint64_t n, PhiloxKey key, float offset, int sparse,
-                                        float h, int rule, float p0, float p1, float p2) {
+                                        float h, int rule, float p0, float p1, float p2,
+                                        uint64_t worker, uint64_t workers) {
   const auto updated = [&](float x, float z) {
     float w0, zr;
     zo_unperturb(x, z, offset, sparse != 0, h, &w0, &zr);
     return zo_rule(rule, w0, zr, p0, p1, p2);
   };
   philox_for_each_block(
-      key, 0, n, grid_thread(), grid_threads(),
-      [&](uint64_t j, const float* z) { update8(w + j, z, updated); },
+      key, 0, n, worker, workers, [&](uint64_t j, const float* z) { update8(w + j, z, updated); },
       [&](uint64_t j, float z) { store_f32(w + j, updated(to_f32(w[j]), z)); });
 }
 
@@ -141,6 +142,7 @@ struct ZoCopyJob {
   uint32_t sparse;
   float threshold;
 };
+static_assert(sizeof(ZoCopyJob) == 48, "kernels.rs CopyJob mirrors this layout");
 
 // The same for the embedding rows a forward gathers: row r of `rows` (f32, d wide) holds
 // table row ids[r] (stored as T) and becomes that row of the perturbed table, rounded to T and
@@ -159,10 +161,11 @@ __device__ __forceinline__ void zo_perturb_gathered(float* rows, const uint32_t*
   });
 }
 
-// Dense or sparse z with Adam; m and v are f32 per element.
+// Dense or sparse z with Adam; m and v are f32 per element. Workers as in zo_pass.
 template <typename T>
 __device__ __forceinline__ void zo_adam_pass(T* w, float* m, float* v, uint64_t n, PhiloxKey key,
-                                             float offset, int sparse, float h, const ZoAdam& a) {
+                                             float offset, int sparse, float h, const ZoAdam& a,
+                                             uint64_t worker, uint64_t workers) {
   const auto updated = [&](float x, float z, float* mj, float* vj) {
     float w0, zr;
     zo_unperturb(x, z, offset, sparse != 0, h, &w0, &zr);
@@ -187,8 +190,28 @@ __device__ __forceinline__ void zo_adam_pass(T* w, float* m, float* v, uint64_t 
     store8(m + j, mj);
     store8(v + j, vj);
   };
-  philox_for_each_block(key, 0, n, grid_thread(), grid_threads(), eight, one);
+  philox_for_each_block(key, 0, n, worker, workers, eight, one);
 }
+
+// One tensor's element pass in a batch: zo_pass (rule ZF_RULE_MOVE or ZF_RULE_SGD, p0..p2 as
+// there) or, with rule ZF_RULE_ADAM, zo_adam_pass with moments m, v and `adam`. Mirrored field
+// for field by kernels.rs PassJob.
+#define ZF_RULE_ADAM 2
+struct ZoPassJob {
+  uint64_t w;            // T*
+  uint64_t m, v;         // float*, Adam only
+  uint64_t n;            // elements
+  uint64_t first_block;  // the Philox blocks of the jobs before this one
+  uint32_t tensor;       // Philox counter word 3
+  uint32_t bf16;         // 1: bf16 storage, 0: f32
+  uint32_t sparse;
+  uint32_t rule;
+  float threshold, offset;
+  float p0, p1, p2;
+  ZoAdam adam;
+  float pad[3];
+};
+static_assert(sizeof(ZoPassJob) == 120, "kernels.rs PassJob mirrors this layout");
 
 // Low-rank z with Move: w <- (w - offset z) + to z for the [rows x cols] matrix w, where
 // z(a, b) = sum_k V[b, k] uc[a, k] (k ascending from +0, as Factors::row adds) and
@@ -269,13 +292,54 @@ __device__ __forceinline__ void zo_decay(T* w, uint64_t n, float factor) {
 extern "C" __global__ void zo_pass_f32(float* w, uint64_t n, uint32_t k0, uint32_t k1,
                                        uint32_t step, uint32_t tensor, float offset, int sparse,
                                        float threshold, int rule, float p0, float p1, float p2) {
-  zo_pass(w, n, PhiloxKey{k0, k1, step, tensor}, offset, sparse, threshold, rule, p0, p1, p2);
+  zo_pass(w, n, PhiloxKey{k0, k1, step, tensor}, offset, sparse, threshold, rule, p0, p1, p2,
+          grid_thread(), grid_threads());
 }
 
 extern "C" __global__ void zo_pass_bf16(bf16* w, uint64_t n, uint32_t k0, uint32_t k1,
                                         uint32_t step, uint32_t tensor, float offset, int sparse,
                                         float threshold, int rule, float p0, float p1, float p2) {
-  zo_pass(w, n, PhiloxKey{k0, k1, step, tensor}, offset, sparse, threshold, rule, p0, p1, p2);
+  zo_pass(w, n, PhiloxKey{k0, k1, step, tensor}, offset, sparse, threshold, rule, p0, p1, p2,
+          grid_thread(), grid_threads());
+}
+
+// The element passes of several tensors in one launch (a whole model's update, or its move in
+// place, src/backend/cuda/zo.rs): thread g of the grid-stride loop takes global Philox block g,
+// which lies in the last job whose first_block <= g.
+extern "C" __global__ void zo_pass_jobs(const ZoPassJob* jobs, int count, uint64_t blocks,
+                                        uint32_t k0, uint32_t k1, uint32_t step) {
+  for (uint64_t g = grid_thread(); g < blocks; g += grid_threads()) {
+    int lo = 0, hi = count - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (jobs[mid].first_block <= g) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    const ZoPassJob& j = jobs[lo];
+    const PhiloxKey key{k0, k1, step, j.tensor};
+    // Block b of the job alone: worker b of as many workers as the job has blocks.
+    const uint64_t b = g - j.first_block, job_blocks = (j.n + 7) >> 3;
+    float* m = (float*)j.m;
+    float* v = (float*)j.v;
+    if (j.rule == ZF_RULE_ADAM) {
+      if (j.bf16) {
+        zo_adam_pass((bf16*)j.w, m, v, j.n, key, j.offset, j.sparse, j.threshold, j.adam, b,
+                     job_blocks);
+      } else {
+        zo_adam_pass((float*)j.w, m, v, j.n, key, j.offset, j.sparse, j.threshold, j.adam, b,
+                     job_blocks);
+      }
+    } else if (j.bf16) {
+      zo_pass((bf16*)j.w, j.n, key, j.offset, j.sparse, j.threshold, j.rule, j.p0, j.p1, j.p2, b,
+              job_blocks);
+    } else {
+      zo_pass((float*)j.w, j.n, key, j.offset, j.sparse, j.threshold, j.rule, j.p0, j.p1, j.p2,
+              b, job_blocks);
+    }
+  }
 }
 
 extern "C" __global__ void zo_perturbed_copy_f32(const float* src, float* dst, float* other,
@@ -356,7 +420,7 @@ extern "C" __global__ void zo_adam_pass_f32(float* w, float* m, float* v, uint64
                                             float lr, float wd, float beta1, float beta2,
                                             float c1, float c2, float eps) {
   zo_adam_pass(w, m, v, n, PhiloxKey{k0, k1, step, tensor}, offset, sparse, threshold,
-               ZoAdam{g, lr, wd, beta1, beta2, c1, c2, eps});
+               ZoAdam{g, lr, wd, beta1, beta2, c1, c2, eps}, grid_thread(), grid_threads());
 }
 
 extern "C" __global__ void zo_adam_pass_bf16(bf16* w, float* m, float* v, uint64_t n, uint32_t k0,
@@ -365,7 +429,7 @@ extern "C" __global__ void zo_adam_pass_bf16(bf16* w, float* m, float* v, uint64
                                              float lr, float wd, float beta1, float beta2,
                                              float c1, float c2, float eps) {
   zo_adam_pass(w, m, v, n, PhiloxKey{k0, k1, step, tensor}, offset, sparse, threshold,
-               ZoAdam{g, lr, wd, beta1, beta2, c1, c2, eps});
+               ZoAdam{g, lr, wd, beta1, beta2, c1, c2, eps}, grid_thread(), grid_threads());
 }
 
 // U and V keep the step words FACTOR_U and FACTOR_V of src/zo/direction.rs (passed in, so that

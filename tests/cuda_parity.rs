@@ -886,6 +886,36 @@ fn zo_element_passes_bit_identical() {
 }
 
 #[test]
+fn zo_batched_passes_run_when_the_batch_ends_even_after_an_error() {
+    let Some(g) = gpu() else { return };
+    let (mut t, mut w) = zo_tensor(&g, &[37, 53], DType::BF16, 90);
+    let (mut t2, mut w2) = zo_tensor(&g, &[61], DType::F32, 91);
+    let key = StepKey { seed: 5, step: 2 };
+    let rule = Rule::Sgd {
+        lr: 1e-2,
+        g: -2.5,
+        wd: 0.1,
+    };
+    let before = g.launch_counts().0;
+    let err = g
+        .batch_passes(&mut || {
+            g.zo_pass(&mut w, 3, key, ZSpec::Dense, 1e-3, rule, None)?;
+            g.zo_pass(&mut w2, 4, key, ZSpec::Dense, 0.0, rule, None)?;
+            anyhow::bail!("the loss was NaN")
+        })
+        .unwrap_err();
+    assert_eq!(err.to_string(), "the loss was NaN");
+    assert_eq!(g.launch_counts().0 - before, 1, "two passes, one launch");
+    let cpu = CpuBackend::new();
+    cpu.zo_pass(&mut t, 3, key, ZSpec::Dense, 1e-3, rule, None)
+        .unwrap();
+    cpu.zo_pass(&mut t2, 4, key, ZSpec::Dense, 0.0, rule, None)
+        .unwrap();
+    assert_same_bits("the first tensor of the batch", &g, &w, &t);
+    assert_same_bits("the second tensor of the batch", &g, &w2, &t2);
+}
+
+#[test]
 fn zo_low_rank_pass_bit_identical() {
     let Some(g) = gpu() else { return };
     let cpu = CpuBackend::new();
@@ -1046,8 +1076,17 @@ fn zo_optimizer_steps_bit_identical() {
                 };
                 let (mut i, mut j) = (0u32, 0u32);
                 let rc = co.step(&mut cm, s, &mut |_, _| fake(&mut i)).unwrap();
+                let before = g.launch_counts().0;
                 let rg = go.step(&mut gm, s, &mut |_, _| fake(&mut j)).unwrap();
+                let launched = g.launch_counts().0 - before;
                 assert_eq!(rc.projected_grad.to_bits(), rg.projected_grad.to_bits());
+                // Each pass over the weights is one launch over every tensor (TeZO's matrices
+                // take a low-rank launch each beside it): three in place, the update alone
+                // fused.
+                let passes = if zc.perturb == Perturb::Inplace { 3 } else { 1 };
+                if !matches!(method, Method::Tezo | Method::TezoAdam) {
+                    assert_eq!(launched, passes, "{} {dtype:?}: launches", method.name());
+                }
             }
             for (c, w) in cm.weights.tensors().iter().zip(gm.weights.tensors()) {
                 let what = format!("{} {dtype:?} after 3 steps: {}", method.name(), c.name);

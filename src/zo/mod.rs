@@ -513,13 +513,16 @@ impl<B: ZoBackend + 'static> ZoOptimizer<B> {
     ) -> Result<()> {
         let dir = self.method.direction();
         let backend = &model.backend;
-        for (id, t) in model.weights.tensors_mut().into_iter().enumerate() {
-            if self.method.virtual_coefficients(id).is_some() {
-                continue; // low-rank virtual tensors are perturbed by the hook
+        let weights = &mut model.weights;
+        backend.batch_passes(&mut || {
+            for (id, t) in weights.tensors_mut().into_iter().enumerate() {
+                if self.method.virtual_coefficients(id).is_some() {
+                    continue; // low-rank virtual tensors are perturbed by the hook
+                }
+                perturb_tensor(backend, t, id, key, dir, from, to)?;
             }
-            perturb_tensor(backend, t, id, key, dir, from, to)?;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     pub fn update_all(
@@ -530,16 +533,19 @@ impl<B: ZoBackend + 'static> ZoOptimizer<B> {
         g: f32,
     ) -> Result<()> {
         let backend = &model.backend;
-        for (id, t) in model.weights.tensors_mut().into_iter().enumerate() {
-            let ctx = TensorCtx {
-                id,
-                kind: self.kinds[id],
-                is_matrix: B::weight_shape(t).len() == 2,
-            };
-            self.method
-                .update_tensor(backend, t, &ctx, key, offset, g, &self.cfg)?;
-        }
-        Ok(())
+        let weights = &mut model.weights;
+        backend.batch_passes(&mut || {
+            for (id, t) in weights.tensors_mut().into_iter().enumerate() {
+                let ctx = TensorCtx {
+                    id,
+                    kind: self.kinds[id],
+                    is_matrix: B::weight_shape(t).len() == 2,
+                };
+                self.method
+                    .update_tensor(backend, t, &ctx, key, offset, g, &self.cfg)?;
+            }
+            Ok(())
+        })
     }
 
     /// Writes any virtual (low-rank) update into the weights, e.g. before saving.

@@ -126,6 +126,13 @@ pub trait ZoBackend: Backend {
     /// w <- w - factor * w (decoupled weight decay of a low-rank step written in place).
     fn zo_decay(&self, w: &mut Self::Weight, factor: f32) -> Result<()>;
 
+    /// Runs `passes`, whose `zo_pass` calls this backend may gather and run together when it
+    /// returns (the CUDA backend: the element passes of every tensor in one launch), so nothing
+    /// inside may read back a tensor that a pass inside writes. By default they run as called.
+    fn batch_passes(&self, passes: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        passes()
+    }
+
     /// The hook of `--perturb fused` on this backend: every parameter use sees w + scale z.
     fn fused_hook<'a>(
         opt: &'a super::ZoOptimizer<Self>,

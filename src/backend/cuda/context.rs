@@ -45,6 +45,7 @@ pub(crate) const KERNELS: &[&str] = &[
     "philox_words",
     "zo_pass_f32",
     "zo_pass_bf16",
+    "zo_pass_jobs",
     "zo_adam_pass_f32",
     "zo_adam_pass_bf16",
     "zo_low_rank_move_f32",

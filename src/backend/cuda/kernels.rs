@@ -410,6 +410,14 @@ pub(crate) enum ElemZ {
 }
 
 impl ElemZ {
+    /// The job tables' (sparse, threshold) fields.
+    fn flag_and_threshold(self) -> (u32, f32) {
+        match self {
+            ElemZ::Dense => (0, 0.0),
+            ElemZ::Sparse { threshold } => (1, threshold),
+        }
+    }
+
     /// The kernels' (sparse, threshold) arguments; a dense pass ignores the threshold.
     fn args(self, args: Args) -> Args {
         match self {
@@ -495,6 +503,143 @@ pub(crate) fn zo_adam_pass(
         0,
         args,
     )
+}
+
+/// What one tensor's pass in a `PassJobs` batch writes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum JobRule<'a> {
+    Elem(ElemRule),
+    /// Adam with the tensor's f32 moments at these device addresses.
+    Adam {
+        m: u64,
+        v: u64,
+        args: &'a crate::zo::passes::AdamArgs,
+    },
+}
+
+/// One tensor of `zo_pass_jobs` (csrc/zo.cu ZoPassJob, field for field).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct PassJob {
+    w: u64,
+    m: u64,
+    v: u64,
+    n: u64,
+    /// The Philox blocks (8 elements each) of the jobs before this one.
+    first_block: u64,
+    tensor: u32,
+    bf16: u32,
+    sparse: u32,
+    rule: u32,
+    threshold: f32,
+    offset: f32,
+    p: [f32; 3],
+    /// g, lr, wd, beta1, beta2, c1, c2, eps (csrc/zo.cu ZoAdam).
+    adam: [f32; 8],
+    pad: [f32; 3],
+}
+const _: () = assert!(std::mem::size_of::<PassJob>() == 120);
+const _: () = assert!(std::mem::size_of::<CopyJob>() == 48);
+
+impl PassJob {
+    /// Whether this job writes the tensor at device address `w`.
+    pub(crate) fn writes(&self, w: u64) -> bool {
+        self.w == w
+    }
+}
+
+/// Element passes of many tensors as `zo_pass_jobs` takes them, for one Philox seed and step.
+#[derive(Default)]
+pub(crate) struct PassJobs {
+    pub jobs: Vec<PassJob>,
+    pub blocks: u64,
+}
+
+impl PassJobs {
+    /// Adds the pass `zo_pass` or `zo_adam_pass` would run over the n elements of `dtype` at
+    /// `w` (z of Philox tensor word `tensor`); empty tensors add nothing.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn push(
+        &mut self,
+        w: u64,
+        dtype: DType,
+        n: usize,
+        tensor: u32,
+        z: ElemZ,
+        offset: f32,
+        rule: JobRule,
+    ) -> Result<()> {
+        let bf16 = storage_flag("zo_pass_jobs", dtype)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (sparse, threshold) = z.flag_and_threshold();
+        let (rule, p, (m, v), adam) = match rule {
+            JobRule::Elem(ElemRule::Move { to }) => (0, [to, 0.0, 0.0], (0, 0), [0.0; 8]),
+            JobRule::Elem(ElemRule::Sgd { lr, g, wd }) => (1, [lr, g, wd], (0, 0), [0.0; 8]),
+            JobRule::Adam { m, v, args: a } => (
+                2,
+                [0.0; 3],
+                (m, v),
+                [a.g, a.lr, a.wd, a.beta1, a.beta2, a.c1, a.c2, a.eps],
+            ),
+        };
+        self.jobs.push(PassJob {
+            w,
+            m,
+            v,
+            n: n as u64,
+            first_block: self.blocks,
+            tensor,
+            bf16,
+            sparse,
+            rule,
+            threshold,
+            offset,
+            p,
+            adam,
+            pad: [0.0; 3],
+        });
+        self.blocks += (n as u64).div_ceil(8);
+        Ok(())
+    }
+}
+
+/// Runs the `count` jobs of a `PassJobs` batch at device address `jobs` (`blocks` Philox
+/// blocks in all) for the seed and step of `key` (each job has its own tensor word).
+pub(crate) fn zo_pass_jobs(
+    dev: &dyn Launch,
+    jobs: u64,
+    count: usize,
+    blocks: u64,
+    key: PhiloxKey,
+) -> Result<()> {
+    if count == 0 {
+        return Ok(());
+    }
+    let args = Args::new()
+        .ptr(jobs)
+        .i32(check_i32("pass jobs", count)?)
+        .u64(blocks)
+        .u32(key.seed as u32)
+        .u32((key.seed >> 32) as u32)
+        .u32(key.step);
+    dev.launch(
+        "zo_pass_jobs",
+        (philox_grid(0, 8 * blocks, 8), 1, 1),
+        (THREADS, 1, 1),
+        0,
+        args,
+    )
+}
+
+/// The jobs' storage flag: 1 for bf16, 0 for f32.
+fn storage_flag(op: &str, dtype: DType) -> Result<u32> {
+    match dtype {
+        DType::F32 => Ok(0),
+        DType::BF16 => Ok(1),
+        DType::F16 => bail!("{op}: f16 storage is not supported on the GPU"),
+    }
 }
 
 /// Columns (= threads) per block and rows per tile of the low-rank kernel (csrc/zo.cu).
@@ -659,18 +804,11 @@ impl CopyJobs {
         tensor: u32,
         z: ElemZ,
     ) -> Result<()> {
-        let bf16 = match dtype {
-            DType::F32 => 0,
-            DType::BF16 => 1,
-            DType::F16 => bail!("zo_perturbed_copy_jobs: f16 storage is not supported on the GPU"),
-        };
+        let bf16 = storage_flag("zo_perturbed_copy_jobs", dtype)?;
         if n == 0 {
             return Ok(());
         }
-        let (sparse, threshold) = match z {
-            ElemZ::Dense => (0, 0.0),
-            ElemZ::Sparse { threshold } => (1, threshold),
-        };
+        let (sparse, threshold) = z.flag_and_threshold();
         self.jobs.push(CopyJob {
             src,
             dst,

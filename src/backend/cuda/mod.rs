@@ -97,6 +97,8 @@ struct Uploads {
 pub struct CudaBackend {
     dev: Arc<Device>,
     uploads: Arc<Mutex<Uploads>>,
+    /// The element passes gathered inside `ZoBackend::batch_passes` (src/backend/cuda/zo.rs).
+    pass_batch: Arc<Mutex<Option<zo::PassBatch>>>,
 }
 
 fn elt(d: DType) -> usize {
@@ -114,6 +116,7 @@ impl CudaBackend {
         Ok(CudaBackend {
             dev: Arc::new(Device::new(ordinal, mem)?),
             uploads: Arc::default(),
+            pass_batch: Arc::default(),
         })
     }
 

@@ -25,7 +25,73 @@ impl PhiloxKey {
     }
 }
 
+/// Element passes gathered by `batch_passes`: one Philox seed and step, jobs for
+/// `zo_pass_jobs`.
+#[derive(Default)]
+pub(crate) struct PassBatch {
+    key: Option<(u64, u32)>,
+    jobs: kernels::PassJobs,
+}
+
 impl CudaBackend {
+    fn open_batch(&self) -> std::sync::MutexGuard<'_, Option<PassBatch>> {
+        self.pass_batch.lock().expect("the pass batch lock")
+    }
+
+    /// Runs the element passes gathered so far, if any, in one launch.
+    fn flush_passes(&self) -> Result<()> {
+        let (key, jobs) = match self.open_batch().as_mut() {
+            Some(b) => (b.key.take(), std::mem::take(&mut b.jobs)),
+            None => return Ok(()),
+        };
+        let Some((seed, step)) = key else {
+            return Ok(());
+        };
+        let table = self.buf_from_host(&jobs.jobs, Tag::Scratch, "a batch of ZO passes")?;
+        let key = PhiloxKey {
+            seed,
+            step,
+            tensor: 0,
+        };
+        // The table is freed stream-ordered, after the launch that reads it.
+        kernels::zo_pass_jobs(&self.dev, table.ptr(), jobs.jobs.len(), jobs.blocks, key)
+    }
+
+    /// Runs the gathered passes first if one of them writes `w`, so that a pass over `w` that
+    /// cannot join the batch (low-rank, decay) comes after it; other tensors' passes wait.
+    fn flush_passes_over(&self, w: &CudaWeight) -> Result<()> {
+        let pending = (self.open_batch().as_ref())
+            .is_some_and(|b| b.jobs.jobs.iter().any(|j| j.writes(w.ptr())));
+        if pending {
+            self.flush_passes()?;
+        }
+        Ok(())
+    }
+
+    /// Adds an element pass to the open batch, if one is open (running what the batch holds
+    /// first if that has another seed or step); false when none is open.
+    fn gather_pass(
+        &self,
+        w: &CudaWeight,
+        key: PhiloxKey,
+        z: ElemZ,
+        offset: f32,
+        rule: kernels::JobRule,
+    ) -> Result<bool> {
+        let other_key = match self.open_batch().as_ref() {
+            None => return Ok(false),
+            Some(b) => b.key.is_some_and(|k| k != (key.seed, key.step)),
+        };
+        if other_key {
+            self.flush_passes()?;
+        }
+        let mut open = self.open_batch();
+        let batch = open.as_mut().expect("the batch stays open");
+        batch.key = Some((key.seed, key.step));
+        (batch.jobs).push(w.ptr(), w.dtype, w.numel(), key.tensor, z, offset, rule)?;
+        Ok(true)
+    }
+
     /// The low-rank pass: w <- (w - offset z) + to z with z = U diag(coef) V^T / sqrt(r).
     pub(crate) fn zo_low_rank_move(
         &self,
@@ -112,12 +178,18 @@ impl ZoBackend for CudaBackend {
                         w.name
                     );
                 };
+                self.flush_passes_over(w)?;
                 return self.zo_low_rank_move(w, id, key.seed, coef, offset, to);
             }
         };
         let pkey = PhiloxKey::of_tensor(key, id);
         let n = w.numel();
-        let elem = |rule| kernels::zo_pass(&self.dev, w.ptr(), w.dtype, n, pkey, ez, offset, rule);
+        let elem = |rule| -> Result<()> {
+            if self.gather_pass(w, pkey, ez, offset, kernels::JobRule::Elem(rule))? {
+                return Ok(());
+            }
+            kernels::zo_pass(&self.dev, w.ptr(), w.dtype, n, pkey, ez, offset, rule)
+        };
         match (rule, moments) {
             (Rule::Move { to }, _) => elem(ElemRule::Move { to }),
             (Rule::Sgd { lr, g, wd }, _) => elem(ElemRule::Sgd { lr, g, wd }),
@@ -129,6 +201,14 @@ impl ZoBackend for CudaBackend {
                         m.bytes() / 4,
                         v.bytes() / 4
                     );
+                }
+                let rule = kernels::JobRule::Adam {
+                    m: m.ptr(),
+                    v: v.ptr(),
+                    args: &a,
+                };
+                if self.gather_pass(w, pkey, ez, offset, rule)? {
+                    return Ok(());
                 }
                 kernels::zo_adam_pass(
                     &self.dev,
@@ -148,7 +228,27 @@ impl ZoBackend for CudaBackend {
     }
 
     fn zo_decay(&self, w: &mut CudaWeight, factor: f32) -> Result<()> {
+        self.flush_passes_over(w)?;
         kernels::zo_decay(&self.dev, w.ptr(), w.dtype, w.numel(), factor)
+    }
+
+    /// Gathers the element passes `passes` makes and runs them in one launch when it returns
+    /// (or before a low-rank pass or a decay of a tensor they write), instead of one launch a
+    /// tensor.
+    fn batch_passes(&self, passes: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        {
+            let mut open = self.open_batch();
+            if open.is_some() {
+                drop(open);
+                return passes(); // inside another batch, which runs them
+            }
+            *open = Some(PassBatch::default());
+        }
+        let gathered = passes();
+        // What was gathered runs even after an error, as it would have one pass at a time.
+        let ran = self.flush_passes();
+        *self.open_batch() = None;
+        gathered.and(ran)
     }
 
     fn fused_hook<'a>(

@@ -479,6 +479,91 @@ fn a_batch_of_perturbed_copies_is_each_tensors_copy() {
 }
 
 #[test]
+fn a_batch_of_element_passes_is_each_tensors_pass() {
+    let Some(emu) = emulator() else { return };
+    let eps = 1e-3f32;
+    let adam = AdamArgs {
+        g: 2.5,
+        lr: 1e-3,
+        wd: 0.01,
+        beta1: 0.9,
+        beta2: 0.999,
+        c1: 0.19,
+        c2: 0.002,
+        eps: 1e-8,
+    };
+    let sgd = Rule::Sgd {
+        lr: 0.3,
+        g: -1.7,
+        wd: 0.05,
+    };
+    // (shape, dtype, id, sparse, rule, byte shifts of w and of the moments): every rule and
+    // dtype, sizes off the Philox block, an empty tensor, misaligned weights and moments.
+    type Case = (&'static [usize], DType, usize, bool, Rule, (usize, usize));
+    let cases: [Case; 6] = [
+        (&[61], DType::F32, 1, false, Rule::Move { to: -eps }, (0, 0)),
+        (&[13, 37], DType::BF16, 2, true, sgd, (0, 0)),
+        (&[0], DType::BF16, 3, false, sgd, (0, 0)),
+        (&[9, 21], DType::BF16, 4, false, Rule::Adam(adam), (0, 0)),
+        (&[17, 5], DType::F32, 7, true, Rule::Adam(adam), (4, 8)),
+        (&[3, 50], DType::BF16, 8, false, sgd, (2, 0)),
+    ];
+    let mut jobs = kernels::PassJobs::default();
+    let mut held = vec![];
+    for (i, &(shape, dtype, id, sparse, rule, (ws, ms))) in cases.iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let values = randn(n, 60 + i as u64, 0.05);
+        let z = match sparse {
+            true => ZSpec::Sparse {
+                threshold: fifth_threshold(&values),
+            },
+            false => ZSpec::Dense,
+        };
+        // From w0 + eps z, as a step's last pass finds the weights.
+        let start = perturbed(&values, shape, dtype, id, z, eps);
+        let (m0, v0) = (randn(n, 70 + i as u64, 1e-3), randn(n, 80 + i as u64, 1e-2));
+        let v0: Vec<f32> = v0.iter().map(|x| x * x).collect();
+        let backend = CpuBackend::new();
+        let (mut cm, mut cv) = (
+            backend.zo_state(&m0).unwrap(),
+            backend.zo_state(&v0).unwrap(),
+        );
+        let mut want = copy(&start);
+        backend
+            .zo_pass(&mut want, id, KEY, z, eps, rule, Some((&mut cm, &mut cv)))
+            .unwrap();
+        let mut w = Placed::new(&start, ws);
+        let moments = |v: &[f32]| Placed::new(&tensor(v, &[n], DType::F32), ms);
+        let (mut m, mut v) = (moments(&m0), moments(&v0));
+        let job_rule = match rule {
+            Rule::Move { to } => kernels::JobRule::Elem(ElemRule::Move { to }),
+            Rule::Sgd { lr, g, wd } => kernels::JobRule::Elem(ElemRule::Sgd { lr, g, wd }),
+            Rule::Adam(_) => kernels::JobRule::Adam {
+                m: m.addr(),
+                v: v.addr(),
+                args: &adam,
+            },
+        };
+        let tensor = PhiloxKey::of_tensor(KEY, id).tensor;
+        jobs.push(w.addr(), dtype, n, tensor, elem_z(z), eps, job_rule)
+            .unwrap();
+        held.push((w, m, v, want, cm.data.clone(), cv.data.clone(), rule));
+    }
+    assert_eq!(jobs.jobs.len(), 5, "the empty tensor makes no job");
+    let table = addr(bytemuck::cast_slice::<_, u8>(&jobs.jobs));
+    let key = PhiloxKey::of_tensor(KEY, 0);
+    kernels::zo_pass_jobs(emu, table, jobs.jobs.len(), jobs.blocks, key).unwrap();
+    for (i, (w, m, v, want, cm, cv, rule)) in held.iter().enumerate() {
+        let what = format!("tensor {i} of the batch ({rule:?})");
+        same_bits(&w.values(), &want.to_f32_vec(), &what);
+        if let Rule::Adam(_) = rule {
+            same_bits(&m.values(), cm, &format!("{what}: m"));
+            same_bits(&v.values(), cv, &format!("{what}: v"));
+        }
+    }
+}
+
+#[test]
 fn vocabulary_blocks_and_scaled_factors_match_their_cpu_twins() {
     let Some(emu) = emulator() else { return };
     // Running log-sum-exp over blocks of 64 of 300 logits (the last block short).
