@@ -886,7 +886,7 @@ fn zo_element_passes_bit_identical() {
 }
 
 #[test]
-fn zo_batched_passes_run_when_the_batch_ends_even_after_an_error() {
+fn zo_batched_passes_run_in_order_when_the_batch_ends_even_after_an_error() {
     let Some(g) = gpu() else { return };
     let (mut t, mut w) = zo_tensor(&g, &[37, 53], DType::BF16, 90);
     let (mut t2, mut w2) = zo_tensor(&g, &[61], DType::F32, 91);
@@ -897,22 +897,67 @@ fn zo_batched_passes_run_when_the_batch_ends_even_after_an_error() {
         wd: 0.1,
     };
     let before = g.launch_counts().0;
+    // The second pass over the first tensor must see the first pass's result: it starts
+    // another launch.
+    let again = Rule::Move { to: 1e-3 };
     let err = g
         .batch_passes(&mut || {
             g.zo_pass(&mut w, 3, key, ZSpec::Dense, 1e-3, rule, None)?;
             g.zo_pass(&mut w2, 4, key, ZSpec::Dense, 0.0, rule, None)?;
+            g.zo_pass(&mut w, 3, key, ZSpec::Dense, 0.0, again, None)?;
             anyhow::bail!("the loss was NaN")
         })
         .unwrap_err();
     assert_eq!(err.to_string(), "the loss was NaN");
-    assert_eq!(g.launch_counts().0 - before, 1, "two passes, one launch");
+    assert_eq!(
+        g.launch_counts().0 - before,
+        2,
+        "three passes, two launches"
+    );
     let cpu = CpuBackend::new();
     cpu.zo_pass(&mut t, 3, key, ZSpec::Dense, 1e-3, rule, None)
         .unwrap();
     cpu.zo_pass(&mut t2, 4, key, ZSpec::Dense, 0.0, rule, None)
         .unwrap();
+    cpu.zo_pass(&mut t, 3, key, ZSpec::Dense, 0.0, again, None)
+        .unwrap();
     assert_same_bits("the first tensor of the batch", &g, &w, &t);
     assert_same_bits("the second tensor of the batch", &g, &w2, &t2);
+}
+
+#[test]
+fn zo_a_batch_that_fails_after_its_loop_failed_reports_both() {
+    // Only the emulator: the pass below runs over a freed tensor, which it reports as a
+    // failed launch where a GPU would read freed memory.
+    let Some(g) = gpu() else { return };
+    if !g.device_name().contains("emulator") {
+        return;
+    }
+    let (_, w) = zo_tensor(&g, &[37, 53], DType::BF16, 92);
+    let mut w = Some(w);
+    let key = StepKey { seed: 5, step: 2 };
+    let err = g
+        .batch_passes(&mut || {
+            let mut w = w.take().expect("one call");
+            g.zo_pass(
+                &mut w,
+                3,
+                key,
+                ZSpec::Dense,
+                0.0,
+                Rule::Move { to: 1.0 },
+                None,
+            )?;
+            drop(w);
+            anyhow::bail!("the loss was NaN")
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("the loss was NaN; then the passes gathered before it failed too: "),
+        "{err}"
+    );
+    assert!(err.contains("zo_pass_jobs"), "{err}");
 }
 
 #[test]

@@ -69,7 +69,7 @@ impl CudaBackend {
     }
 
     /// Adds an element pass to the open batch, if one is open (running what the batch holds
-    /// first if that has another seed or step); false when none is open.
+    /// first if that has another seed or step, or writes `w` too); false when none is open.
     fn gather_pass(
         &self,
         w: &CudaWeight,
@@ -78,17 +78,23 @@ impl CudaBackend {
         offset: f32,
         rule: kernels::JobRule,
     ) -> Result<bool> {
-        let other_key = match self.open_batch().as_ref() {
+        let run_first = match self.open_batch().as_ref() {
             None => return Ok(false),
-            Some(b) => b.key.is_some_and(|k| k != (key.seed, key.step)),
+            Some(b) => {
+                b.key.is_some_and(|k| k != (key.seed, key.step))
+                    || b.jobs.jobs.iter().any(|j| j.writes(w.ptr()))
+            }
         };
-        if other_key {
+        if run_first {
             self.flush_passes()?;
         }
         let mut open = self.open_batch();
         let batch = open.as_mut().expect("the batch stays open");
         batch.key = Some((key.seed, key.step));
-        (batch.jobs).push(w.ptr(), w.dtype, w.numel(), key.tensor, z, offset, rule)?;
+        let (dtype, n) = (w.dtype, w.numel());
+        batch
+            .jobs
+            .push(w.ptr(), dtype, n, key.tensor, z, offset, rule)?;
         Ok(true)
     }
 
@@ -248,7 +254,12 @@ impl ZoBackend for CudaBackend {
         // What was gathered runs even after an error, as it would have one pass at a time.
         let ran = self.flush_passes();
         *self.open_batch() = None;
-        gathered.and(ran)
+        match (gathered, ran) {
+            (Err(e), Err(f)) => Err(anyhow::anyhow!(
+                "{e:#}; then the passes gathered before it failed too: {f:#}"
+            )),
+            (gathered, ran) => gathered.and(ran),
+        }
     }
 
     fn fused_hook<'a>(
