@@ -10,9 +10,11 @@
 #include "common.cuh"
 #include "philox.cuh"
 
-// The non-Adam rules of passes.rs `Rule` (Adam has its own kernel: it carries moments).
+// The rules of passes.rs `Rule`. Adam, which carries moments, has a kernel of its own; its
+// code serves the batched passes (ZoPassJob).
 #define ZF_RULE_MOVE 0
 #define ZF_RULE_SGD 1
+#define ZF_RULE_ADAM 2
 
 // Columns of a low-rank block (one thread each), rows per pass over them, and the largest rank
 // whose factor tiles fit in 48 KB of shared memory (src/backend/cuda/kernels.rs mirrors these).
@@ -131,6 +133,22 @@ __device__ __forceinline__ void zo_perturbed_copy(const T* src, T* dst, T* other
   philox_for_each_block(key, start, n, worker, workers, eight, one);
 }
 
+// The job of a batch that global Philox block g lies in: the last of `count` jobs (sorted by
+// first_block) whose first_block <= g.
+template <typename Job>
+__device__ __forceinline__ int job_of(const Job* jobs, int count, uint64_t g) {
+  int lo = 0, hi = count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (jobs[mid].first_block <= g) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
 // One tensor of a batched perturbed copy: zo_perturbed_copy of the whole tensor (start 0, no
 // second copy), its storage f32 or bf16. Mirrored field for field by kernels.rs CopyJob.
 struct ZoCopyJob {
@@ -196,7 +214,6 @@ __device__ __forceinline__ void zo_adam_pass(T* w, float* m, float* v, uint64_t 
 // One tensor's element pass in a batch: zo_pass (rule ZF_RULE_MOVE or ZF_RULE_SGD, p0..p2 as
 // there) or, with rule ZF_RULE_ADAM, zo_adam_pass with moments m, v and `adam`. Mirrored field
 // for field by kernels.rs PassJob.
-#define ZF_RULE_ADAM 2
 struct ZoPassJob {
   uint64_t w;            // T*
   uint64_t m, v;         // float*, Adam only
@@ -304,21 +321,11 @@ extern "C" __global__ void zo_pass_bf16(bf16* w, uint64_t n, uint32_t k0, uint32
 }
 
 // The element passes of several tensors in one launch (a whole model's update, or its move in
-// place, src/backend/cuda/zo.rs): thread g of the grid-stride loop takes global Philox block g,
-// which lies in the last job whose first_block <= g.
+// place, src/backend/cuda/zo.rs): thread g of the grid-stride loop takes global Philox block g.
 extern "C" __global__ void zo_pass_jobs(const ZoPassJob* jobs, int count, uint64_t blocks,
                                         uint32_t k0, uint32_t k1, uint32_t step) {
   for (uint64_t g = grid_thread(); g < blocks; g += grid_threads()) {
-    int lo = 0, hi = count - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (jobs[mid].first_block <= g) {
-        lo = mid;
-      } else {
-        hi = mid - 1;
-      }
-    }
-    const ZoPassJob& j = jobs[lo];
+    const ZoPassJob& j = jobs[job_of(jobs, count, g)];
     const PhiloxKey key{k0, k1, step, j.tensor};
     // Block b of the job alone: worker b of as many workers as the job has blocks.
     const uint64_t b = g - j.first_block, job_blocks = (j.n + 7) >> 3;
@@ -361,22 +368,12 @@ extern "C" __global__ void zo_perturbed_copy_bf16(const bf16* src, bf16* dst, bf
 }
 
 // The perturbed copies of several tensors in one launch (a layer's element-wise parameters,
-// src/backend/cuda/fused.rs): thread g of the grid-stride loop takes global Philox block g,
-// which lies in the last job whose first_block <= g.
+// src/backend/cuda/fused.rs): thread g of the grid-stride loop takes global Philox block g.
 extern "C" __global__ void zo_perturbed_copy_jobs(const ZoCopyJob* jobs, int count,
                                                  uint64_t blocks, uint32_t k0, uint32_t k1,
                                                  uint32_t step, float to) {
   for (uint64_t g = grid_thread(); g < blocks; g += grid_threads()) {
-    int lo = 0, hi = count - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (jobs[mid].first_block <= g) {
-        lo = mid;
-      } else {
-        hi = mid - 1;
-      }
-    }
-    const ZoCopyJob& j = jobs[lo];
+    const ZoCopyJob& j = jobs[job_of(jobs, count, g)];
     const PhiloxKey key{k0, k1, step, j.tensor};
     // Block b of the job alone: worker b of as many workers as the job has blocks.
     const uint64_t b = g - j.first_block, job_blocks = (j.n + 7) >> 3;

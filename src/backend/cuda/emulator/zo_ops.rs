@@ -55,6 +55,18 @@ const KEY: StepKey = StepKey {
     step: 9,
 };
 
+/// Adam hyperparameters with bias corrections of an early step.
+const ADAM: AdamArgs = AdamArgs {
+    g: 2.5,
+    lr: 1e-3,
+    wd: 0.01,
+    beta1: 0.9,
+    beta2: 0.999,
+    c1: 0.19,
+    c2: 0.002,
+    eps: 1e-8,
+};
+
 fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let p = Philox::new(seed, 5, 1);
     (0..n).map(|i| scale * p.normal(i as u64)).collect()
@@ -218,16 +230,7 @@ fn adam_passes_leave_the_cpu_weights_and_moments() {
     let values = randn(n, 12, 0.05);
     let m0 = randn(n, 13, 1e-3);
     let v0: Vec<f32> = randn(n, 14, 1e-3).iter().map(|x| x * x).collect();
-    let a = AdamArgs {
-        g: 2.5,
-        lr: 1e-3,
-        wd: 0.01,
-        beta1: 0.9,
-        beta2: 0.999,
-        c1: 0.19,
-        c2: 0.002,
-        eps: 1e-8,
-    };
+    let a = ADAM;
     let sparse = ZSpec::Sparse {
         threshold: fifth_threshold(&values),
     };
@@ -482,16 +485,7 @@ fn a_batch_of_perturbed_copies_is_each_tensors_copy() {
 fn a_batch_of_element_passes_is_each_tensors_pass() {
     let Some(emu) = emulator() else { return };
     let eps = 1e-3f32;
-    let adam = AdamArgs {
-        g: 2.5,
-        lr: 1e-3,
-        wd: 0.01,
-        beta1: 0.9,
-        beta2: 0.999,
-        c1: 0.19,
-        c2: 0.002,
-        eps: 1e-8,
-    };
+    let adam = ADAM;
     let sgd = Rule::Sgd {
         lr: 0.3,
         g: -1.7,
