@@ -926,6 +926,27 @@ fn zo_batched_passes_run_in_order_when_the_batch_ends_even_after_an_error() {
 }
 
 #[test]
+fn zo_a_batch_of_empty_tensors_launches_nothing() {
+    let Some(g) = gpu() else { return };
+    let (_, mut w) = zo_tensor(&g, &[0, 8], DType::BF16, 93);
+    let key = StepKey { seed: 5, step: 2 };
+    let before = g.launch_counts().0;
+    g.batch_passes(&mut || {
+        g.zo_pass(
+            &mut w,
+            3,
+            key,
+            ZSpec::Dense,
+            0.0,
+            Rule::Move { to: 1.0 },
+            None,
+        )
+    })
+    .unwrap();
+    assert_eq!(g.launch_counts().0, before);
+}
+
+#[test]
 fn zo_a_batch_that_fails_after_its_loop_failed_reports_both() {
     // Only the emulator: the pass below runs over a freed tensor, which it reports as a
     // failed launch where a GPU would read freed memory.

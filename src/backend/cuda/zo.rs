@@ -44,8 +44,8 @@ impl CudaBackend {
             Some(b) => (b.key.take(), std::mem::take(&mut b.jobs)),
             None => return Ok(()),
         };
-        let Some((seed, step)) = key else {
-            return Ok(());
+        let Some((seed, step)) = key.filter(|_| !jobs.jobs.is_empty()) else {
+            return Ok(()); // nothing gathered, or only empty tensors
         };
         let table = self.buf_from_host(&jobs.jobs, Tag::Scratch, "a batch of ZO passes")?;
         let key = PhiloxKey {
