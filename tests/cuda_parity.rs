@@ -925,24 +925,18 @@ fn zo_batched_passes_run_in_order_when_the_batch_ends_even_after_an_error() {
     assert_same_bits("the second tensor of the batch", &g, &w2, &t2);
 }
 
+/// w <- w + z (parameter 3, seed 5, step 2): a pass for the batch tests below.
+fn move_by_z(g: &CudaBackend, w: &mut CudaWeight) -> anyhow::Result<()> {
+    let key = StepKey { seed: 5, step: 2 };
+    g.zo_pass(w, 3, key, ZSpec::Dense, 0.0, Rule::Move { to: 1.0 }, None)
+}
+
 #[test]
 fn zo_a_batch_of_empty_tensors_launches_nothing() {
     let Some(g) = gpu() else { return };
     let (_, mut w) = zo_tensor(&g, &[0, 8], DType::BF16, 93);
-    let key = StepKey { seed: 5, step: 2 };
     let before = g.launch_counts().0;
-    g.batch_passes(&mut || {
-        g.zo_pass(
-            &mut w,
-            3,
-            key,
-            ZSpec::Dense,
-            0.0,
-            Rule::Move { to: 1.0 },
-            None,
-        )
-    })
-    .unwrap();
+    g.batch_passes(&mut || move_by_z(&g, &mut w)).unwrap();
     assert_eq!(g.launch_counts().0, before);
 }
 
@@ -956,19 +950,10 @@ fn zo_a_batch_that_fails_after_its_loop_failed_reports_both() {
     }
     let (_, w) = zo_tensor(&g, &[37, 53], DType::BF16, 92);
     let mut w = Some(w);
-    let key = StepKey { seed: 5, step: 2 };
     let err = g
         .batch_passes(&mut || {
             let mut w = w.take().expect("one call");
-            g.zo_pass(
-                &mut w,
-                3,
-                key,
-                ZSpec::Dense,
-                0.0,
-                Rule::Move { to: 1.0 },
-                None,
-            )?;
+            move_by_z(&g, &mut w)?;
             drop(w);
             anyhow::bail!("the loss was NaN")
         })

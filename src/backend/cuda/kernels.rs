@@ -614,22 +614,38 @@ pub(crate) fn zo_pass_jobs(
     blocks: u64,
     key: PhiloxKey,
 ) -> Result<()> {
+    launch_jobs(dev, "zo_pass_jobs", (jobs, count, blocks), key, |args| args)
+}
+
+/// Launches batch kernel `name` over a job table (device address, jobs, Philox blocks in all)
+/// with the seed and step of `key`, one thread per Philox block; `more` appends the kernel's
+/// arguments after those.
+fn launch_jobs(
+    dev: &dyn Launch,
+    name: &'static str,
+    (jobs, count, blocks): (u64, usize, u64),
+    key: PhiloxKey,
+    more: impl FnOnce(Args) -> Args,
+) -> Result<()> {
     if count == 0 {
         return Ok(());
     }
     let args = Args::new()
         .ptr(jobs)
-        .i32(check_i32("pass jobs", count)?)
+        .i32(
+            i32::try_from(count)
+                .map_err(|_| anyhow::anyhow!("{name}: {count} jobs exceed 32 bits"))?,
+        )
         .u64(blocks)
         .u32(key.seed as u32)
         .u32((key.seed >> 32) as u32)
         .u32(key.step);
     dev.launch(
-        "zo_pass_jobs",
+        name,
         (philox_grid(0, 8 * blocks, 8), 1, 1),
         (THREADS, 1, 1),
         0,
-        args,
+        more(args),
     )
 }
 
@@ -835,24 +851,10 @@ pub(crate) fn zo_perturbed_copy_jobs(
     key: PhiloxKey,
     to: f32,
 ) -> Result<()> {
-    if count == 0 {
-        return Ok(());
-    }
-    let args = Args::new()
-        .ptr(jobs)
-        .i32(check_i32("copy jobs", count)?)
-        .u64(blocks)
-        .u32(key.seed as u32)
-        .u32((key.seed >> 32) as u32)
-        .u32(key.step)
-        .f32(to);
-    dev.launch(
-        "zo_perturbed_copy_jobs",
-        (philox_grid(0, 8 * blocks, 8), 1, 1),
-        (THREADS, 1, 1),
-        0,
-        args,
-    )
+    let table = (jobs, count, blocks);
+    launch_jobs(dev, "zo_perturbed_copy_jobs", table, key, |args| {
+        args.f32(to)
+    })
 }
 
 /// Row r of `rows_f32` ([n_rows x d], holding table row ids[r] widened from `table_dtype`)
