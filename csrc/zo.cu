@@ -387,6 +387,53 @@ extern "C" __global__ void zo_perturbed_copy_jobs(const ZoCopyJob* jobs, int cou
   }
 }
 
+// One factor of a low-rank side product in a batch (src/backend/cuda/fused.rs): the normals of
+// Philox step word `step` and tensor word `tensor` at elements [0, n) of a row-major f32 matrix
+// `cols` wide, each scaled as (z coef[its column]) norm where coef is given (U diag(c) / sqrt(r),
+// the bits scale_cols_f32 leaves in fill_normal's U) and left as drawn where it is not (V).
+// Mirrored field for field by kernels.rs FactorJob.
+struct ZoFactorJob {
+  uint64_t dst;          // float*
+  uint64_t coef;         // const float*, cols of them, or 0
+  uint64_t n;            // elements
+  uint64_t first_block;  // the Philox blocks of the jobs before this one
+  uint32_t step;         // Philox counter word 2 (FACTOR_U or FACTOR_V)
+  uint32_t tensor;       // Philox counter word 3
+  uint32_t cols;
+  float norm;
+};
+static_assert(sizeof(ZoFactorJob) == 48, "kernels.rs FactorJob mirrors this layout");
+
+// The factors of several matrices in one launch (a layer's low-rank side products): thread g of
+// the grid-stride loop takes global Philox block g. Each job carries its own step word, so U
+// and V of a layer share a launch; the key's seed comes from k0, k1.
+extern "C" __global__ void zo_factor_jobs(const ZoFactorJob* jobs, int count, uint64_t blocks,
+                                          uint32_t k0, uint32_t k1) {
+  for (uint64_t g = grid_thread(); g < blocks; g += grid_threads()) {
+    const ZoFactorJob& j = jobs[job_of(jobs, count, g)];
+    const PhiloxKey key{k0, k1, j.step, j.tensor};
+    const uint64_t b = g - j.first_block, job_blocks = (j.n + 7) >> 3;
+    float* dst = (float*)j.dst;
+    const float* coef = (const float*)j.coef;
+    const auto value = [&](uint64_t i, float z) {
+      return coef ? __fmul_rn(__fmul_rn(z, coef[i % j.cols]), j.norm) : z;
+    };
+    const auto eight = [&](uint64_t i, const float* z) {
+      float v[8];
+#pragma unroll
+      for (int l = 0; l < 8; ++l) v[l] = value(i + l, z[l]);
+      if (aligned16(dst + i)) {
+        store8(dst + i, v);
+      } else {
+#pragma unroll
+        for (int l = 0; l < 8; ++l) dst[i + l] = v[l];
+      }
+    };
+    const auto one = [&](uint64_t i, float z) { dst[i] = value(i, z); };
+    philox_for_each_block(key, 0, j.n, b, job_blocks, eight, one);
+  }
+}
+
 extern "C" __global__ void zo_perturb_gathered_f32(float* rows, const uint32_t* ids, int d,
                                                  uint32_t k0, uint32_t k1, uint32_t step,
                                                  uint32_t tensor, int sparse, float threshold,

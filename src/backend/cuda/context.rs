@@ -55,6 +55,7 @@ pub(crate) const KERNELS: &[&str] = &[
     "zo_perturbed_copy_f32",
     "zo_perturbed_copy_bf16",
     "zo_perturbed_copy_jobs",
+    "zo_factor_jobs",
     "zo_perturb_gathered_f32",
     "zo_perturb_gathered_bf16",
     "scale_cols_f32",

@@ -46,6 +46,9 @@ pub struct CudaFusedHook<'a> {
     /// Given the model's parameters, the copies of each layer's element-wise parameters are
     /// written together (see `LayerCopies`); without them, one tensor at a time.
     layers: Option<LayerCopies<'a>>,
+    /// Given the model's parameters, the factors of each layer's side products are drawn
+    /// together (see `LayerFactors`); without them, one matrix at a time.
+    factors: Option<LayerFactors<'a>>,
 }
 
 /// The perturbed copies of one layer's element-wise parameters, written by one launch of
@@ -64,6 +67,37 @@ struct LayerCopies<'a> {
     current: Option<usize>,
 }
 
+/// The factors of each layer's low-rank side products, drawn for all of a layer's matrices by
+/// one launch of `zo_factor_jobs` when the forward first multiplies by one of them (three
+/// launches and an upload a matrix become one launch a layer), into a buffer that serves every
+/// layer in turn: one layer's factors, where one matrix at a time needs only the largest
+/// matrix's.
+struct LayerFactors<'a> {
+    /// Every parameter, by id.
+    params: Vec<&'a CudaWeight>,
+    layers: usize,
+    /// Made on first use.
+    table: Option<FactorTable>,
+    /// The layer whose factors the buffer holds.
+    current: Option<usize>,
+}
+
+/// Every layer's factor jobs on the device, and the buffer they fill.
+struct FactorTable {
+    /// One layer's factors, f32.
+    buf: DevBuf,
+    /// Per position in a layer (`layer_param_ids` order), the byte offsets in `buf` of its
+    /// U diag(c) / sqrt(r) and its V, where some layer's matrix there has a side product.
+    slots: Vec<Option<(usize, usize)>>,
+    /// Per layer and position (`l * positions + k`), whether that matrix has a side product
+    /// in this forward: low-rank z with coefficients not all zero.
+    sides: Vec<bool>,
+    /// Every layer's coefficients, which the jobs read.
+    _coefficients: DevBuf,
+    jobs: DevBuf,
+    batches: Vec<LayerBatch>,
+}
+
 /// The copy jobs of every layer on the device, and where each layer's batch lies in them.
 struct LayerTable {
     jobs: DevBuf,
@@ -79,11 +113,14 @@ struct LayerBatch {
 }
 
 /// The factors of one matrix's low-rank z for a side product, f32 on the device:
-/// U diag(c) / sqrt(r) [m x r] (`us`) and V [n x r].
+/// U diag(c) / sqrt(r) [m x r] at `us` and V [n x r] at `v`, in buffers of their own or in a
+/// layer's (`LayerFactors`).
 struct LowRankSide {
-    us: DevBuf,
-    v: DevBuf,
+    us: u64,
+    v: u64,
     rank: usize,
+    /// The buffers `us` and `v` point into, where they are this side's own.
+    _own: Option<(DevBuf, DevBuf)>,
 }
 
 impl LowRankSide {
@@ -106,9 +143,13 @@ impl LowRankSide {
         g.fill_normal(&mut v, DType::F32, n * rank, factor(FACTOR_V), 0, 1.0, 0.0)?;
         // Freed stream-ordered after the launch that reads it.
         let c = g.buf_from_host(coef, Tag::Scratch, "low-rank coefficients")?;
-        let norm = 1.0 / (rank as f32).sqrt();
-        kernels::scale_cols(&g.dev, us.ptr(), m * rank, rank, c.ptr(), norm)?;
-        Ok(LowRankSide { us, v, rank })
+        kernels::scale_cols(&g.dev, us.ptr(), m * rank, rank, c.ptr(), side_norm(rank))?;
+        Ok(LowRankSide {
+            us: us.ptr(),
+            v: v.ptr(),
+            rank,
+            _own: Some((us, v)),
+        })
     }
 
     /// out[rows x nv] += (x V) us[u0 .. u0 + nv]^T for f32 rows x [rows x n]; `xv` holds at
@@ -126,15 +167,25 @@ impl LowRankSide {
         out: u64,
     ) -> Result<()> {
         let r = self.rank;
-        gemm::gemm_xw(
-            &g.dev,
-            &f32_gemm(rows, r, n, x, self.v.ptr(), xv.ptr(), 0.0),
-        )?;
+        gemm::gemm_xw(&g.dev, &f32_gemm(rows, r, n, x, self.v, xv.ptr(), 0.0))?;
         gemm::gemm_xwt(
             &g.dev,
-            &f32_gemm(rows, nv, r, xv.ptr(), self.us.ptr_at(u0 * r * 4), out, 1.0),
+            &f32_gemm(
+                rows,
+                nv,
+                r,
+                xv.ptr(),
+                self.us + (u0 * r * 4) as u64,
+                out,
+                1.0,
+            ),
         )
     }
+}
+
+/// The 1 / sqrt(r) of a rank-r side product (as `Factors::row` scales).
+fn side_norm(rank: usize) -> f32 {
+    1.0 / (rank as f32).sqrt()
 }
 
 /// An f32 GEMM out[m, n] = x w^T (or x w) + beta out.
@@ -185,6 +236,7 @@ impl<'a> CudaFusedHook<'a> {
             scratch_of: None,
             head_block_rows: CUDA_HEAD_BLOCK_ROWS,
             layers: None,
+            factors: None,
         }
     }
 
@@ -197,6 +249,18 @@ impl<'a> CudaFusedHook<'a> {
             params: weights.tensors(),
             layers,
             copies: vec![],
+            table: None,
+            current: None,
+        });
+        self.with_layer_factors(weights)
+    }
+
+    /// Draws the factors of each layer's low-rank side products in one launch, for the model
+    /// with these weights (part of `with_layers`; the paired hook's streams take only this).
+    pub fn with_layer_factors(mut self, weights: &'a LlamaWeights<CudaWeight>) -> Self {
+        self.factors = Some(LayerFactors {
+            params: weights.tensors(),
+            layers: weights.layers.len(),
             table: None,
             current: None,
         });
@@ -237,14 +301,152 @@ impl<'a> CudaFusedHook<'a> {
         Ok(true)
     }
 
-    /// Gives the layer copies back (the LM head, past the last layer, needs scratch of its
-    /// own); a later forward through this hook makes them again.
+    /// Gives the layer copies and factors back (the LM head, past the last layer, needs
+    /// scratch of its own); a later forward through this hook makes them again.
     fn release_layers(&mut self) {
         if let Some(lc) = self.layers.as_mut() {
             lc.copies.clear();
             lc.table = None;
             lc.current = None;
         }
+        if let Some(lf) = self.factors.as_mut() {
+            lf.table = None;
+            lf.current = None;
+        }
+    }
+
+    /// The layer and position in it of matrix `id`, if its factors are drawn with its
+    /// layer's.
+    fn factor_slot(&self, id: ParamId) -> Option<(usize, usize)> {
+        let lf = self.factors.as_ref()?;
+        let (first, per_layer) = (layer_param_ids(0)[0], layer_param_ids(0).len());
+        let (l, k) = (id.checked_sub(first)? / per_layer, (id - first) % per_layer);
+        (l < lf.layers).then_some((l, k))
+    }
+
+    /// The side product of the matrix at position `k` of layer `l`, from its layer's
+    /// factors, drawn unless the buffer already holds that layer; None where it has none.
+    fn layer_side(&mut self, g: &CudaBackend, l: usize, k: usize) -> Result<Option<LowRankSide>> {
+        if self
+            .factors
+            .as_ref()
+            .expect("batching is on")
+            .table
+            .is_none()
+        {
+            self.make_factor_table(g)?;
+        }
+        let seed = self.view.key.seed;
+        let lf = self.factors.as_mut().expect("batching is on");
+        let table = lf.table.as_ref().expect("made above");
+        if !table.sides[l * table.slots.len() + k] {
+            return Ok(None);
+        }
+        if lf.current != Some(l) {
+            let b = table.batches[l];
+            let at = (table.jobs).ptr_at(b.first * std::mem::size_of::<kernels::FactorJob>());
+            kernels::zo_factor_jobs(&g.dev, at, b.count, b.blocks, seed)?;
+            lf.current = Some(l);
+        }
+        let (u, v) = table.slots[k].expect("a matrix with a side product has its slot");
+        let rank = (self.view)
+            .low_rank(&lf.params[layer_param_ids(l)[k]].shape)
+            .expect("a side product is low-rank");
+        Ok(Some(LowRankSide {
+            us: table.buf.ptr_at(u),
+            v: table.buf.ptr_at(v),
+            rank,
+            _own: None,
+        }))
+    }
+
+    /// Uploads every layer's coefficients and factor jobs, and allocates one layer's factors:
+    /// per position, room for the largest U and V of any layer's matrix there.
+    fn make_factor_table(&mut self, g: &CudaBackend) -> Result<()> {
+        let view = &self.view;
+        let lf = self.factors.as_mut().expect("batching is on");
+        let positions = layer_param_ids(0).len();
+        // Per matrix with a side product: its rank and where its coefficients start.
+        let mut sides = vec![None; lf.layers * positions];
+        let mut coefficients: Vec<f32> = vec![];
+        let mut lens = vec![(0usize, 0usize); positions];
+        for l in 0..lf.layers {
+            for (k, id) in layer_param_ids(l).into_iter().enumerate() {
+                let shape = &lf.params[id].shape;
+                let Some(rank) = view.low_rank(shape) else {
+                    continue;
+                };
+                let c = view.coefficients(id, rank);
+                if c.iter().all(|&v| v == 0.0) {
+                    continue;
+                }
+                sides[l * positions + k] = Some((rank, coefficients.len()));
+                coefficients.extend(c);
+                let (u, v) = &mut lens[k];
+                (*u, *v) = ((*u).max(shape[0] * rank), (*v).max(shape[1] * rank));
+            }
+        }
+        // Each factor starts on 16 bytes, where the kernel's vector stores apply.
+        let mut slots = vec![None; positions];
+        let mut bytes = 0;
+        for (slot, &(u, v)) in slots.iter_mut().zip(&lens) {
+            if u > 0 {
+                let u_bytes = (u * 4).next_multiple_of(16);
+                *slot = Some((bytes, bytes + u_bytes));
+                bytes += u_bytes + (v * 4).next_multiple_of(16);
+            }
+        }
+        let buf = g.alloc_buf(bytes.max(1), Tag::Scratch, "a layer's low-rank factors")?;
+        let coefficients_dev = if coefficients.is_empty() {
+            g.alloc_buf(1, Tag::Scratch, "no low-rank coefficients")?
+        } else {
+            g.buf_from_host(
+                &coefficients,
+                Tag::Scratch,
+                "the layers' low-rank coefficients",
+            )?
+        };
+        let mut jobs = kernels::FactorJobs::default();
+        let mut batches = Vec::with_capacity(lf.layers);
+        for l in 0..lf.layers {
+            jobs.new_batch();
+            let first = jobs.jobs.len();
+            for (k, id) in layer_param_ids(l).into_iter().enumerate() {
+                let Some((rank, at)) = sides[l * positions + k] else {
+                    continue;
+                };
+                let (u, v) = slots[k].expect("sized above");
+                let shape = &lf.params[id].shape;
+                let factor = |step| PhiloxKey {
+                    seed: view.key.seed,
+                    step,
+                    tensor: id as u32,
+                };
+                let scale = (coefficients_dev.ptr_at(at * 4), side_norm(rank));
+                let (us, vs) = (buf.ptr_at(u), buf.ptr_at(v));
+                jobs.push(us, shape[0] * rank, rank, factor(FACTOR_U), Some(scale))?;
+                jobs.push(vs, shape[1] * rank, rank, factor(FACTOR_V), None)?;
+            }
+            batches.push(LayerBatch {
+                first,
+                count: jobs.jobs.len() - first,
+                blocks: jobs.blocks,
+            });
+        }
+        let jobs_dev = if jobs.jobs.is_empty() {
+            g.alloc_buf(1, Tag::Scratch, "no factor jobs")?
+        } else {
+            g.buf_from_host(&jobs.jobs, Tag::Scratch, "the layers' factor jobs")?
+        };
+        lf.table = Some(FactorTable {
+            buf,
+            slots,
+            sides: sides.iter().map(Option::is_some).collect(),
+            _coefficients: coefficients_dev,
+            jobs: jobs_dev,
+            batches,
+        });
+        Ok(())
     }
 
     /// Allocates the copy buffers (each position's largest tensor over the layers) and uploads
@@ -337,11 +539,19 @@ impl<'a> CudaFusedHook<'a> {
     }
 
     /// The low-rank side product of matrix `id` in this forward, if its z is low-rank and not
-    /// zero.
-    fn side(&self, g: &CudaBackend, w: &CudaWeight, id: ParamId) -> Result<Option<LowRankSide>> {
+    /// zero: from its layer's factors where they are batched, else from factors of its own.
+    fn side(
+        &mut self,
+        g: &CudaBackend,
+        w: &CudaWeight,
+        id: ParamId,
+    ) -> Result<Option<LowRankSide>> {
         let Some(rank) = self.view.low_rank(&w.shape) else {
             return Ok(None);
         };
+        if let Some((l, k)) = self.factor_slot(id) {
+            return self.layer_side(g, l, k);
+        }
         let c = self.view.coefficients(id, rank);
         if c.iter().all(|&v| v == 0.0) {
             return Ok(None);
@@ -559,14 +769,14 @@ impl LinearHook<CudaBackend> for CudaFusedHook<'_> {
             let ug = g.alloc_buf(ids.len() * r * 4, Tag::Scratch, "gathered rows of U")?;
             kernels::gather_rows(
                 &g.dev,
-                side.us.ptr(),
+                side.us,
                 idx.idx.ptr(),
                 ug.ptr(),
                 DType::F32,
                 ids.len(),
                 r,
             )?;
-            let args = f32_gemm(ids.len(), d, r, ug.ptr(), side.v.ptr(), out.ptr(), 1.0);
+            let args = f32_gemm(ids.len(), d, r, ug.ptr(), side.v, out.ptr(), 1.0);
             return gemm::gemm_xwt(&g.dev, &args);
         }
         let ids_dev = g.buf_from_host(ids, Tag::Scratch, "token ids")?;

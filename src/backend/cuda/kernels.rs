@@ -614,17 +614,23 @@ pub(crate) fn zo_pass_jobs(
     blocks: u64,
     key: PhiloxKey,
 ) -> Result<()> {
-    launch_jobs(dev, "zo_pass_jobs", (jobs, count, blocks), key, |args| args)
+    launch_jobs(
+        dev,
+        "zo_pass_jobs",
+        (jobs, count, blocks),
+        key.seed,
+        |args| args.u32(key.step),
+    )
 }
 
 /// Launches batch kernel `name` over a job table (device address, jobs, Philox blocks in all)
-/// with the seed and step of `key`, one thread per Philox block; `more` appends the kernel's
-/// arguments after those.
+/// with Philox seed `seed`, one thread per Philox block; `more` appends the kernel's arguments
+/// after those (the step word first, where the jobs share one).
 fn launch_jobs(
     dev: &dyn Launch,
     name: &'static str,
     (jobs, count, blocks): (u64, usize, u64),
-    key: PhiloxKey,
+    seed: u64,
     more: impl FnOnce(Args) -> Args,
 ) -> Result<()> {
     if count == 0 {
@@ -637,9 +643,8 @@ fn launch_jobs(
                 .map_err(|_| anyhow::anyhow!("{name}: {count} jobs exceed 32 bits"))?,
         )
         .u64(blocks)
-        .u32(key.seed as u32)
-        .u32((key.seed >> 32) as u32)
-        .u32(key.step);
+        .u32(seed as u32)
+        .u32((seed >> 32) as u32);
     dev.launch(
         name,
         (philox_grid(0, 8 * blocks, 8), 1, 1),
@@ -852,8 +857,88 @@ pub(crate) fn zo_perturbed_copy_jobs(
     to: f32,
 ) -> Result<()> {
     let table = (jobs, count, blocks);
-    launch_jobs(dev, "zo_perturbed_copy_jobs", table, key, |args| {
-        args.f32(to)
+    launch_jobs(dev, "zo_perturbed_copy_jobs", table, key.seed, |args| {
+        args.u32(key.step).f32(to)
+    })
+}
+
+/// One factor of `zo_factor_jobs` (csrc/zo.cu ZoFactorJob, field for field): the normals of a
+/// Philox stream as a row-major f32 matrix, its columns scaled by coefficients or as drawn.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct FactorJob {
+    dst: u64,
+    coef: u64,
+    n: u64,
+    /// The Philox blocks (8 elements each) of the jobs before this one.
+    first_block: u64,
+    step: u32,
+    tensor: u32,
+    cols: u32,
+    norm: f32,
+}
+const _: () = assert!(std::mem::size_of::<FactorJob>() == 48);
+
+/// Batches of low-rank factors as `zo_factor_jobs` takes them: the jobs, and the Philox blocks
+/// of the batch being filled.
+#[derive(Default)]
+pub(crate) struct FactorJobs {
+    pub jobs: Vec<FactorJob>,
+    pub blocks: u64,
+}
+
+impl FactorJobs {
+    /// Starts another batch in the same table (see `CopyJobs::new_batch`).
+    pub(crate) fn new_batch(&mut self) {
+        self.blocks = 0;
+    }
+
+    /// Adds the n normals of stream `key` (its seed is the launch's) as an f32 matrix at `dst`,
+    /// `cols` wide, with `scale` = (coefficients' device address, norm) making element i
+    /// (z coef[i % cols]) norm, as `fill_normal` then `scale_cols` leave it; without `scale`
+    /// the normals as drawn. Empty factors add nothing.
+    pub(crate) fn push(
+        &mut self,
+        dst: u64,
+        n: usize,
+        cols: usize,
+        key: PhiloxKey,
+        scale: Option<(u64, f32)>,
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let cols = u32::try_from(cols)
+            .ok()
+            .filter(|&c| c > 0)
+            .ok_or_else(|| anyhow::anyhow!("zo_factor_jobs: a factor {cols} columns wide"))?;
+        let (coef, norm) = scale.unwrap_or((0, 1.0));
+        self.jobs.push(FactorJob {
+            dst,
+            coef,
+            n: n as u64,
+            first_block: self.blocks,
+            step: key.step,
+            tensor: key.tensor,
+            cols,
+            norm,
+        });
+        self.blocks += (n as u64).div_ceil(8);
+        Ok(())
+    }
+}
+
+/// Runs `count` jobs of a `FactorJobs` table at device address `jobs` (`blocks` Philox blocks
+/// in all) with Philox seed `seed` (step and tensor words come from each job).
+pub(crate) fn zo_factor_jobs(
+    dev: &dyn Launch,
+    jobs: u64,
+    count: usize,
+    blocks: u64,
+    seed: u64,
+) -> Result<()> {
+    launch_jobs(dev, "zo_factor_jobs", (jobs, count, blocks), seed, |args| {
+        args
     })
 }
 

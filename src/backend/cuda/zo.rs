@@ -274,13 +274,13 @@ impl ZoBackend for CudaBackend {
 
     fn paired_hook<'a>(
         opt: &'a ZoOptimizer<Self>,
-        _model: &'a Llama<Self>,
+        model: &'a Llama<Self>,
         key: StepKey,
         eps: f32,
     ) -> Result<Option<Box<dyn PairedHook<Self> + 'a>>> {
-        Ok(Some(Box::new(super::paired::CudaPairedHook::new(
-            opt, key, eps,
-        ))))
+        let hook =
+            super::paired::CudaPairedHook::new(opt, key, eps).with_layer_factors(&model.weights);
+        Ok(Some(Box::new(hook)))
     }
 
     fn save_weights(&self, weights: &LlamaWeights<CudaWeight>, dir: &Path) -> Result<()> {

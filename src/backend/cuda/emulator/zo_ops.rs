@@ -482,6 +482,77 @@ fn a_batch_of_perturbed_copies_is_each_tensors_copy() {
 }
 
 #[test]
+fn a_batch_of_factors_is_each_matrixs_factors() {
+    let Some(emu) = emulator() else { return };
+    // (tensor word, m, n, rank, byte shift): sizes off the Philox block, a one-row U, ranks
+    // that are not a power of two, factors at aligned and misaligned addresses.
+    let matrices = [
+        (3u32, 45, 13, 7, 0),
+        (4, 8, 21, 16, 4),
+        (9, 1, 3, 5, 0),
+        (11, 30, 9, 3, 12),
+    ];
+    let mut jobs = kernels::FactorJobs::default();
+    let mut placed = vec![];
+    let mut wants = vec![];
+    let coefficients: Vec<Vec<f32>> = (matrices.iter())
+        .map(|&(tensor, _, _, rank, _)| randn(rank, 60 + tensor as u64, 1e-2))
+        .collect();
+    for (&(tensor, m, n, rank, shift), coef) in matrices.iter().zip(&coefficients) {
+        let norm = 1.0 / (rank as f32).sqrt();
+        let f = crate::zo::direction::Factors::generate(SEED, tensor as usize, m, n, rank);
+        let us: Vec<f32> = (f.u.iter().enumerate())
+            .map(|(i, x)| x * coef[i % rank] * norm)
+            .collect();
+        let v: Vec<f32> = (0..n * rank)
+            .map(|i| f.vt[(i % rank) * n + i / rank])
+            .collect();
+        for (want, step, scale) in [
+            (us, FACTOR_U, Some((addr(coef), norm))),
+            (v, FACTOR_V, None),
+        ] {
+            let poisoned = tensor_f32(&vec![f32::NAN; want.len()]);
+            let mut dst = Placed::new(&poisoned, shift);
+            let key = PhiloxKey {
+                seed: SEED,
+                step,
+                tensor,
+            };
+            jobs.push(dst.addr(), want.len(), rank, key, scale).unwrap();
+            placed.push(dst);
+            wants.push(want);
+        }
+    }
+    assert_eq!(jobs.jobs.len(), 2 * matrices.len());
+    let table = addr(bytemuck::cast_slice::<_, u8>(&jobs.jobs));
+    kernels::zo_factor_jobs(emu, table, jobs.jobs.len(), jobs.blocks, SEED).unwrap();
+    for (i, (got, want)) in placed.iter().zip(&wants).enumerate() {
+        let which = if i % 2 == 0 {
+            "U diag(c) / sqrt(r)"
+        } else {
+            "V"
+        };
+        same_bits(&got.values(), want, &format!("{which} of matrix {}", i / 2));
+    }
+
+    // An empty factor adds no job; a factor no columns wide is refused.
+    let key = PhiloxKey {
+        seed: SEED,
+        step: FACTOR_V,
+        tensor: 1,
+    };
+    let before = jobs.jobs.len();
+    jobs.push(table, 0, 4, key, None).unwrap();
+    assert_eq!(jobs.jobs.len(), before, "an empty factor made a job");
+    let e = jobs.push(table, 8, 0, key, None).unwrap_err().to_string();
+    assert!(e.contains("0 columns"), "{e}");
+}
+
+fn tensor_f32(values: &[f32]) -> HostTensor {
+    tensor(values, &[values.len()], DType::F32)
+}
+
+#[test]
 fn a_batch_of_element_passes_is_each_tensors_pass() {
     let Some(emu) = emulator() else { return };
     let eps = 1e-3f32;
