@@ -235,10 +235,10 @@ static_assert(sizeof(ZoPassJob) == 120, "kernels.rs PassJob mirrors this layout"
 // uc[a, k] = (U[a, k] coef[k]) norm. U [rows x r] and V [cols x r] are the normals of keys ku, kv
 // at element a r + k and b r + k; they are regenerated here rather than stored.
 //
-// Block (x, y) owns columns [128 x, 128 x + 128), one per thread, and fills their V rows (a
-// contiguous range of the V stream) into shared memory once; it then walks row tiles y, y +
-// gridDim.y, ... of 32 rows, filling each tile's uc rows (again a contiguous range of U) and
-// updating the 32 x 128 elements with coalesced row-wise accesses.
+// Block (x, y) of an x by gy grid owns columns [128 x, 128 x + 128), one per thread, and fills
+// their V rows (a contiguous range of the V stream) into shared memory once; it then walks row
+// tiles y, y + gy, ... of 32 rows, filling each tile's uc rows (again a contiguous range of U)
+// and updating the 32 x 128 elements with coalesced row-wise accesses.
 //
 // Shared memory: V with an odd row stride (r | 1) so that the 32 threads of a warp, reading
 // V[b, k] for 32 consecutive b, hit 32 different banks; uc with stride r (every thread reads the
@@ -246,13 +246,13 @@ static_assert(sizeof(ZoPassJob) == 120, "kernels.rs PassJob mirrors this layout"
 template <typename T>
 __device__ __forceinline__ void zo_low_rank_move(T* w, const float* coef, int rows, int cols,
                                                  int r, PhiloxKey ku, PhiloxKey kv, float norm,
-                                                 float offset, float to) {
+                                                 float offset, float to, int x, int y, int gy) {
   extern __shared__ float zo_smem[];
   const int rv = r | 1;
   float* vs = zo_smem;                  // [ZF_LR_COLS][rv]
   float* us = vs + ZF_LR_COLS * rv;     // [ZF_LR_ROWS][r]
   float* cs = us + ZF_LR_ROWS * r;      // [r]
-  const int b0 = blockIdx.x * ZF_LR_COLS;
+  const int b0 = x * ZF_LR_COLS;
   const int nb = min(ZF_LR_COLS, cols - b0);
   const int b = threadIdx.x;
 
@@ -263,7 +263,7 @@ __device__ __forceinline__ void zo_low_rank_move(T* w, const float* coef, int ro
                            vs[(li / r) * rv + li % r] = x;
                          });
 
-  for (int a0 = blockIdx.y * ZF_LR_ROWS; a0 < rows; a0 += gridDim.y * ZF_LR_ROWS) {
+  for (int a0 = y * ZF_LR_ROWS; a0 < rows; a0 += gy * ZF_LR_ROWS) {
     const int na = min(ZF_LR_ROWS, rows - a0);
     __syncthreads();  // coef and V are in place; the previous tile's uc has been read
     philox_for_each_normal(ku, (uint64_t)a0 * r, (uint64_t)na * r, threadIdx.x, blockDim.x,
@@ -483,7 +483,8 @@ extern "C" __global__ void __launch_bounds__(ZF_LR_COLS)
                          uint32_t k1, uint32_t step_u, uint32_t step_v, uint32_t tensor,
                          float norm, float offset, float to) {
   zo_low_rank_move(w, coef, rows, cols, rank, PhiloxKey{k0, k1, step_u, tensor},
-                   PhiloxKey{k0, k1, step_v, tensor}, norm, offset, to);
+                   PhiloxKey{k0, k1, step_v, tensor}, norm, offset, to, blockIdx.x, blockIdx.y,
+                   gridDim.y);
 }
 
 extern "C" __global__ void __launch_bounds__(ZF_LR_COLS)
@@ -491,7 +492,42 @@ extern "C" __global__ void __launch_bounds__(ZF_LR_COLS)
                           uint32_t k1, uint32_t step_u, uint32_t step_v, uint32_t tensor,
                           float norm, float offset, float to) {
   zo_low_rank_move(w, coef, rows, cols, rank, PhiloxKey{k0, k1, step_u, tensor},
-                   PhiloxKey{k0, k1, step_v, tensor}, norm, offset, to);
+                   PhiloxKey{k0, k1, step_v, tensor}, norm, offset, to, blockIdx.x, blockIdx.y,
+                   gridDim.y);
+}
+
+// One matrix of a batch of low-rank moves: zo_low_rank_move over its own x by gy grid of
+// blocks, which lie in the launch's one-dimensional grid from block first_block on. Mirrored
+// field for field by kernels.rs LowRankJob.
+struct ZoLowRankJob {
+  uint64_t w;            // T*
+  uint64_t coef;         // const float*, rank of them
+  uint64_t first_block;  // the thread blocks of the jobs before this one
+  int32_t rows, cols, rank;
+  uint32_t tensor;       // Philox counter word 3 of U and V
+  uint32_t bf16;         // 1: bf16 storage, 0: f32
+  uint32_t grid_x, grid_y;
+  float norm, offset, to;
+};
+static_assert(sizeof(ZoLowRankJob) == 64, "kernels.rs LowRankJob mirrors this layout");
+
+// The low-rank moves of several matrices in one launch (the matrices of a ZO pass over all the
+// weights): thread block g runs block g - first_block of its job's grid. The dynamic shared
+// memory fits the largest rank of the batch.
+extern "C" __global__ void __launch_bounds__(ZF_LR_COLS)
+    zo_low_rank_move_jobs(const ZoLowRankJob* jobs, int count, uint32_t k0, uint32_t k1,
+                          uint32_t step_u, uint32_t step_v) {
+  const ZoLowRankJob& j = jobs[job_of(jobs, count, blockIdx.x)];
+  const uint32_t b = blockIdx.x - (uint32_t)j.first_block;
+  const int x = b % j.grid_x, y = b / j.grid_x;
+  const PhiloxKey ku{k0, k1, step_u, j.tensor}, kv{k0, k1, step_v, j.tensor};
+  if (j.bf16) {
+    zo_low_rank_move((bf16*)j.w, (const float*)j.coef, j.rows, j.cols, j.rank, ku, kv, j.norm,
+                     j.offset, j.to, x, y, j.grid_y);
+  } else {
+    zo_low_rank_move((float*)j.w, (const float*)j.coef, j.rows, j.cols, j.rank, ku, kv, j.norm,
+                     j.offset, j.to, x, y, j.grid_y);
+  }
 }
 
 extern "C" __global__ void zo_decay_f32(float* w, uint64_t n, float factor) {

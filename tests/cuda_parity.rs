@@ -925,6 +925,41 @@ fn zo_batched_passes_run_in_order_when_the_batch_ends_even_after_an_error() {
     assert_same_bits("the second tensor of the batch", &g, &w2, &t2);
 }
 
+#[test]
+fn zo_batched_low_rank_moves_run_in_order_beside_the_element_passes() {
+    let Some(g) = gpu() else { return };
+    let (mut t, mut w) = zo_tensor(&g, &[37, 53], DType::BF16, 94);
+    let (mut t2, mut w2) = zo_tensor(&g, &[130, 9], DType::F32, 95);
+    let (mut t3, mut w3) = zo_tensor(&g, &[61], DType::F32, 96);
+    let key = StepKey { seed: 5, step: 2 };
+    let (c1, c2) = ([0.5f32, -1.25, 2.0], [-0.75f32, 0.25, 1.5]);
+    let (up, down) = (Rule::Move { to: 1e-2 }, Rule::Move { to: -1e-2 });
+    let (z1, z2) = (ZSpec::LowRank { coef: &c1 }, ZSpec::LowRank { coef: &c2 });
+    let before = g.launch_counts().0;
+    g.batch_passes(&mut || {
+        g.zo_pass(&mut w, 3, key, z1, 0.0, up, None)?;
+        g.zo_pass(&mut w3, 5, key, ZSpec::Dense, 0.0, up, None)?;
+        g.zo_pass(&mut w2, 4, key, z2, 0.0, up, None)?;
+        // A second move of the first matrix must see the first one's result.
+        g.zo_pass(&mut w, 3, key, z2, 1e-2, down, None)
+    })
+    .unwrap();
+    assert_eq!(
+        g.launch_counts().0 - before,
+        3,
+        "the first three passes in two launches, the fourth in a third"
+    );
+    let cpu = CpuBackend::new();
+    cpu.zo_pass(&mut t, 3, key, z1, 0.0, up, None).unwrap();
+    cpu.zo_pass(&mut t3, 5, key, ZSpec::Dense, 0.0, up, None)
+        .unwrap();
+    cpu.zo_pass(&mut t2, 4, key, z2, 0.0, up, None).unwrap();
+    cpu.zo_pass(&mut t, 3, key, z2, 1e-2, down, None).unwrap();
+    assert_same_bits("the matrix moved twice", &g, &w, &t);
+    assert_same_bits("the other matrix", &g, &w2, &t2);
+    assert_same_bits("the vector", &g, &w3, &t3);
+}
+
 /// w <- w + z (parameter 3, seed 5, step 2): a pass for the batch tests below.
 fn move_by_z(g: &CudaBackend, w: &mut CudaWeight) -> anyhow::Result<()> {
     let key = StepKey { seed: 5, step: 2 };
@@ -964,6 +999,30 @@ fn zo_a_batch_that_fails_after_its_loop_failed_reports_both() {
         "{err}"
     );
     assert!(err.contains("zo_pass_jobs"), "{err}");
+
+    // Both launches of a batch run, and both failures are reported.
+    let (_, w) = zo_tensor(&g, &[37, 53], DType::BF16, 92);
+    let (_, m) = zo_tensor(&g, &[20, 30], DType::F32, 93);
+    let key = StepKey { seed: 5, step: 2 };
+    let coef = [0.5f32, -1.0];
+    let mut both = Some((w, m));
+    let err = g
+        .batch_passes(&mut || {
+            let (mut w, mut m) = both.take().expect("one call");
+            move_by_z(&g, &mut w)?;
+            let z = ZSpec::LowRank { coef: &coef };
+            g.zo_pass(&mut m, 4, key, z, 0.0, Rule::Move { to: 1.0 }, None)?;
+            drop((w, m));
+            Ok(())
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("zo_pass_jobs"), "{err}");
+    assert!(
+        err.contains("; the batch's low-rank moves failed too: "),
+        "{err}"
+    );
+    assert!(err.contains("zo_low_rank_move_jobs"), "{err}");
 }
 
 #[test]
@@ -1131,13 +1190,19 @@ fn zo_optimizer_steps_bit_identical() {
                 let rg = go.step(&mut gm, s, &mut |_, _| fake(&mut j)).unwrap();
                 let launched = g.launch_counts().0 - before;
                 assert_eq!(rc.projected_grad.to_bits(), rg.projected_grad.to_bits());
-                // Each pass over the weights is one launch over every tensor (TeZO's matrices
-                // take a low-rank launch each beside it): three in place, the update alone
-                // fused.
+                // Each pass over the weights is one launch over every tensor: three in place,
+                // the update alone fused. TeZO's (in place) take two a pass, the low-rank
+                // moves of its matrices beside the norm gains' element passes, and its update
+                // decays each matrix first, one launch a matrix.
                 let passes = if zc.perturb == Perturb::Inplace { 3 } else { 1 };
-                if !matches!(method, Method::Tezo | Method::TezoAdam) {
-                    assert_eq!(launched, passes, "{} {dtype:?}: launches", method.name());
-                }
+                let want = if matches!(method, Method::Tezo | Method::TezoAdam) {
+                    let tensors = gm.weights.tensors();
+                    let matrices = tensors.iter().filter(|w| w.shape.len() == 2).count();
+                    2 * passes + matrices as u64
+                } else {
+                    passes
+                };
+                assert_eq!(launched, want, "{} {dtype:?}: launches", method.name());
             }
             for (c, w) in cm.weights.tensors().iter().zip(gm.weights.tensors()) {
                 let what = format!("{} {dtype:?} after 3 steps: {}", method.name(), c.name);

@@ -50,6 +50,7 @@ pub(crate) const KERNELS: &[&str] = &[
     "zo_adam_pass_bf16",
     "zo_low_rank_move_f32",
     "zo_low_rank_move_bf16",
+    "zo_low_rank_move_jobs",
     "zo_decay_f32",
     "zo_decay_bf16",
     "zo_perturbed_copy_f32",

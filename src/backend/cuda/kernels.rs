@@ -722,16 +722,157 @@ pub(crate) fn zo_low_rank_move(
         .f32(norm)
         .f32(offset)
         .f32(to);
+    let (gx, gy) = low_rank_grid(rows, cols);
+    dev.launch(
+        name,
+        (gx, gy, 1),
+        (LR_COLS as u32, 1, 1),
+        low_rank_smem(rank),
+        args,
+    )
+}
+
+/// The blocks of the low-rank kernel over a [rows x cols] matrix: one per 128 columns, times
+/// walkers over its row tiles.
+fn low_rank_grid(rows: usize, cols: usize) -> (u32, u32) {
     let gx = cols.div_ceil(LR_COLS);
     let gy = rows
         .div_ceil(LR_ROWS)
         .min(LR_TARGET_BLOCKS.div_ceil(gx.max(1)))
         .clamp(1, 65535);
+    (gx as u32, gy as u32)
+}
+
+/// One matrix of `zo_low_rank_move_jobs` (csrc/zo.cu ZoLowRankJob, field for field).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct LowRankJob {
+    w: u64,
+    coef: u64,
+    /// The thread blocks of the jobs before this one.
+    first_block: u64,
+    rows: i32,
+    cols: i32,
+    rank: i32,
+    tensor: u32,
+    bf16: u32,
+    grid_x: u32,
+    grid_y: u32,
+    norm: f32,
+    offset: f32,
+    to: f32,
+}
+const _: () = assert!(std::mem::size_of::<LowRankJob>() == 64);
+
+impl LowRankJob {
+    /// Whether this job writes the tensor at device address `w`.
+    pub(crate) fn writes(&self, w: u64) -> bool {
+        self.w == w
+    }
+
+    /// The blocks that walk the matrix's row tiles.
+    #[cfg(test)]
+    pub(crate) fn grid_y(&self) -> u32 {
+        self.grid_y
+    }
+}
+
+/// Low-rank moves of many matrices as `zo_low_rank_move_jobs` takes them, for one Philox seed
+/// (each matrix has its own tensor word), with their coefficients gathered on the host: a job's
+/// `coef` holds the index of its first coefficient until `resolve` points it at the device copy.
+#[derive(Default)]
+pub(crate) struct LowRankJobs {
+    pub jobs: Vec<LowRankJob>,
+    pub coefficients: Vec<f32>,
+    /// The thread blocks of the jobs so far.
+    pub blocks: u64,
+    pub max_rank: usize,
+}
+
+impl LowRankJobs {
+    /// Adds the move `zo_low_rank_move` makes of the [rows x cols] matrix of `dtype` at `w`
+    /// (its factors of Philox tensor word `tensor`): w0 + offset z becomes w0 + to z. Empty
+    /// matrices add nothing.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn push(
+        &mut self,
+        w: u64,
+        dtype: DType,
+        (rows, cols): (usize, usize),
+        tensor: u32,
+        coef: &[f32],
+        offset: f32,
+        to: f32,
+    ) -> Result<()> {
+        let op = "zo_low_rank_move_jobs";
+        let bf16 = storage_flag(op, dtype)?;
+        let rank = coef.len();
+        if rank == 0 || rank > LR_MAX_RANK {
+            bail!("{op}: rank {rank} is outside 1..={LR_MAX_RANK}");
+        }
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let (grid_x, grid_y) = low_rank_grid(rows, cols);
+        self.jobs.push(LowRankJob {
+            w,
+            coef: self.coefficients.len() as u64,
+            first_block: self.blocks,
+            rows: check_i32("rows", rows)?,
+            cols: check_i32("cols", cols)?,
+            rank: rank as i32,
+            tensor,
+            bf16,
+            grid_x,
+            grid_y,
+            norm: 1.0 / (rank as f32).sqrt(),
+            offset,
+            to,
+        });
+        self.coefficients.extend_from_slice(coef);
+        self.blocks += grid_x as u64 * grid_y as u64;
+        self.max_rank = self.max_rank.max(rank);
+        Ok(())
+    }
+
+    /// Points every job at its coefficients in the device copy of `coefficients` at `at`.
+    pub(crate) fn resolve(&mut self, at: u64) {
+        for j in &mut self.jobs {
+            j.coef = at + 4 * j.coef;
+        }
+    }
+}
+
+/// Runs the `count` jobs of a resolved `LowRankJobs` batch at device address `jobs` (`blocks`
+/// thread blocks in all, ranks up to `max_rank`) with Philox seed `seed` and the factors' step
+/// words.
+pub(crate) fn zo_low_rank_move_jobs(
+    dev: &dyn Launch,
+    (jobs, count, blocks): (u64, usize, u64),
+    max_rank: usize,
+    seed: u64,
+    (factor_u, factor_v): (u32, u32),
+) -> Result<()> {
+    if count == 0 {
+        return Ok(());
+    }
+    let name = "zo_low_rank_move_jobs";
+    let grid = u32::try_from(blocks)
+        .ok()
+        .filter(|&b| b <= i32::MAX as u32)
+        .ok_or_else(|| anyhow::anyhow!("{name}: {blocks} thread blocks exceed the grid"))?;
+    let args = Args::new()
+        .ptr(jobs)
+        .i32(check_i32("jobs", count)?)
+        .u32(seed as u32)
+        .u32((seed >> 32) as u32)
+        .u32(factor_u)
+        .u32(factor_v);
     dev.launch(
         name,
-        (gx as u32, gy as u32, 1),
+        (grid, 1, 1),
         (LR_COLS as u32, 1, 1),
-        low_rank_smem(rank),
+        low_rank_smem(max_rank),
         args,
     )
 }

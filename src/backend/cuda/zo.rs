@@ -25,12 +25,20 @@ impl PhiloxKey {
     }
 }
 
-/// Element passes gathered by `batch_passes`: one Philox seed and step, jobs for
-/// `zo_pass_jobs`.
+/// Passes gathered by `batch_passes`, for one Philox seed and step: element passes as jobs of
+/// `zo_pass_jobs`, low-rank moves as jobs of `zo_low_rank_move_jobs`.
 #[derive(Default)]
 pub(crate) struct PassBatch {
     key: Option<(u64, u32)>,
     jobs: kernels::PassJobs,
+    low_rank: kernels::LowRankJobs,
+}
+
+impl PassBatch {
+    /// Whether a gathered pass writes the tensor at device address `w`.
+    fn writes(&self, w: u64) -> bool {
+        self.jobs.jobs.iter().any(|j| j.writes(w)) || self.low_rank.jobs.iter().any(|j| j.writes(w))
+    }
 }
 
 impl CudaBackend {
@@ -38,38 +46,84 @@ impl CudaBackend {
         self.pass_batch.lock().expect("the pass batch lock")
     }
 
-    /// Runs the element passes gathered so far, if any, in one launch.
+    /// Runs the passes gathered so far, if any: one launch for the element passes and one for
+    /// the low-rank moves (they write different tensors, so their order does not matter). Both
+    /// run even if the first fails.
     fn flush_passes(&self) -> Result<()> {
-        let (key, jobs) = match self.open_batch().as_mut() {
-            Some(b) => (b.key.take(), std::mem::take(&mut b.jobs)),
+        let (key, jobs, low_rank) = match self.open_batch().as_mut() {
+            Some(b) => (
+                b.key.take(),
+                std::mem::take(&mut b.jobs),
+                std::mem::take(&mut b.low_rank),
+            ),
             None => return Ok(()),
         };
-        let Some((seed, step)) = key.filter(|_| !jobs.jobs.is_empty()) else {
-            return Ok(()); // nothing gathered, or only empty tensors
+        let Some((seed, step)) = key else {
+            return Ok(()); // nothing gathered
         };
+        let elements = self.run_element_jobs(
+            &jobs,
+            PhiloxKey {
+                seed,
+                step,
+                tensor: 0,
+            },
+        );
+        let moves = self.run_low_rank_jobs(low_rank, seed);
+        match (elements, moves) {
+            (Err(e), Err(f)) => Err(anyhow::anyhow!(
+                "{e:#}; the batch's low-rank moves failed too: {f:#}"
+            )),
+            (elements, moves) => elements.and(moves),
+        }
+    }
+
+    fn run_element_jobs(&self, jobs: &kernels::PassJobs, key: PhiloxKey) -> Result<()> {
+        if jobs.jobs.is_empty() {
+            return Ok(()); // none, or only empty tensors
+        }
         let table = self.buf_from_host(&jobs.jobs, Tag::Scratch, "a batch of ZO passes")?;
-        let key = PhiloxKey {
-            seed,
-            step,
-            tensor: 0,
-        };
         // The table is freed stream-ordered, after the launch that reads it.
         kernels::zo_pass_jobs(&self.dev, table.ptr(), jobs.jobs.len(), jobs.blocks, key)
     }
 
+    fn run_low_rank_jobs(&self, mut jobs: kernels::LowRankJobs, seed: u64) -> Result<()> {
+        if jobs.jobs.is_empty() {
+            return Ok(());
+        }
+        let coefficients =
+            self.buf_from_host(&jobs.coefficients, Tag::Scratch, "low-rank coefficients")?;
+        jobs.resolve(coefficients.ptr());
+        let table = self.buf_from_host(&jobs.jobs, Tag::Scratch, "a batch of low-rank moves")?;
+        let at = (table.ptr(), jobs.jobs.len(), jobs.blocks);
+        kernels::zo_low_rank_move_jobs(&self.dev, at, jobs.max_rank, seed, (FACTOR_U, FACTOR_V))
+    }
+
     /// Runs the gathered passes first if one of them writes `w`, so that a pass over `w` that
-    /// cannot join the batch (low-rank, decay) comes after it; other tensors' passes wait.
+    /// cannot join the batch (a decay) comes after it; other tensors' passes wait.
     fn flush_passes_over(&self, w: &CudaWeight) -> Result<()> {
-        let pending = (self.open_batch().as_ref())
-            .is_some_and(|b| b.jobs.jobs.iter().any(|j| j.writes(w.ptr())));
+        let pending = (self.open_batch().as_ref()).is_some_and(|b| b.writes(w.ptr()));
         if pending {
             self.flush_passes()?;
         }
         Ok(())
     }
 
-    /// Adds an element pass to the open batch, if one is open (running what the batch holds
-    /// first if that has another seed or step, or writes `w` too); false when none is open.
+    /// Opens the way for a pass over `w` with Philox `key` to join the open batch: runs what
+    /// the batch holds first if that has another seed or step, or writes `w` too. False when
+    /// no batch is open.
+    fn make_room_for(&self, w: &CudaWeight, key: (u64, u32)) -> Result<bool> {
+        let run_first = match self.open_batch().as_ref() {
+            None => return Ok(false),
+            Some(b) => b.key.is_some_and(|k| k != key) || b.writes(w.ptr()),
+        };
+        if run_first {
+            self.flush_passes()?;
+        }
+        Ok(true)
+    }
+
+    /// Adds an element pass to the open batch, if one is open; false when none is.
     fn gather_pass(
         &self,
         w: &CudaWeight,
@@ -78,23 +132,38 @@ impl CudaBackend {
         offset: f32,
         rule: kernels::JobRule,
     ) -> Result<bool> {
-        let run_first = match self.open_batch().as_ref() {
-            None => return Ok(false),
-            Some(b) => {
-                b.key.is_some_and(|k| k != (key.seed, key.step))
-                    || b.jobs.jobs.iter().any(|j| j.writes(w.ptr()))
-            }
-        };
-        if run_first {
-            self.flush_passes()?;
+        if !self.make_room_for(w, (key.seed, key.step))? {
+            return Ok(false);
         }
         let mut open = self.open_batch();
         let batch = open.as_mut().expect("the batch stays open");
-        batch.key = Some((key.seed, key.step));
         let (dtype, n) = (w.dtype, w.numel());
         batch
             .jobs
             .push(w.ptr(), dtype, n, key.tensor, z, offset, rule)?;
+        batch.key = Some((key.seed, key.step));
+        Ok(true)
+    }
+
+    /// Adds a low-rank move to the open batch, if one is open; false when none is.
+    fn gather_low_rank_move(
+        &self,
+        w: &CudaWeight,
+        id: ParamId,
+        key: StepKey,
+        coef: &[f32],
+        (offset, to): (f32, f32),
+    ) -> Result<bool> {
+        if !self.make_room_for(w, (key.seed, key.step))? {
+            return Ok(false);
+        }
+        let mut open = self.open_batch();
+        let batch = open.as_mut().expect("the batch stays open");
+        let shape = (w.shape[0], w.shape[1]);
+        batch
+            .low_rank
+            .push(w.ptr(), w.dtype, shape, id as u32, coef, offset, to)?;
+        batch.key = Some((key.seed, key.step));
         Ok(true)
     }
 
@@ -184,7 +253,11 @@ impl ZoBackend for CudaBackend {
                         w.name
                     );
                 };
-                self.flush_passes_over(w)?;
+                if w.shape.len() == 2
+                    && self.gather_low_rank_move(w, id, key, coef, (offset, to))?
+                {
+                    return Ok(());
+                }
                 return self.zo_low_rank_move(w, id, key.seed, coef, offset, to);
             }
         };
@@ -238,9 +311,9 @@ impl ZoBackend for CudaBackend {
         kernels::zo_decay(&self.dev, w.ptr(), w.dtype, w.numel(), factor)
     }
 
-    /// Gathers the element passes `passes` makes and runs them in one launch when it returns
-    /// (or before a low-rank pass or a decay of a tensor they write), instead of one launch a
-    /// tensor.
+    /// Gathers the passes `passes` makes and runs them when it returns (or before a decay of a
+    /// tensor they write): one launch for the element passes and one for the low-rank moves,
+    /// instead of one launch a tensor.
     fn batch_passes(&self, passes: &mut dyn FnMut() -> Result<()>) -> Result<()> {
         {
             let mut open = self.open_batch();

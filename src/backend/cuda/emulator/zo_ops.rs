@@ -330,6 +330,79 @@ fn low_rank_passes_and_decay_leave_the_cpu_bits() {
 }
 
 #[test]
+fn a_batch_of_low_rank_moves_is_each_matrixs_move() {
+    let Some(emu) = emulator() else { return };
+    let eps = 1e-3f32;
+    // (rows, cols, rank, dtype, id): several column blocks and row tiles, ranks that differ
+    // within the batch (shared memory for the largest), an empty matrix, and a tall one whose
+    // blocks each walk more than one row tile.
+    let matrices = [
+        (70usize, 300usize, 5usize, DType::F32, 8usize),
+        (33, 129, 8, DType::BF16, 9),
+        (0, 16, 3, DType::F32, 10),
+        (9, 7, 1, DType::BF16, 11),
+        (32 * 1030, 2, 2, DType::F32, 12),
+    ];
+    let mut jobs = kernels::LowRankJobs::default();
+    let mut got = vec![];
+    let mut wants = vec![];
+    for &(rows, cols, rank, dtype, id) in &matrices {
+        let values = randn(rows * cols, 70 + id as u64, 0.05);
+        let coef = randn(rank, 80 + id as u64, 1.0);
+        let z = ZSpec::LowRank { coef: &coef };
+        // From +eps z to -eps z: each move must take the old perturbation off first.
+        let start = perturbed(&values, &[rows, cols], dtype, id, z, eps);
+        let mut cpu = copy(&start);
+        CpuBackend::new()
+            .zo_pass(&mut cpu, id, KEY, z, eps, Rule::Move { to: -eps }, None)
+            .unwrap();
+        wants.push(cpu.to_f32_vec());
+        let mut w = copy(&start);
+        jobs.push(
+            storage(&mut w),
+            dtype,
+            (rows, cols),
+            id as u32,
+            &coef,
+            eps,
+            -eps,
+        )
+        .unwrap();
+        got.push(w);
+    }
+    assert_eq!(
+        jobs.jobs.len(),
+        matrices.len() - 1,
+        "the empty matrix makes no job"
+    );
+    let walkers = jobs.jobs.last().map(|j| j.grid_y());
+    assert!(
+        walkers < Some(1030),
+        "the tall matrix's blocks walk its row tiles"
+    );
+    let coefficients = jobs.coefficients.clone();
+    jobs.resolve(addr(&coefficients));
+    let table = (
+        addr(bytemuck::cast_slice::<_, u8>(&jobs.jobs)),
+        jobs.jobs.len(),
+        jobs.blocks,
+    );
+    kernels::zo_low_rank_move_jobs(emu, table, jobs.max_rank, KEY.seed, (FACTOR_U, FACTOR_V))
+        .unwrap();
+    for (i, (w, want)) in got.iter().zip(&wants).enumerate() {
+        same_bits(&w.to_f32_vec(), want, &format!("matrix {i} of the batch"));
+    }
+
+    // Ranks the kernel cannot take are refused by name.
+    for coef in [vec![], vec![0.5; kernels::LR_MAX_RANK + 1]] {
+        let e = (jobs.push(0, DType::F32, (4, 4), 1, &coef, 0.0, 1.0))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("zo_low_rank_move_jobs: rank"), "{e}");
+    }
+}
+
+#[test]
 fn perturbed_copies_and_gathered_rows_have_the_cpu_pass_bits() {
     let Some(emu) = emulator() else { return };
     let (rows, cols, id, to) = (37, 130, 4, -2e-2);
