@@ -183,6 +183,24 @@ impl LowRankSide {
     }
 }
 
+/// A table the hook's launches read, as scratch on the device; one placeholder byte where it
+/// is empty (no launch then reads it).
+fn upload<T: bytemuck::Pod>(g: &CudaBackend, table: &[T], what: &str) -> Result<DevBuf> {
+    if table.is_empty() {
+        g.alloc_buf(1, Tag::Scratch, what)
+    } else {
+        g.buf_from_host(table, Tag::Scratch, what)
+    }
+}
+
+/// The layer and position in it (`layer_param_ids` order) of parameter `id`, if it belongs to
+/// one of the model's `layers` layers.
+fn layer_position(id: ParamId, layers: usize) -> Option<(usize, usize)> {
+    let (first, per_layer) = (layer_param_ids(0)[0], layer_param_ids(0).len());
+    let (l, k) = (id.checked_sub(first)? / per_layer, (id - first) % per_layer);
+    (l < layers).then_some((l, k))
+}
+
 /// The 1 / sqrt(r) of a rank-r side product (as `Factors::row` scales).
 fn side_norm(rank: usize) -> f32 {
     1.0 / (rank as f32).sqrt()
@@ -271,10 +289,8 @@ impl<'a> CudaFusedHook<'a> {
     /// layer's.
     fn layer_slot(&self, id: ParamId, w: &CudaWeight) -> Option<(usize, usize)> {
         let lc = self.layers.as_ref()?;
-        let (first, per_layer) = (layer_param_ids(0)[0], layer_param_ids(0).len());
-        let (l, k) = (id.checked_sub(first)? / per_layer, (id - first) % per_layer);
-        let batched = l < lc.layers && self.view.low_rank(&w.shape).is_none();
-        batched.then_some((l, k))
+        let (l, k) = layer_position(id, lc.layers)?;
+        self.view.low_rank(&w.shape).is_none().then_some((l, k))
     }
 
     /// The copies of layer `l`'s parameters that move element-wise in this forward, written
@@ -318,10 +334,7 @@ impl<'a> CudaFusedHook<'a> {
     /// The layer and position in it of matrix `id`, if its factors are drawn with its
     /// layer's.
     fn factor_slot(&self, id: ParamId) -> Option<(usize, usize)> {
-        let lf = self.factors.as_ref()?;
-        let (first, per_layer) = (layer_param_ids(0)[0], layer_param_ids(0).len());
-        let (l, k) = (id.checked_sub(first)? / per_layer, (id - first) % per_layer);
-        (l < lf.layers).then_some((l, k))
+        layer_position(id, self.factors.as_ref()?.layers)
     }
 
     /// The side product of the matrix at position `k` of layer `l`, from its layer's
@@ -397,15 +410,7 @@ impl<'a> CudaFusedHook<'a> {
             }
         }
         let buf = g.alloc_buf(bytes.max(1), Tag::Scratch, "a layer's low-rank factors")?;
-        let coefficients_dev = if coefficients.is_empty() {
-            g.alloc_buf(1, Tag::Scratch, "no low-rank coefficients")?
-        } else {
-            g.buf_from_host(
-                &coefficients,
-                Tag::Scratch,
-                "the layers' low-rank coefficients",
-            )?
-        };
+        let coefficients_dev = upload(g, &coefficients, "the layers' low-rank coefficients")?;
         let mut jobs = kernels::FactorJobs::default();
         let mut batches = Vec::with_capacity(lf.layers);
         for l in 0..lf.layers {
@@ -433,11 +438,7 @@ impl<'a> CudaFusedHook<'a> {
                 blocks: jobs.blocks,
             });
         }
-        let jobs_dev = if jobs.jobs.is_empty() {
-            g.alloc_buf(1, Tag::Scratch, "no factor jobs")?
-        } else {
-            g.buf_from_host(&jobs.jobs, Tag::Scratch, "the layers' factor jobs")?
-        };
+        let jobs_dev = upload(g, &jobs.jobs, "the layers' factor jobs")?;
         lf.table = Some(FactorTable {
             buf,
             slots,
@@ -504,11 +505,7 @@ impl<'a> CudaFusedHook<'a> {
                 blocks: jobs.blocks,
             });
         }
-        let jobs_dev = if jobs.jobs.is_empty() {
-            g.alloc_buf(1, Tag::Scratch, "no perturbation jobs")?
-        } else {
-            g.buf_from_host(&jobs.jobs, Tag::Scratch, "the layers' perturbation jobs")?
-        };
+        let jobs_dev = upload(g, &jobs.jobs, "the layers' perturbation jobs")?;
         lc.copies = copies;
         lc.table = Some(LayerTable {
             jobs: jobs_dev,
