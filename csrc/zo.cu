@@ -230,7 +230,8 @@ struct ZoPassJob {
 };
 static_assert(sizeof(ZoPassJob) == 120, "kernels.rs PassJob mirrors this layout");
 
-// Low-rank z with Move: w <- (w - offset z) + to z for the [rows x cols] matrix w, where
+// Low-rank z with Move: w <- (src - offset z) + to z for the [rows x cols] matrices w and src
+// (the same matrix for a pass in place, a tensor and its copy for the fused forward), where
 // z(a, b) = sum_k V[b, k] uc[a, k] (k ascending from +0, as Factors::row adds) and
 // uc[a, k] = (U[a, k] coef[k]) norm. U [rows x r] and V [cols x r] are the normals of keys ku, kv
 // at element a r + k and b r + k; they are regenerated here rather than stored.
@@ -244,7 +245,8 @@ static_assert(sizeof(ZoPassJob) == 120, "kernels.rs PassJob mirrors this layout"
 // V[b, k] for 32 consecutive b, hit 32 different banks; uc with stride r (every thread reads the
 // same uc[a, k], a broadcast); coef. That is 4 (128 (r | 1) + 32 r + r) bytes.
 template <typename T>
-__device__ __forceinline__ void zo_low_rank_move(T* w, const float* coef, int rows, int cols,
+__device__ __forceinline__ void zo_low_rank_move(T* w, const T* src, const float* coef, int rows,
+                                                 int cols,
                                                  int r, PhiloxKey ku, PhiloxKey kv, float norm,
                                                  float offset, float to, int x, int y, int gy) {
   extern __shared__ float zo_smem[];
@@ -288,9 +290,10 @@ __device__ __forceinline__ void zo_low_rank_move(T* w, const float* coef, int ro
 #pragma unroll
       for (int a = 0; a < ZF_LR_ROWS; ++a) {
         if (a < na) {
-          T* p = w + (size_t)(a0 + a) * cols + b0 + b;
+          const size_t e = (size_t)(a0 + a) * cols + b0 + b;
           const float z = acc[a];
-          store_f32(p, __fadd_rn(zo_unperturbed(to_f32(*p), z, offset), __fmul_rn(to, z)));
+          const float w0 = zo_unperturbed(to_f32(src[e]), z, offset);
+          store_f32(w + e, __fadd_rn(w0, __fmul_rn(to, z)));
         }
       }
     }
@@ -477,21 +480,21 @@ extern "C" __global__ void zo_adam_pass_bf16(bf16* w, float* m, float* v, uint64
 }
 
 // U and V keep the step words FACTOR_U and FACTOR_V of src/zo/direction.rs (passed in, so that
-// the Rust constants stay the only definition).
+// the Rust constants stay the only definition). src is w for a pass in place.
 extern "C" __global__ void __launch_bounds__(ZF_LR_COLS)
-    zo_low_rank_move_f32(float* w, const float* coef, int rows, int cols, int rank, uint32_t k0,
-                         uint32_t k1, uint32_t step_u, uint32_t step_v, uint32_t tensor,
-                         float norm, float offset, float to) {
-  zo_low_rank_move(w, coef, rows, cols, rank, PhiloxKey{k0, k1, step_u, tensor},
+    zo_low_rank_move_f32(float* w, const float* src, const float* coef, int rows, int cols,
+                         int rank, uint32_t k0, uint32_t k1, uint32_t step_u, uint32_t step_v,
+                         uint32_t tensor, float norm, float offset, float to) {
+  zo_low_rank_move(w, src, coef, rows, cols, rank, PhiloxKey{k0, k1, step_u, tensor},
                    PhiloxKey{k0, k1, step_v, tensor}, norm, offset, to, blockIdx.x, blockIdx.y,
                    gridDim.y);
 }
 
 extern "C" __global__ void __launch_bounds__(ZF_LR_COLS)
-    zo_low_rank_move_bf16(bf16* w, const float* coef, int rows, int cols, int rank, uint32_t k0,
-                          uint32_t k1, uint32_t step_u, uint32_t step_v, uint32_t tensor,
-                          float norm, float offset, float to) {
-  zo_low_rank_move(w, coef, rows, cols, rank, PhiloxKey{k0, k1, step_u, tensor},
+    zo_low_rank_move_bf16(bf16* w, const bf16* src, const float* coef, int rows, int cols,
+                          int rank, uint32_t k0, uint32_t k1, uint32_t step_u, uint32_t step_v,
+                          uint32_t tensor, float norm, float offset, float to) {
+  zo_low_rank_move(w, src, coef, rows, cols, rank, PhiloxKey{k0, k1, step_u, tensor},
                    PhiloxKey{k0, k1, step_v, tensor}, norm, offset, to, blockIdx.x, blockIdx.y,
                    gridDim.y);
 }
@@ -501,6 +504,7 @@ extern "C" __global__ void __launch_bounds__(ZF_LR_COLS)
 // field for field by kernels.rs LowRankJob.
 struct ZoLowRankJob {
   uint64_t w;            // T*
+  uint64_t src;          // const T*: w itself in place, else the tensor w copies
   uint64_t coef;         // const float*, rank of them
   uint64_t first_block;  // the thread blocks of the jobs before this one
   int32_t rows, cols, rank;
@@ -509,11 +513,12 @@ struct ZoLowRankJob {
   uint32_t grid_x, grid_y;
   float norm, offset, to;
 };
-static_assert(sizeof(ZoLowRankJob) == 64, "kernels.rs LowRankJob mirrors this layout");
+static_assert(sizeof(ZoLowRankJob) == 72, "kernels.rs LowRankJob mirrors this layout");
 
 // The low-rank moves of several matrices in one launch (the matrices of a ZO pass over all the
-// weights): thread block g runs block g - first_block of its job's grid. The dynamic shared
-// memory fits the largest rank of the batch.
+// weights, or the perturbed copies of a layer's matrices for the fused forward): thread block g
+// runs block g - first_block of its job's grid. The dynamic shared memory fits the largest rank
+// of the batch.
 extern "C" __global__ void __launch_bounds__(ZF_LR_COLS)
     zo_low_rank_move_jobs(const ZoLowRankJob* jobs, int count, uint32_t k0, uint32_t k1,
                           uint32_t step_u, uint32_t step_v) {
@@ -521,12 +526,13 @@ extern "C" __global__ void __launch_bounds__(ZF_LR_COLS)
   const uint32_t b = blockIdx.x - (uint32_t)j.first_block;
   const int x = b % j.grid_x, y = b / j.grid_x;
   const PhiloxKey ku{k0, k1, step_u, j.tensor}, kv{k0, k1, step_v, j.tensor};
+  const float* coef = (const float*)j.coef;
   if (j.bf16) {
-    zo_low_rank_move((bf16*)j.w, (const float*)j.coef, j.rows, j.cols, j.rank, ku, kv, j.norm,
-                     j.offset, j.to, x, y, j.grid_y);
+    zo_low_rank_move((bf16*)j.w, (const bf16*)j.src, coef, j.rows, j.cols, j.rank, ku, kv,
+                     j.norm, j.offset, j.to, x, y, j.grid_y);
   } else {
-    zo_low_rank_move((float*)j.w, (const float*)j.coef, j.rows, j.cols, j.rank, ku, kv, j.norm,
-                     j.offset, j.to, x, y, j.grid_y);
+    zo_low_rank_move((float*)j.w, (const float*)j.src, coef, j.rows, j.cols, j.rank, ku, kv,
+                     j.norm, j.offset, j.to, x, y, j.grid_y);
   }
 }
 

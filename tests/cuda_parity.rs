@@ -1310,46 +1310,67 @@ fn zo_fused_forward_parity() {
                 .unwrap();
 
                 let (key, eps) = (go.key(1), 5e-2);
-                let kernels_before = g.launch_counts().0;
-                let mut gh = CudaFusedHook::new(&go, key, eps).with_head_block_rows(64);
-                let fused = gm
-                    .target_logprobs(&ids, &layout, &targets, &mut gh)
-                    .unwrap();
-                let fused_logits = gm.logits_at(&ids, &layout, &rows, &mut gh).unwrap();
-                drop(gh);
-                // Each layer's copies written by one launch, and TeZO's factors drawn by
-                // another (as `--perturb fused` runs): the same bits, and per layer and
-                // forward one launch each where there were one per element-wise parameter
-                // (nine, or TeZO's two norm gains) and three per low-rank matrix (seven). At
-                // least: with TeZO's head beside it, the second forward also finds the final
-                // norm's copy still in the scratch that the layers no longer use.
-                let kernels_one_by_one = g.launch_counts().0 - kernels_before;
-                let kernels_before = g.launch_counts().0;
-                let mut bh = CudaFusedHook::new(&go, key, eps)
-                    .with_head_block_rows(64)
-                    .with_layers(&gm.weights);
-                let batched = gm
-                    .target_logprobs(&ids, &layout, &targets, &mut bh)
-                    .unwrap();
-                let batched_logits = gm.logits_at(&ids, &layout, &rows, &mut bh).unwrap();
-                drop(bh);
-                let kernels_batched = g.launch_counts().0 - kernels_before;
+                // Two forwards through a hook: log-probs, logits and the kernels launched.
+                let run = |hook: CudaFusedHook| {
+                    let mut hook = hook.with_head_block_rows(64);
+                    let before = g.launch_counts().0;
+                    let lp = gm
+                        .target_logprobs(&ids, &layout, &targets, &mut hook)
+                        .unwrap();
+                    let logits = gm.logits_at(&ids, &layout, &rows, &mut hook).unwrap();
+                    (lp, logits, g.launch_counts().0 - before)
+                };
+                let (fused, fused_logits, one_by_one) = run(CudaFusedHook::new(&go, key, eps));
+                // Each layer's copies written by two launches (as `--perturb fused` runs): the
+                // same bits, and per layer and forward one launch for the element-wise
+                // parameters where there were one each (nine, or TeZO's two norm gains) and
+                // one for TeZO's seven matrices. At least: with TeZO's head beside it, the
+                // second forward also finds the final norm's copy still in the scratch that the
+                // layers no longer use.
+                let (batched, batched_logits, in_batches) =
+                    run(CudaFusedHook::new(&go, key, eps).with_layers(&gm.weights));
                 assert_same_f32(&format!("{what} layer batches"), &batched, &fused);
                 assert_same_f32(
                     &format!("{what} layer batches, logits"),
                     &batched_logits,
                     &fused_logits,
                 );
+                let layers = cfg.num_hidden_layers as u64;
                 let per_layer = if method == Method::Tezo {
-                    (2 - 1) + (7 * 3 - 1)
+                    2 + 7 - 2
                 } else {
                     9 - 1
                 };
-                let saved = kernels_one_by_one - kernels_batched;
+                let saved = one_by_one - in_batches;
                 assert!(
-                    saved >= 2 * cfg.num_hidden_layers as u64 * per_layer,
+                    saved >= 2 * layers * per_layer,
                     "{what}: the layer batches saved {saved} launches over two forwards"
                 );
+                if method == Method::Tezo {
+                    // The side products instead: one matrix at a time, and with each layer's
+                    // factors drawn by one launch where each matrix took three. They add z in
+                    // f32 beside the GEMM, the copies store w + z in the weights' dtype.
+                    let side = || CudaFusedHook::new(&go, key, eps).with_low_rank_side_products();
+                    let (sides, side_logits, side_one_by_one) = run(side());
+                    let (side_batched, _, side_in_batches) = run(side().with_layers(&gm.weights));
+                    assert_same_f32(
+                        &format!("{what} side factor batches"),
+                        &side_batched,
+                        &sides,
+                    );
+                    let saved = side_one_by_one - side_in_batches;
+                    assert!(
+                        saved >= 2 * layers * (2 - 1 + 7 * 3 - 1),
+                        "{what}: the factor batches saved {saved} launches over two forwards"
+                    );
+                    assert_close(&format!("{what} side products"), &sides, &fused, tol);
+                    let side_what = format!("{what} side product logits");
+                    assert_close(&side_what, &side_logits, &fused_logits, tol);
+                    assert!(
+                        rel(&sides, &fused) > 0.0,
+                        "{what}: the side products gave the copies' bits"
+                    );
+                }
                 let mut ch = FusedHook::new(&co, key, eps, &cm.backend).with_head_block_rows(64);
                 let cpu = cm
                     .target_logprobs(&ids, &layout, &targets, &mut ch)

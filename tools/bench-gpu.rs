@@ -17,7 +17,9 @@ mod common;
 use anyhow::Result;
 use common::NextTokenLoss;
 use serde_json::json;
-use zoft::backend::cuda::{cuda_available, driver_version, CudaBackend, GemmArgs, PhiloxKey};
+use zoft::backend::cuda::{
+    cuda_available, driver_version, CudaBackend, CudaFusedHook, GemmArgs, PhiloxKey,
+};
 use zoft::backend::mem::Tag;
 use zoft::backend::{AttnShape, Backend, NoHook, SeqLayout};
 use zoft::model::{DType, Llama, LlamaConfig};
@@ -403,6 +405,61 @@ fn model_rows(
                 "optimizer_state_bytes": opt.method.state_bytes()}),
             );
         }
+    }
+    tezo_fused_forwards(
+        g,
+        shape_name,
+        &mut model,
+        &mut objective,
+        (fwd_ms, fwd_peak),
+    )
+}
+
+/// TeZO's fused forward two ways, after a step has left a virtual update: each layer's
+/// matrices as perturbed copies (what `--perturb fused` does on the GPU) and as the stored
+/// weights plus side products, as multiples of the plain forward's time and peak memory.
+fn tezo_fused_forwards(
+    g: &CudaBackend,
+    shape_name: &str,
+    model: &mut Llama<CudaBackend>,
+    objective: &mut NextTokenLoss,
+    (fwd_ms, fwd_peak): (f64, usize),
+) -> Result<()> {
+    let zc = ZoConfig {
+        method: Method::Tezo,
+        perturb: Perturb::Fused,
+        lr: 1e-6,
+        ..Default::default()
+    };
+    let mut opt = ZoOptimizer::new(zc, model)?;
+    // The update stays virtual: the stored weights do not change.
+    opt.step_objective(model, 0, objective)?;
+    let (key, eps) = (opt.key(1), opt.cfg.eps);
+    let model = &*model;
+    let (ids, layout, targets) = (&objective.ids, &objective.layout, &objective.targets);
+    for side_products in [false, true] {
+        let hook = || {
+            let h = CudaFusedHook::new(&opt, key, eps).with_layers(&model.weights);
+            if side_products {
+                h.with_low_rank_side_products()
+            } else {
+                h
+            }
+        };
+        let forward = || {
+            model
+                .target_logprobs(ids, layout, targets, &mut hook())
+                .map(|_| ())
+        };
+        g.mem().reset_peaks();
+        let ms = time(g, 3, forward)?;
+        let peak = g.mem().report().total_peak;
+        let (kernels, gemms) = launches(g, forward)?;
+        emit(json!({"bench": "tezo_fused_forward", "shape": shape_name,
+            "low_rank_z": if side_products { "side products" } else { "copies" },
+            "ms": ms, "over_forward": ms / fwd_ms,
+            "peak_over_forward": peak as f64 / fwd_peak as f64,
+            "kernels": kernels, "gemms": gemms}));
     }
     Ok(())
 }

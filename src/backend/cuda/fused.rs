@@ -1,21 +1,32 @@
 //! `--perturb fused` on the GPU, the twin of the CPU hook in src/zo/hook.rs. The weights stay as
 //! the update left them and every parameter use sees w + scale z (plus any virtual low-rank
 //! update), built on the fly, so restore is exact by construction:
-//! - dense or sparse z: a perturbed copy of the tensor, or of a block of LM-head rows, written by
-//!   one kernel with the bits an in-place pass leaves, into one scratch buffer that every tensor
-//!   of the forward reuses; under `--perturb fused` the copies of a layer's element-wise
-//!   parameters are written together, one launch a layer, into a layer's worth of scratch
-//!   (`LayerCopies`); the embedding perturbs only the rows it gathers (rounded to the table's
-//!   dtype, as an in-place pass would leave them);
-//! - low-rank z: the stored weights run the GEMM and a side product adds
-//!   ((x V) diag(c) / sqrt(r)) U^T beside it, never forming U diag(c) V^T.
+//! - a layer's parameters: a perturbed copy of each tensor, written by one kernel with the bits
+//!   an in-place pass leaves (dense or sparse z, and TeZO's low-rank z of a matrix), into one
+//!   scratch buffer that every tensor of the forward reuses; under `--perturb fused` the copies
+//!   of a layer are written together, two launches a layer (element-wise and low-rank z), into
+//!   a layer's worth of scratch (`LayerCopies`);
+//! - the embedding perturbs only the rows it gathers (rounded to the table's dtype, as an
+//!   in-place pass would leave them), and the LM head a copy of each block of its rows; with
+//!   low-rank z both run on the stored weights and a side product adds
+//!   ((x V) diag(c) / sqrt(r)) U^T beside them, never forming U diag(c) V^T
+//!   (`with_low_rank_side_products` does the same for the layers' matrices).
+//!
+//! Why copies for the layers' low-rank matrices (the CPU's bf16 GEMMs build the perturbed tiles
+//! as they pack them, its f32 GEMMs add side products): on the GPU a side product is two more GEMMs per matrix, each a launch (the default model's forward
+//! is launch-bound: it about doubles a TeZO forward's launches) and each reading the f32
+//! activations and rewriting the f32 output (on a LLaMA-7B shape about a quarter of a forward's
+//! time, estimated from the bytes); a copy is one launch a layer and reads and writes the
+//! weights once, r multiply-adds an element. Not yet timed on a GPU: `bench-gpu` times both.
 //!
 //! The LM head runs a block of vocabulary rows at a time with each row's log-sum-exp carried
 //! across the blocks, so the scratch stays near one layer's largest matrix.
 //!
 //! The CPU hook keeps perturbed values in f32 whatever the storage; here the copies are in the
 //! weights' dtype, which the bf16 GEMM needs. For bf16 weights the two fused forwards therefore
-//! agree to bf16 rounding, and the GPU's fused and in-place forwards see the same bits.
+//! agree to bf16 rounding, and the GPU's fused and in-place forwards see the same bits for
+//! element-wise z (TeZO's in-place forward rounds its virtual update and its perturbation
+//! separately, its fused copies once).
 
 use super::kernels::{self, ElemZ, PhiloxKey};
 use super::{
@@ -46,20 +57,25 @@ pub struct CudaFusedHook<'a> {
     /// Given the model's parameters, the copies of each layer's element-wise parameters are
     /// written together (see `LayerCopies`); without them, one tensor at a time.
     layers: Option<LayerCopies<'a>>,
-    /// Given the model's parameters, the factors of each layer's side products are drawn
-    /// together (see `LayerFactors`); without them, one matrix at a time.
+    /// Whether a matrix with low-rank z is multiplied as a perturbed copy, like one with
+    /// element-wise z (the default), rather than as the stored weights plus a side product.
+    low_rank_copies: bool,
+    /// With side products and the model's parameters, the factors of each layer's side
+    /// products are drawn together (see `LayerFactors`); without them, one matrix at a time.
     factors: Option<LayerFactors<'a>>,
 }
 
-/// The perturbed copies of one layer's element-wise parameters, written by one launch of
-/// `zo_perturbed_copy_jobs` when the forward first asks for a parameter of that layer (nine
-/// launches a layer become one), into buffers that serve every layer in turn: one layer's
-/// worth of scratch, where the copies one tensor at a time need only the largest tensor's.
+/// The perturbed copies of one layer's parameters, written when the forward first asks for a
+/// parameter of that layer by one launch of `zo_perturbed_copy_jobs` for those with
+/// element-wise z (nine launches a layer become one) and one of `zo_low_rank_move_jobs` for
+/// the matrices with TeZO's low-rank z (unless the hook leaves them to side products), into
+/// buffers that serve every layer in turn: one layer's worth of scratch, where the copies one
+/// tensor at a time need only the largest tensor's.
 struct LayerCopies<'a> {
     /// Every parameter, by id.
     params: Vec<&'a CudaWeight>,
     layers: usize,
-    /// Per position in a layer (`layer_param_ids` order), its copy, if it moves element-wise.
+    /// Per position in a layer (`layer_param_ids` order), its copy, if it moves.
     copies: Vec<Option<CudaWeight>>,
     /// The jobs of every layer, made on first use.
     table: Option<LayerTable>,
@@ -102,6 +118,15 @@ struct FactorTable {
 struct LayerTable {
     jobs: DevBuf,
     batches: Vec<LayerBatch>,
+    /// The low-rank copies (thread blocks, not Philox blocks, in `LayerBatch::blocks`).
+    low_rank_jobs: DevBuf,
+    low_rank_batches: Vec<LayerBatch>,
+    max_rank: usize,
+    /// Every layer's low-rank coefficients, which the low-rank jobs read.
+    _coefficients: DevBuf,
+    /// Per layer and position (`l * positions + k`), whether its copy is written in this
+    /// forward; where it is not, the parameter does not move and is used as stored.
+    copied: Vec<bool>,
 }
 
 /// One layer's jobs: `count` of them from job `first`, `blocks` Philox blocks in all.
@@ -254,6 +279,7 @@ impl<'a> CudaFusedHook<'a> {
             scratch_of: None,
             head_block_rows: CUDA_HEAD_BLOCK_ROWS,
             layers: None,
+            low_rank_copies: true,
             factors: None,
         }
     }
@@ -273,9 +299,18 @@ impl<'a> CudaFusedHook<'a> {
         self.with_layer_factors(weights)
     }
 
+    /// Multiplies each matrix with low-rank z as the stored weights plus a side product
+    /// ((x V) diag(c) / sqrt(r)) U^T, in f32 beside the GEMM, instead of as a perturbed copy
+    /// (under `with_layers`, their factors drawn a layer at a time): what the embedding and
+    /// the LM head always do, and what the GPU benchmark compares the copies with.
+    pub fn with_low_rank_side_products(mut self) -> Self {
+        self.low_rank_copies = false;
+        self
+    }
+
     /// Draws the factors of each layer's low-rank side products in one launch, for the model
-    /// with these weights (part of `with_layers`; the paired hook's streams take only this).
-    pub fn with_layer_factors(mut self, weights: &'a LlamaWeights<CudaWeight>) -> Self {
+    /// with these weights (part of `with_layers`).
+    fn with_layer_factors(mut self, weights: &'a LlamaWeights<CudaWeight>) -> Self {
         self.factors = Some(LayerFactors {
             params: weights.tensors(),
             layers: weights.layers.len(),
@@ -290,7 +325,7 @@ impl<'a> CudaFusedHook<'a> {
     fn layer_slot(&self, id: ParamId, w: &CudaWeight) -> Option<(usize, usize)> {
         let lc = self.layers.as_ref()?;
         let (l, k) = layer_position(id, lc.layers)?;
-        self.view.low_rank(&w.shape).is_none().then_some((l, k))
+        (self.low_rank_copies || self.view.low_rank(&w.shape).is_none()).then_some((l, k))
     }
 
     /// The copies of layer `l`'s parameters that move element-wise in this forward, written
@@ -313,8 +348,30 @@ impl<'a> CudaFusedHook<'a> {
             .jobs
             .ptr_at(b.first * std::mem::size_of::<kernels::CopyJob>());
         kernels::zo_perturbed_copy_jobs(&g.dev, at, b.count, b.blocks, key, self.view.scale)?;
+        let b = table.low_rank_batches[l];
+        let at = (table.low_rank_jobs).ptr_at(b.first * std::mem::size_of::<kernels::LowRankJob>());
+        let factors = (FACTOR_U, FACTOR_V);
+        let batch = (at, b.count, b.blocks);
+        kernels::zo_low_rank_move_jobs(&g.dev, batch, table.max_rank, key.seed, factors)?;
         lc.current = Some(l);
         Ok(true)
+    }
+
+    /// The copy of the parameter at position `k` of layer `l`, named and shaped as `w`, once
+    /// `perturb_layer(l)` has written it; `w` itself where it does not move in this forward.
+    fn layer_copy<'b>(&'b mut self, l: usize, k: usize, w: &'b CudaWeight) -> &'b CudaWeight {
+        let lc = self.layers.as_mut().expect("batching is on");
+        let positions = layer_param_ids(0).len();
+        let table = lc.table.as_ref().expect("made with the layer");
+        if !table.copied[l * positions + k] {
+            return w;
+        }
+        let copy = lc.copies[k]
+            .as_mut()
+            .expect("a moving parameter has its copy");
+        copy.shape.clone_from(&w.shape);
+        copy.name.clone_from(&w.name);
+        copy
     }
 
     /// Gives the layer copies and factors back (the LM head, past the last layer, needs
@@ -456,14 +513,28 @@ impl<'a> CudaFusedHook<'a> {
     fn make_layer_table(&mut self, g: &CudaBackend) -> Result<bool> {
         let view = &self.view;
         let lc = self.layers.as_mut().expect("batching is on");
-        let moving =
-            |id: ParamId, t: &CudaWeight| view.moves(id) && view.low_rank(&t.shape).is_none();
-        let per_layer = layer_param_ids(0).len();
-        let mut copies: Vec<Option<CudaWeight>> = (0..per_layer).map(|_| None).collect();
+        let positions = layer_param_ids(0).len();
+        // What moves in this forward: element-wise z wherever the view moves, low-rank z
+        // where its coefficients are not all zero (the coefficients, once per forward).
+        let mut moves: Vec<Option<Option<Vec<f32>>>> = Vec::with_capacity(lc.layers * positions);
+        for l in 0..lc.layers {
+            for id in layer_param_ids(l) {
+                let t = lc.params[id];
+                moves.push(match view.low_rank(&t.shape) {
+                    None => view.moves(id).then_some(None),
+                    Some(_) if !self.low_rank_copies => None,
+                    Some(rank) => {
+                        let c = view.coefficients(id, rank);
+                        c.iter().any(|&v| v != 0.0).then_some(Some(c))
+                    }
+                });
+            }
+        }
+        let mut copies: Vec<Option<CudaWeight>> = (0..positions).map(|_| None).collect();
         for l in 0..lc.layers {
             for (k, id) in layer_param_ids(l).into_iter().enumerate() {
                 let t = lc.params[id];
-                if !moving(id, t) {
+                if moves[l * positions + k].is_none() {
                     continue;
                 }
                 if copies[k].as_ref().is_some_and(|c| c.dtype != t.dtype) {
@@ -485,31 +556,56 @@ impl<'a> CudaFusedHook<'a> {
             }
         }
         let mut jobs = kernels::CopyJobs::default();
-        let mut batches = Vec::with_capacity(lc.layers);
+        let mut low_rank = kernels::LowRankJobs::default();
+        let (mut batches, mut low_rank_batches) = (vec![], vec![]);
         for l in 0..lc.layers {
             jobs.new_batch();
-            let first = jobs.jobs.len();
+            low_rank.new_batch();
+            let (first, first_low_rank) = (jobs.jobs.len(), low_rank.jobs.len());
             for (k, id) in layer_param_ids(l).into_iter().enumerate() {
                 let t = lc.params[id];
-                if !moving(id, t) {
-                    continue;
-                }
-                let dst = copies[k].as_ref().expect("allocated above").ptr();
+                let dst = match (&copies[k], &moves[l * positions + k]) {
+                    (Some(c), Some(_)) => c.ptr(),
+                    _ => continue,
+                };
                 let tensor = PhiloxKey::of_tensor(view.key, id).tensor;
-                let z = elem_z(view.elem_z(id));
-                jobs.push((t.ptr(), dst), t.dtype, t.numel(), tensor, z)?;
+                match &moves[l * positions + k] {
+                    Some(Some(coef)) => {
+                        let shape = (t.shape[0], t.shape[1]);
+                        low_rank.push((dst, t.ptr()), t.dtype, shape, tensor, coef, 0.0, 1.0)?;
+                    }
+                    _ => {
+                        let z = elem_z(view.elem_z(id));
+                        jobs.push((t.ptr(), dst), t.dtype, t.numel(), tensor, z)?;
+                    }
+                }
             }
             batches.push(LayerBatch {
                 first,
                 count: jobs.jobs.len() - first,
                 blocks: jobs.blocks,
             });
+            low_rank_batches.push(LayerBatch {
+                first: first_low_rank,
+                count: low_rank.jobs.len() - first_low_rank,
+                blocks: low_rank.blocks,
+            });
         }
-        let jobs_dev = upload(g, &jobs.jobs, "the layers' perturbation jobs")?;
+        let coefficients = upload(
+            g,
+            &low_rank.coefficients,
+            "the layers' low-rank coefficients",
+        )?;
+        low_rank.resolve(coefficients.ptr());
         lc.copies = copies;
         lc.table = Some(LayerTable {
-            jobs: jobs_dev,
+            jobs: upload(g, &jobs.jobs, "the layers' perturbation jobs")?,
             batches,
+            low_rank_jobs: upload(g, &low_rank.jobs, "the layers' low-rank perturbation jobs")?,
+            low_rank_batches,
+            max_rank: low_rank.max_rank,
+            _coefficients: coefficients,
+            copied: moves.iter().map(Option::is_some).collect(),
         });
         Ok(true)
     }
@@ -698,13 +794,7 @@ impl LinearHook<CudaBackend> for CudaFusedHook<'_> {
         }
         if let Some((l, k)) = self.layer_slot(id, w) {
             if self.perturb_layer(g, l)? {
-                let lc = self.layers.as_mut().expect("batching is on");
-                let copy = lc.copies[k]
-                    .as_mut()
-                    .expect("a moving parameter has its copy");
-                copy.shape.clone_from(&w.shape);
-                copy.name.clone_from(&w.name);
-                return Ok(copy);
+                return Ok(self.layer_copy(l, k, w));
             }
         }
         if self.scratch_of != Some(id) {
@@ -718,11 +808,9 @@ impl LinearHook<CudaBackend> for CudaFusedHook<'_> {
             let seed = self.view.key.seed;
             let s = self.scratch_for(g, &w.name, &w.shape, w.dtype)?;
             match coef {
-                // The model asks for whole tensors only for the norm gains (vectors); a matrix
-                // with low-rank z is copied and moved by the in-place kernel.
+                // A matrix with low-rank z: the in-place kernel's move, from w into the copy.
                 Some(c) => {
-                    g.dev.dtod(w.ptr(), s.ptr(), w.numel() * elt(w.dtype))?;
-                    g.zo_low_rank_move(s, id, seed, &c, 0.0, 1.0)?;
+                    g.zo_low_rank_move_into(s.ptr(), w, id, seed, &c, (0.0, 1.0))?;
                 }
                 None => {
                     kernels::zo_perturbed_copy(
@@ -879,7 +967,7 @@ impl LinearHook<CudaBackend> for CudaFusedHook<'_> {
         id: ParamId,
         out: &mut CudaAct,
     ) -> Result<()> {
-        if self.view.low_rank(&w.shape).is_none() {
+        if self.low_rank_copies || self.view.low_rank(&w.shape).is_none() {
             let w = self.param(g, w, id)?;
             return g.matmul(x, w, out);
         }

@@ -677,13 +677,14 @@ pub(crate) fn low_rank_smem(rank: usize) -> usize {
     4 * (LR_COLS * (rank | 1) + LR_ROWS * rank + rank)
 }
 
-/// w [rows x cols] (holding w0 + offset z) <- w0 + to z for the low-rank z of the fixed factors
-/// of tensor `key.tensor` (Philox steps `factor_u`, `factor_v`) and the f32 coefficients at
-/// `coef` (`rank` of them), with norm = 1 / sqrt(rank) as the host computes it.
+/// w [rows x cols] <- w0 + to z where src (w itself in place, else the tensor w copies) holds
+/// w0 + offset z, for the low-rank z of the fixed factors of tensor `key.tensor` (Philox steps
+/// `factor_u`, `factor_v`) and the f32 coefficients at `coef` (`rank` of them), with
+/// norm = 1 / sqrt(rank) as the host computes it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn zo_low_rank_move(
     dev: &dyn Launch,
-    w: u64,
+    (w, src): (u64, u64),
     dtype: DType,
     rows: usize,
     cols: usize,
@@ -710,6 +711,7 @@ pub(crate) fn zo_low_rank_move(
     let norm = 1.0 / (rank as f32).sqrt();
     let args = Args::new()
         .ptr(w)
+        .ptr(src)
         .ptr(coef)
         .i32(check_i32("rows", rows)?)
         .i32(check_i32("cols", cols)?)
@@ -748,6 +750,7 @@ fn low_rank_grid(rows: usize, cols: usize) -> (u32, u32) {
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 pub(crate) struct LowRankJob {
     w: u64,
+    src: u64,
     coef: u64,
     /// The thread blocks of the jobs before this one.
     first_block: u64,
@@ -762,7 +765,7 @@ pub(crate) struct LowRankJob {
     offset: f32,
     to: f32,
 }
-const _: () = assert!(std::mem::size_of::<LowRankJob>() == 64);
+const _: () = assert!(std::mem::size_of::<LowRankJob>() == 72);
 
 impl LowRankJob {
     /// Whether this job writes the tensor at device address `w`.
@@ -790,13 +793,19 @@ pub(crate) struct LowRankJobs {
 }
 
 impl LowRankJobs {
-    /// Adds the move `zo_low_rank_move` makes of the [rows x cols] matrix of `dtype` at `w`
-    /// (its factors of Philox tensor word `tensor`): w0 + offset z becomes w0 + to z. Empty
-    /// matrices add nothing.
+    /// Starts another batch in the same table (see `CopyJobs::new_batch`); the coefficients
+    /// stay one array for the whole table.
+    pub(crate) fn new_batch(&mut self) {
+        self.blocks = 0;
+    }
+
+    /// Adds the move `zo_low_rank_move` makes of the [rows x cols] matrix of `dtype` at `src`
+    /// into the one at `w` (the same address in place; its factors of Philox tensor word
+    /// `tensor`): w0 + offset z becomes w0 + to z. Empty matrices add nothing.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn push(
         &mut self,
-        w: u64,
+        (w, src): (u64, u64),
         dtype: DType,
         (rows, cols): (usize, usize),
         tensor: u32,
@@ -816,6 +825,7 @@ impl LowRankJobs {
         let (grid_x, grid_y) = low_rank_grid(rows, cols);
         self.jobs.push(LowRankJob {
             w,
+            src,
             coef: self.coefficients.len() as u64,
             first_block: self.blocks,
             rows: check_i32("rows", rows)?,

@@ -18,7 +18,6 @@ use super::fused::CudaFusedHook;
 use super::{elt, kernels, CudaAct, CudaBackend, CudaWeight};
 use crate::backend::mem::Tag;
 use crate::backend::{Backend, LinearHook, PairedHook, ParamId};
-use crate::model::weights::LlamaWeights;
 use crate::zo::direction::StepKey;
 use crate::zo::ZoOptimizer;
 use anyhow::Result;
@@ -53,19 +52,6 @@ impl<'a> CudaPairedHook<'a> {
             current: 0,
             held: vec![],
             spare: vec![],
-        }
-    }
-
-    /// Draws the factors of each layer's low-rank side products in one launch per stream,
-    /// for the model with these weights (see `CudaFusedHook::with_layer_factors`).
-    pub fn with_layer_factors(self, weights: &'a LlamaWeights<CudaWeight>) -> Self {
-        let [s0, s1] = self.streams;
-        CudaPairedHook {
-            streams: [
-                s0.with_layer_factors(weights),
-                s1.with_layer_factors(weights),
-            ],
-            ..self
         }
     }
 

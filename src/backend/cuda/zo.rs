@@ -160,9 +160,15 @@ impl CudaBackend {
         let mut open = self.open_batch();
         let batch = open.as_mut().expect("the batch stays open");
         let shape = (w.shape[0], w.shape[1]);
-        batch
-            .low_rank
-            .push(w.ptr(), w.dtype, shape, id as u32, coef, offset, to)?;
+        batch.low_rank.push(
+            (w.ptr(), w.ptr()),
+            w.dtype,
+            shape,
+            id as u32,
+            coef,
+            offset,
+            to,
+        )?;
         batch.key = Some((key.seed, key.step));
         Ok(true)
     }
@@ -177,6 +183,20 @@ impl CudaBackend {
         offset: f32,
         to: f32,
     ) -> Result<()> {
+        self.zo_low_rank_move_into(w.ptr(), w, id, seed, coef, (offset, to))
+    }
+
+    /// The low-rank pass from `w` into the tensor at `dst` (as `w` is shaped and stored; `w`'s
+    /// own address for the pass in place): dst <- (w - offset z) + to z.
+    pub(crate) fn zo_low_rank_move_into(
+        &self,
+        dst: u64,
+        w: &CudaWeight,
+        id: ParamId,
+        seed: u64,
+        coef: &[f32],
+        (offset, to): (f32, f32),
+    ) -> Result<()> {
         if w.shape.len() != 2 {
             bail!("{}: a low-rank direction needs a matrix", w.name);
         }
@@ -184,7 +204,7 @@ impl CudaBackend {
         let c = self.buf_from_host(coef, Tag::Scratch, "low-rank coefficients")?;
         kernels::zo_low_rank_move(
             &self.dev,
-            w.ptr(),
+            (dst, w.ptr()),
             w.dtype,
             w.shape[0],
             w.shape[1],
@@ -347,12 +367,11 @@ impl ZoBackend for CudaBackend {
 
     fn paired_hook<'a>(
         opt: &'a ZoOptimizer<Self>,
-        model: &'a Llama<Self>,
+        _model: &'a Llama<Self>,
         key: StepKey,
         eps: f32,
     ) -> Result<Option<Box<dyn PairedHook<Self> + 'a>>> {
-        let hook =
-            super::paired::CudaPairedHook::new(opt, key, eps).with_layer_factors(&model.weights);
+        let hook = super::paired::CudaPairedHook::new(opt, key, eps);
         Ok(Some(Box::new(hook)))
     }
 

@@ -298,24 +298,37 @@ fn low_rank_passes_and_decay_leave_the_cpu_bits() {
             CpuBackend::new()
                 .zo_pass(&mut cpu, id, KEY, z, eps, Rule::Move { to: -eps }, None)
                 .unwrap();
-            let mut got = copy(&start);
             let factors = (FACTOR_U, FACTOR_V);
-            kernels::zo_low_rank_move(
-                emu,
-                storage(&mut got),
-                dtype,
-                rows,
-                cols,
-                addr(&coef),
-                rank,
-                KEY.seed,
-                id as u32,
-                factors,
-                eps,
-                -eps,
-            )
-            .unwrap();
-            same_bits(&got.to_f32_vec(), &cpu.to_f32_vec(), &what);
+            // In place, and from the tensor into a copy that starts poisoned.
+            for into_copy in [false, true] {
+                let mut src = copy(&start);
+                let mut got = if into_copy {
+                    tensor(&vec![f32::NAN; rows * cols], &[rows, cols], dtype)
+                } else {
+                    copy(&start)
+                };
+                let dst = storage(&mut got);
+                let at = (dst, if into_copy { storage(&mut src) } else { dst });
+                kernels::zo_low_rank_move(
+                    emu,
+                    at,
+                    dtype,
+                    rows,
+                    cols,
+                    addr(&coef),
+                    rank,
+                    KEY.seed,
+                    id as u32,
+                    factors,
+                    eps,
+                    -eps,
+                )
+                .unwrap();
+                let what = format!("{what}, into a copy: {into_copy}");
+                same_bits(&got.to_f32_vec(), &cpu.to_f32_vec(), &what);
+                let source = format!("{what}: the source");
+                same_bits(&src.to_f32_vec(), &start.to_f32_vec(), &source);
+            }
         }
         let mut cpu = tensor(&values, &[rows, cols], dtype);
         let mut got = copy(&cpu);
@@ -333,20 +346,21 @@ fn low_rank_passes_and_decay_leave_the_cpu_bits() {
 fn a_batch_of_low_rank_moves_is_each_matrixs_move() {
     let Some(emu) = emulator() else { return };
     let eps = 1e-3f32;
-    // (rows, cols, rank, dtype, id): several column blocks and row tiles, ranks that differ
-    // within the batch (shared memory for the largest), an empty matrix, and a tall one whose
-    // blocks each walk more than one row tile.
+    // (rows, cols, rank, dtype, id, into a copy): several column blocks and row tiles, ranks
+    // that differ within the batch (shared memory for the largest), an empty matrix, a tall
+    // one whose blocks each walk more than one row tile, and moves in place and into copies.
     let matrices = [
-        (70usize, 300usize, 5usize, DType::F32, 8usize),
-        (33, 129, 8, DType::BF16, 9),
-        (0, 16, 3, DType::F32, 10),
-        (9, 7, 1, DType::BF16, 11),
-        (32 * 1030, 2, 2, DType::F32, 12),
+        (70usize, 300usize, 5usize, DType::F32, 8usize, false),
+        (33, 129, 8, DType::BF16, 9, true),
+        (0, 16, 3, DType::F32, 10, false),
+        (9, 7, 1, DType::BF16, 11, false),
+        (32 * 1030, 2, 2, DType::F32, 12, true),
     ];
     let mut jobs = kernels::LowRankJobs::default();
+    let mut sources = vec![];
     let mut got = vec![];
     let mut wants = vec![];
-    for &(rows, cols, rank, dtype, id) in &matrices {
+    for &(rows, cols, rank, dtype, id, into_copy) in &matrices {
         let values = randn(rows * cols, 70 + id as u64, 0.05);
         let coef = randn(rank, 80 + id as u64, 1.0);
         let z = ZSpec::LowRank { coef: &coef };
@@ -357,21 +371,23 @@ fn a_batch_of_low_rank_moves_is_each_matrixs_move() {
             .zo_pass(&mut cpu, id, KEY, z, eps, Rule::Move { to: -eps }, None)
             .unwrap();
         wants.push(cpu.to_f32_vec());
-        let mut w = copy(&start);
-        jobs.push(
-            storage(&mut w),
-            dtype,
-            (rows, cols),
-            id as u32,
-            &coef,
-            eps,
-            -eps,
-        )
-        .unwrap();
-        got.push(w);
+        let mut src = copy(&start);
+        let mut dst = if into_copy {
+            tensor(&vec![f32::NAN; rows * cols], &[rows, cols], dtype)
+        } else {
+            copy(&start)
+        };
+        let at = (storage(&mut dst), storage(&mut src));
+        let at = if into_copy { at } else { (at.0, at.0) };
+        let shape = (rows, cols);
+        jobs.push(at, dtype, shape, id as u32, &coef, eps, -eps)
+            .unwrap();
+        sources.push((start, src, into_copy));
+        got.push(dst);
     }
+    let jobs_made = jobs.jobs.len();
     assert_eq!(
-        jobs.jobs.len(),
+        jobs_made,
         matrices.len() - 1,
         "the empty matrix makes no job"
     );
@@ -384,22 +400,36 @@ fn a_batch_of_low_rank_moves_is_each_matrixs_move() {
     jobs.resolve(addr(&coefficients));
     let table = (
         addr(bytemuck::cast_slice::<_, u8>(&jobs.jobs)),
-        jobs.jobs.len(),
+        jobs_made,
         jobs.blocks,
     );
-    kernels::zo_low_rank_move_jobs(emu, table, jobs.max_rank, KEY.seed, (FACTOR_U, FACTOR_V))
-        .unwrap();
+    let factors = (FACTOR_U, FACTOR_V);
+    kernels::zo_low_rank_move_jobs(emu, table, jobs.max_rank, KEY.seed, factors).unwrap();
     for (i, (w, want)) in got.iter().zip(&wants).enumerate() {
         same_bits(&w.to_f32_vec(), want, &format!("matrix {i} of the batch"));
+        let (start, src, into_copy) = &sources[i];
+        if *into_copy {
+            let what = format!("the source of copy {i}");
+            same_bits(&src.to_f32_vec(), &start.to_f32_vec(), &what);
+        }
     }
 
     // Ranks the kernel cannot take are refused by name.
     for coef in [vec![], vec![0.5; kernels::LR_MAX_RANK + 1]] {
-        let e = (jobs.push(0, DType::F32, (4, 4), 1, &coef, 0.0, 1.0))
+        let e = (jobs.push((0, 0), DType::F32, (4, 4), 1, &coef, 0.0, 1.0))
             .unwrap_err()
             .to_string();
         assert!(e.contains("zo_low_rank_move_jobs: rank"), "{e}");
     }
+    // A batch of more thread blocks than a one-dimensional grid holds is refused, not cut.
+    let too_many = (table.0, 1, 1u64 << 31);
+    let e = kernels::zo_low_rank_move_jobs(emu, too_many, 4, KEY.seed, factors)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("2147483648 thread blocks exceed the grid"),
+        "{e}"
+    );
 }
 
 #[test]
