@@ -13,11 +13,12 @@
 //!   (`with_low_rank_side_products` does the same for the layers' matrices).
 //!
 //! Why copies for the layers' low-rank matrices (the CPU's bf16 GEMMs build the perturbed tiles
-//! as they pack them, its f32 GEMMs add side products): on the GPU a side product is two more GEMMs per matrix, each a launch (the default model's forward
-//! is launch-bound: it about doubles a TeZO forward's launches) and each reading the f32
-//! activations and rewriting the f32 output (on a LLaMA-7B shape about a quarter of a forward's
-//! time, estimated from the bytes); a copy is one launch a layer and reads and writes the
-//! weights once, r multiply-adds an element. Not yet timed on a GPU: `bench-gpu` times both.
+//! as they pack them, its f32 GEMMs add side products): on the GPU a side product is two more
+//! GEMMs per matrix, each a launch (the default model's forward is launch-bound: they about
+//! double a TeZO forward's launches), each reading the f32 activations and rewriting the f32
+//! output (on a LLaMA-7B shape about a quarter of a forward's time, estimated from the bytes);
+//! the copies are one launch a layer that reads and writes the weights once, r multiply-adds
+//! an element. Not yet timed on a GPU: `bench-gpu` times both.
 //!
 //! The LM head runs a block of vocabulary rows at a time with each row's log-sum-exp carried
 //! across the blocks, so the scratch stays near one layer's largest matrix.
@@ -54,8 +55,8 @@ pub struct CudaFusedHook<'a> {
     scratch: Option<CudaWeight>,
     scratch_of: Option<ParamId>,
     head_block_rows: usize,
-    /// Given the model's parameters, the copies of each layer's element-wise parameters are
-    /// written together (see `LayerCopies`); without them, one tensor at a time.
+    /// Given the model's parameters, the copies of each layer's parameters are written
+    /// together (see `LayerCopies`); without them, one tensor at a time.
     layers: Option<LayerCopies<'a>>,
     /// Whether a matrix with low-rank z is multiplied as a perturbed copy, like one with
     /// element-wise z (the default), rather than as the stored weights plus a side product.
