@@ -130,6 +130,14 @@ struct LayerTable {
     copied: Vec<bool>,
 }
 
+/// How a layer parameter that moves in a forward gets its copy.
+enum LayerCopy {
+    /// Dense or sparse z (`zo_perturbed_copy_jobs`).
+    Elementwise,
+    /// Low-rank z with these coefficients (`zo_low_rank_move_jobs`).
+    LowRank(Vec<f32>),
+}
+
 /// One layer's jobs: `count` of them from job `first`, `blocks` Philox blocks in all.
 #[derive(Clone, Copy)]
 struct LayerBatch {
@@ -517,16 +525,16 @@ impl<'a> CudaFusedHook<'a> {
         let positions = layer_param_ids(0).len();
         // What moves in this forward: element-wise z wherever the view moves, low-rank z
         // where its coefficients are not all zero (the coefficients, once per forward).
-        let mut moves: Vec<Option<Option<Vec<f32>>>> = Vec::with_capacity(lc.layers * positions);
+        let mut moves: Vec<Option<LayerCopy>> = Vec::with_capacity(lc.layers * positions);
         for l in 0..lc.layers {
             for id in layer_param_ids(l) {
                 let t = lc.params[id];
                 moves.push(match view.low_rank(&t.shape) {
-                    None => view.moves(id).then_some(None),
+                    None => view.moves(id).then_some(LayerCopy::Elementwise),
                     Some(_) if !self.low_rank_copies => None,
                     Some(rank) => {
                         let c = view.coefficients(id, rank);
-                        c.iter().any(|&v| v != 0.0).then_some(Some(c))
+                        c.iter().any(|&v| v != 0.0).then_some(LayerCopy::LowRank(c))
                     }
                 });
             }
@@ -565,19 +573,19 @@ impl<'a> CudaFusedHook<'a> {
             let (first, first_low_rank) = (jobs.jobs.len(), low_rank.jobs.len());
             for (k, id) in layer_param_ids(l).into_iter().enumerate() {
                 let t = lc.params[id];
-                let dst = match (&copies[k], &moves[l * positions + k]) {
-                    (Some(c), Some(_)) => c.ptr(),
-                    _ => continue,
+                let (Some(copy), Some(how)) = (&copies[k], &moves[l * positions + k]) else {
+                    continue;
                 };
+                let (src, dst) = (t.ptr(), copy.ptr());
                 let tensor = PhiloxKey::of_tensor(view.key, id).tensor;
-                match &moves[l * positions + k] {
-                    Some(Some(coef)) => {
+                match how {
+                    LayerCopy::LowRank(coef) => {
                         let shape = (t.shape[0], t.shape[1]);
-                        low_rank.push((dst, t.ptr()), t.dtype, shape, tensor, coef, 0.0, 1.0)?;
+                        low_rank.push((dst, src), t.dtype, shape, tensor, coef, 0.0, 1.0)?;
                     }
-                    _ => {
+                    LayerCopy::Elementwise => {
                         let z = elem_z(view.elem_z(id));
-                        jobs.push((t.ptr(), dst), t.dtype, t.numel(), tensor, z)?;
+                        jobs.push((src, dst), t.dtype, t.numel(), tensor, z)?;
                     }
                 }
             }
