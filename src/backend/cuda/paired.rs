@@ -9,10 +9,12 @@
 //!
 //! The extra memory is the other stream's copies of one group of matrices (at most one
 //! layer's MLP, three matrices) and the second stream's own scratch (one block of LM-head
-//! rows), beside the forward's second residual stream. What the paired forward does not share
-//! goes through each stream's own fused hook: the norm gains, the embedding rows, the LM head
-//! (a block of vocabulary rows at a time, as in the fused mode, so the head's z is drawn once
-//! per stream) and low-rank z, which rides on a side product anyway.
+//! rows, or one low-rank matrix), beside the forward's second residual stream. What the paired
+//! forward does not share goes through each stream's own fused hook: the norm gains, the
+//! embedding rows, the LM head (a block of vocabulary rows at a time, as in the fused mode, so
+//! the head's z is drawn once per stream) and TeZO's matrices, each stream copying its own
+//! from its own coefficients (w0 plus the virtual update plus or minus eps z are not one draw
+//! apart, so they share only the factors, which the kernel regenerates anyway).
 
 use super::fused::CudaFusedHook;
 use super::{elt, kernels, CudaAct, CudaBackend, CudaWeight};

@@ -371,8 +371,9 @@ impl ZoBackend for CudaBackend {
         key: StepKey,
         eps: f32,
     ) -> Result<Option<Box<dyn PairedHook<Self> + 'a>>> {
-        let hook = super::paired::CudaPairedHook::new(opt, key, eps);
-        Ok(Some(Box::new(hook)))
+        Ok(Some(Box::new(super::paired::CudaPairedHook::new(
+            opt, key, eps,
+        ))))
     }
 
     fn save_weights(&self, weights: &LlamaWeights<CudaWeight>, dir: &Path) -> Result<()> {
