@@ -569,8 +569,8 @@ impl<'a> CudaFusedHook<'a> {
         let (mut batches, mut low_rank_batches) = (vec![], vec![]);
         for l in 0..lc.layers {
             jobs.new_batch();
-            low_rank.new_batch();
-            let (first, first_low_rank) = (jobs.jobs.len(), low_rank.jobs.len());
+            low_rank.jobs.new_batch();
+            let (first, first_low_rank) = (jobs.jobs.len(), low_rank.jobs.jobs.len());
             for (k, id) in layer_param_ids(l).into_iter().enumerate() {
                 let t = lc.params[id];
                 let (Some(copy), Some(how)) = (&copies[k], &moves[l * positions + k]) else {
@@ -596,8 +596,8 @@ impl<'a> CudaFusedHook<'a> {
             });
             low_rank_batches.push(LayerBatch {
                 first: first_low_rank,
-                count: low_rank.jobs.len() - first_low_rank,
-                blocks: low_rank.blocks,
+                count: low_rank.jobs.jobs.len() - first_low_rank,
+                blocks: low_rank.jobs.blocks,
             });
         }
         let coefficients = upload(
@@ -610,9 +610,13 @@ impl<'a> CudaFusedHook<'a> {
         lc.table = Some(LayerTable {
             jobs: upload(g, &jobs.jobs, "the layers' perturbation jobs")?,
             batches,
-            low_rank_jobs: upload(g, &low_rank.jobs, "the layers' low-rank perturbation jobs")?,
+            low_rank_jobs: upload(
+                g,
+                &low_rank.jobs.jobs,
+                "the layers' low-rank perturbation jobs",
+            )?,
             low_rank_batches,
-            max_rank: low_rank.max_rank,
+            max_rank: low_rank.max_rank(),
             _coefficients: coefficients,
             copied: moves.iter().map(Option::is_some).collect(),
         });

@@ -548,12 +548,40 @@ impl PassJob {
     }
 }
 
-/// Element passes of many tensors as `zo_pass_jobs` takes them, for one Philox seed and step.
-#[derive(Default)]
-pub(crate) struct PassJobs {
-    pub jobs: Vec<PassJob>,
+/// The jobs of a batch kernel and the blocks (Philox blocks, or thread blocks) of the batch
+/// being filled: each job records the blocks of the jobs before it in its batch
+/// (`first_block`), which the kernel's `job_of` searches. A table holds one batch or several,
+/// each launched from its first job.
+pub(crate) struct JobTable<J> {
+    pub jobs: Vec<J>,
     pub blocks: u64,
 }
+
+impl<J> Default for JobTable<J> {
+    fn default() -> Self {
+        JobTable {
+            jobs: vec![],
+            blocks: 0,
+        }
+    }
+}
+
+impl<J> JobTable<J> {
+    /// Starts another batch in the same table: the jobs added from now on count their blocks
+    /// from 0.
+    pub(crate) fn new_batch(&mut self) {
+        self.blocks = 0;
+    }
+
+    /// Adds the job `make(first_block)`, which covers `blocks` blocks.
+    fn add(&mut self, blocks: u64, make: impl FnOnce(u64) -> J) {
+        self.jobs.push(make(self.blocks));
+        self.blocks += blocks;
+    }
+}
+
+/// Element passes of many tensors as `zo_pass_jobs` takes them, for one Philox seed and step.
+pub(crate) type PassJobs = JobTable<PassJob>;
 
 impl PassJobs {
     /// Adds the pass `zo_pass` or `zo_adam_pass` would run over the n elements of `dtype` at
@@ -584,12 +612,12 @@ impl PassJobs {
                 [a.g, a.lr, a.wd, a.beta1, a.beta2, a.c1, a.c2, a.eps],
             ),
         };
-        self.jobs.push(PassJob {
+        self.add((n as u64).div_ceil(8), |first_block| PassJob {
             w,
             m,
             v,
             n: n as u64,
-            first_block: self.blocks,
+            first_block,
             tensor,
             bf16,
             sparse,
@@ -600,7 +628,6 @@ impl PassJobs {
             adam,
             pad: [0.0; 3],
         });
-        self.blocks += (n as u64).div_ceil(8);
         Ok(())
     }
 }
@@ -785,20 +812,12 @@ impl LowRankJob {
 /// `coef` holds the index of its first coefficient until `resolve` points it at the device copy.
 #[derive(Default)]
 pub(crate) struct LowRankJobs {
-    pub jobs: Vec<LowRankJob>,
+    /// Their blocks are thread blocks; the coefficients stay one array across batches.
+    pub jobs: JobTable<LowRankJob>,
     pub coefficients: Vec<f32>,
-    /// The thread blocks of the jobs so far.
-    pub blocks: u64,
-    pub max_rank: usize,
 }
 
 impl LowRankJobs {
-    /// Starts another batch in the same table (see `CopyJobs::new_batch`); the coefficients
-    /// stay one array for the whole table.
-    pub(crate) fn new_batch(&mut self) {
-        self.blocks = 0;
-    }
-
     /// Adds the move `zo_low_rank_move` makes of the [rows x cols] matrix of `dtype` at `src`
     /// into the one at `w` (the same address in place; its factors of Philox tensor word
     /// `tensor`): w0 + offset z becomes w0 + to z. Empty matrices add nothing.
@@ -823,31 +842,40 @@ impl LowRankJobs {
             return Ok(());
         }
         let (grid_x, grid_y) = low_rank_grid(rows, cols);
-        self.jobs.push(LowRankJob {
-            w,
-            src,
-            coef: self.coefficients.len() as u64,
-            first_block: self.blocks,
-            rows: check_i32("rows", rows)?,
-            cols: check_i32("cols", cols)?,
-            rank: rank as i32,
-            tensor,
-            bf16,
-            grid_x,
-            grid_y,
-            norm: 1.0 / (rank as f32).sqrt(),
-            offset,
-            to,
-        });
+        let (rows, cols) = (check_i32("rows", rows)?, check_i32("cols", cols)?);
+        let coef_at = self.coefficients.len() as u64;
+        self.jobs
+            .add(grid_x as u64 * grid_y as u64, |first_block| LowRankJob {
+                w,
+                src,
+                coef: coef_at,
+                first_block,
+                rows,
+                cols,
+                rank: rank as i32,
+                tensor,
+                bf16,
+                grid_x,
+                grid_y,
+                norm: 1.0 / (rank as f32).sqrt(),
+                offset,
+                to,
+            });
         self.coefficients.extend_from_slice(coef);
-        self.blocks += grid_x as u64 * grid_y as u64;
-        self.max_rank = self.max_rank.max(rank);
         Ok(())
+    }
+
+    /// The largest rank of the jobs (0 for none), which sizes a launch's shared memory.
+    pub(crate) fn max_rank(&self) -> usize {
+        (self.jobs.jobs.iter())
+            .map(|j| j.rank as usize)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Points every job at its coefficients in the device copy of `coefficients` at `at`.
     pub(crate) fn resolve(&mut self, at: u64) {
-        for j in &mut self.jobs {
+        for j in &mut self.jobs.jobs {
             j.coef = at + 4 * j.coef;
         }
     }
@@ -951,21 +979,10 @@ pub(crate) struct CopyJob {
     threshold: f32,
 }
 
-/// Batches of perturbed copies as the kernel takes them: the jobs, and the Philox blocks of
-/// the batch being filled.
-#[derive(Default)]
-pub(crate) struct CopyJobs {
-    pub jobs: Vec<CopyJob>,
-    pub blocks: u64,
-}
+/// Batches of perturbed copies as `zo_perturbed_copy_jobs` takes them (Philox blocks).
+pub(crate) type CopyJobs = JobTable<CopyJob>;
 
 impl CopyJobs {
-    /// Starts another batch in the same table: the jobs pushed from now on count their blocks
-    /// from 0 (a launch runs one batch, from its first job).
-    pub(crate) fn new_batch(&mut self) {
-        self.blocks = 0;
-    }
-
     /// Adds dst = w0 + to z for the n elements of `dtype` at `src` (z of Philox tensor word
     /// `tensor`); empty tensors add nothing.
     pub(crate) fn push(
@@ -981,17 +998,16 @@ impl CopyJobs {
             return Ok(());
         }
         let (sparse, threshold) = z.flag_and_threshold();
-        self.jobs.push(CopyJob {
+        self.add((n as u64).div_ceil(8), |first_block| CopyJob {
             src,
             dst,
             n: n as u64,
-            first_block: self.blocks,
+            first_block,
             tensor,
             bf16,
             sparse,
             threshold,
         });
-        self.blocks += (n as u64).div_ceil(8);
         Ok(())
     }
 }
@@ -1030,20 +1046,10 @@ pub(crate) struct FactorJob {
 }
 const _: () = assert!(std::mem::size_of::<FactorJob>() == 48);
 
-/// Batches of low-rank factors as `zo_factor_jobs` takes them: the jobs, and the Philox blocks
-/// of the batch being filled.
-#[derive(Default)]
-pub(crate) struct FactorJobs {
-    pub jobs: Vec<FactorJob>,
-    pub blocks: u64,
-}
+/// Batches of low-rank factors as `zo_factor_jobs` takes them (Philox blocks).
+pub(crate) type FactorJobs = JobTable<FactorJob>;
 
 impl FactorJobs {
-    /// Starts another batch in the same table (see `CopyJobs::new_batch`).
-    pub(crate) fn new_batch(&mut self) {
-        self.blocks = 0;
-    }
-
     /// Adds the n normals of stream `key` (its seed is the launch's) as an f32 matrix at `dst`,
     /// `cols` wide, with `scale` = (coefficients' device address, norm) making element i
     /// (z coef[i % cols]) norm, as `fill_normal` then `scale_cols` leave it; without `scale`
@@ -1064,17 +1070,16 @@ impl FactorJobs {
             .filter(|&c| c > 0)
             .ok_or_else(|| anyhow::anyhow!("zo_factor_jobs: a factor {cols} columns wide"))?;
         let (coef, norm) = scale.unwrap_or((0, 1.0));
-        self.jobs.push(FactorJob {
+        self.add((n as u64).div_ceil(8), |first_block| FactorJob {
             dst,
             coef,
             n: n as u64,
-            first_block: self.blocks,
+            first_block,
             step: key.step,
             tensor: key.tensor,
             cols,
             norm,
         });
-        self.blocks += (n as u64).div_ceil(8);
         Ok(())
     }
 }

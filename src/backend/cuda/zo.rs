@@ -37,7 +37,8 @@ pub(crate) struct PassBatch {
 impl PassBatch {
     /// Whether a gathered pass writes the tensor at device address `w`.
     fn writes(&self, w: u64) -> bool {
-        self.jobs.jobs.iter().any(|j| j.writes(w)) || self.low_rank.jobs.iter().any(|j| j.writes(w))
+        self.jobs.jobs.iter().any(|j| j.writes(w))
+            || self.low_rank.jobs.jobs.iter().any(|j| j.writes(w))
     }
 }
 
@@ -88,15 +89,16 @@ impl CudaBackend {
     }
 
     fn run_low_rank_jobs(&self, mut jobs: kernels::LowRankJobs, seed: u64) -> Result<()> {
-        if jobs.jobs.is_empty() {
+        if jobs.jobs.jobs.is_empty() {
             return Ok(());
         }
         let coefficients =
             self.buf_from_host(&jobs.coefficients, Tag::Scratch, "low-rank coefficients")?;
         jobs.resolve(coefficients.ptr());
-        let table = self.buf_from_host(&jobs.jobs, Tag::Scratch, "a batch of low-rank moves")?;
-        let at = (table.ptr(), jobs.jobs.len(), jobs.blocks);
-        kernels::zo_low_rank_move_jobs(&self.dev, at, jobs.max_rank, seed, (FACTOR_U, FACTOR_V))
+        let table = &jobs.jobs.jobs;
+        let table = self.buf_from_host(table, Tag::Scratch, "a batch of low-rank moves")?;
+        let at = (table.ptr(), jobs.jobs.jobs.len(), jobs.jobs.blocks);
+        kernels::zo_low_rank_move_jobs(&self.dev, at, jobs.max_rank(), seed, (FACTOR_U, FACTOR_V))
     }
 
     /// Runs the gathered passes first if one of them writes `w`, so that a pass over `w` that

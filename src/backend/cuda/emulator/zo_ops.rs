@@ -385,13 +385,13 @@ fn a_batch_of_low_rank_moves_is_each_matrixs_move() {
         sources.push((start, src, into_copy));
         got.push(dst);
     }
-    let jobs_made = jobs.jobs.len();
+    let jobs_made = jobs.jobs.jobs.len();
     assert_eq!(
         jobs_made,
         matrices.len() - 1,
         "the empty matrix makes no job"
     );
-    let walkers = jobs.jobs.last().map(|j| j.grid_y());
+    let walkers = jobs.jobs.jobs.last().map(|j| j.grid_y());
     assert!(
         walkers < Some(1030),
         "the tall matrix's blocks walk its row tiles"
@@ -399,12 +399,12 @@ fn a_batch_of_low_rank_moves_is_each_matrixs_move() {
     let coefficients = jobs.coefficients.clone();
     jobs.resolve(addr(&coefficients));
     let table = (
-        addr(bytemuck::cast_slice::<_, u8>(&jobs.jobs)),
+        addr(bytemuck::cast_slice::<_, u8>(&jobs.jobs.jobs)),
         jobs_made,
-        jobs.blocks,
+        jobs.jobs.blocks,
     );
     let factors = (FACTOR_U, FACTOR_V);
-    kernels::zo_low_rank_move_jobs(emu, table, jobs.max_rank, KEY.seed, factors).unwrap();
+    kernels::zo_low_rank_move_jobs(emu, table, jobs.max_rank(), KEY.seed, factors).unwrap();
     for (i, (w, want)) in got.iter().zip(&wants).enumerate() {
         same_bits(&w.to_f32_vec(), want, &format!("matrix {i} of the batch"));
         let (start, src, into_copy) = &sources[i];
