@@ -127,8 +127,9 @@ pub trait ZoBackend: Backend {
     fn zo_decay(&self, w: &mut Self::Weight, factor: f32) -> Result<()>;
 
     /// Runs `passes`, whose `zo_pass` calls this backend may gather and run together when it
-    /// returns (the CUDA backend: the element passes of every tensor in one launch), so nothing
-    /// inside may read back a tensor that a pass inside writes. By default they run as called.
+    /// returns (the CUDA backend: every tensor's element pass in one launch and every matrix's
+    /// low-rank move in another), so nothing inside may read back a tensor that a pass inside
+    /// writes. By default they run as called.
     fn batch_passes(&self, passes: &mut dyn FnMut() -> Result<()>) -> Result<()> {
         passes()
     }

@@ -97,7 +97,7 @@ struct Uploads {
 pub struct CudaBackend {
     dev: Arc<Device>,
     uploads: Arc<Mutex<Uploads>>,
-    /// The element passes gathered inside `ZoBackend::batch_passes` (src/backend/cuda/zo.rs).
+    /// The passes gathered inside `ZoBackend::batch_passes` (src/backend/cuda/zo.rs).
     pass_batch: Arc<Mutex<Option<zo::PassBatch>>>,
 }
 
